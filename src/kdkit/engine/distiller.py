@@ -1,0 +1,41 @@
+"""The one contract between methods and the training engine."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Put a teacher in eval mode with no gradients; returns it for chaining."""
+    module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
+
+
+class Distiller(nn.Module):
+    """A student plus any learnable parts of the loss (projectors), with a frozen teacher beside it.
+
+    The teacher is deliberately *not* a submodule: DDP/FSDP wrap only what is trained, the
+    optimizer and checkpoints never see teacher weights, and `.train()` never flips the teacher
+    out of eval mode. Subclasses implement `forward(batch) -> dict[str, Tensor]` returning the
+    named, already-weighted scalar loss terms; the engine backpropagates their sum and logs each.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        super().__init__()
+        self.student = student
+        self._teacher: list[nn.Module] = [freeze(teacher)] if teacher is not None else []
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    def move_teacher(self, device: torch.device | str) -> None:
+        """Called by the engine once the accelerator has chosen the device."""
+        if self._teacher:
+            self._teacher[0] = freeze(self._teacher[0].to(device))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Pure loss functions on tensors. Imports nothing of kdkit outside this package."""
