@@ -34,3 +34,4 @@ class TrainConfig(StrictModel):
     log_every: PositiveInt = 10
     num_workers: int = Field(0, ge=0)
     progress: bool = True
+    deterministic: bool = True  # on GPUs: torch.use_deterministic_algorithms(warn_only=True) while training

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,6 +22,8 @@ class Distiller(nn.Module):
     optimizer and checkpoints never see teacher weights, and `.train()` never flips the teacher
     out of eval mode. Subclasses implement `forward(batch) -> dict[str, Tensor]` returning the
     named, already-weighted scalar loss terms; the engine backpropagates their sum and logs each.
+    Keys starting with "_" are diagnostics (detached scalars: generation time, token counts, term
+    magnitudes): logged as "diag/<name>", never added to the loss.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None) -> None:
@@ -39,3 +42,17 @@ class Distiller(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+
+class CrossEntropyDistiller(Distiller):
+    """No teacher: trains `student` on labels alone (a teacher itself, or a from-scratch baseline).
+
+    batch: {"inputs": [B, ...], "labels": [B] int64}. Returns {"ce": scalar mean cross-entropy, nats}.
+    """
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__(student, teacher=None)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.student(batch["inputs"])
+        return {"ce": F.cross_entropy(logits, batch["labels"])}
