@@ -1,7 +1,7 @@
 """The Python API behind the CLI: run a config, the demo, re-evaluate a run, list registries.
 
     import kdkit.api as kd
-    run_dir = kd.run("configs/fashion_mnist_demo.yaml", ["train.steps=500"])
+    run_dir = kd.run("configs/fashion_mnist_benchmark.yaml", ["train.steps=500"])
 """
 
 from __future__ import annotations

@@ -73,8 +73,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_dir = api.run(args.config, args.overrides, resume=args.resume, output_dir=args.output_dir)
     else:
         run_dir = api.evaluate(args.run_dir)
-    print(f"kdkit: report written to {run_dir / 'report.html'}")
-    return 0
+    return 0 if (run_dir / "report.html").is_file() else 1
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ from torch import Tensor, nn
 from kdkit.losses.divergences import DIVERGENCES
 
 # Default budget for one chunk's float32 logits of one model. The divergence's intermediates
-# (log-softmaxes, probabilities, the gradient) are a small multiple of it, so the working set
-# of one chunk is roughly 10x this. 64 MiB keeps that well under a quarter of the unfused loss
-# at 2k tokens while the [chunk, H] x [H, V] matmuls stay large enough to run at full speed.
+# (log-softmaxes, mixtures, the gradient) make the working set of one chunk ~12-16x this
+# (measured, jsd), i.e. ~1 GB, well under a quarter of the unfused loss from 1k tokens at a
+# 150k vocabulary. Measured on CPU (V = 49,152, 512 tokens): 16-token chunks cost 3.5x the CPU
+# time of 128-512-token chunks, which were equal within noise (docs/benchmarks/loss_memory.md).
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 DivergenceFn = Callable[..., Tensor]
@@ -194,7 +195,7 @@ def fused_linear_divergence(
     reduction: "mean" (sum over counted tokens / number of counted tokens, over ALL chunks; 0 when
         none count) or "sum". "none" is not supported: per-token gradients are not kept.
     chunk_size: tokens per chunk; None picks it so one chunk's float32 logits take ~64 MiB
-        (`auto_chunk_size`), e.g. 344 tokens at V = 49,152 and 104 at V = 151,936.
+        (`auto_chunk_size`), e.g. 336 tokens at V = 49,152 and 104 at V = 151,936.
 
     Vocabulary padding: a teacher with V_T > V (same tokenizer, embedding padded to a multiple
     of 64/128, as Qwen's 151,936 vs 152,064) is cut to the student's first V rows; the padded

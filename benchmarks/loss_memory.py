@@ -1,0 +1,466 @@
+"""Peak memory and time of large-vocabulary distillation losses on CPU: fused vs unfused vs TRL.
+
+Every method starts from the same hidden states and output-projection weights, computes the
+loss (forward) and the gradients to the student's hidden states and weight (backward):
+
+- ``unfused``: logits of both models materialised, ``DIVERGENCES[div]`` on them, autograd;
+- ``fused``:   ``kdkit.losses.fused.fused_linear_divergence`` (chunked, never holds all logits);
+- ``trl``:     logits materialised, TRL's ``GKDTrainer.generalized_jsd_loss`` (jsd only).
+
+Each (case, method) runs in its own subprocess, strictly one after another, under an address-space
+cap (RLIMIT_AS) plus an RSS watchdog in the parent; a case that would not fit is recorded as
+"out of memory" / "over cap" or skipped up front from an estimate, never crashing the machine.
+Peak memory = the subprocess's peak RSS (VmHWM) minus its RSS once the inputs exist.
+
+    .venv/bin/python benchmarks/loss_memory.py --quick   # one small case -> runs/benchmarks/ (a smoke run)
+    .venv/bin/python benchmarks/loss_memory.py           # the full table -> docs/benchmarks/loss_memory.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GiB = 2**30
+MiB = 2**20
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks"
+
+# Peak extra memory of each unfused method, in multiples of one model's float32 [N, V] logits,
+# measured on this benchmark's smaller cases (forward + backward). Used only to skip cases that
+# cannot fit before starting them; the cap still guards every run.
+LOGIT_COPIES = {"unfused": 15.0, "trl": 17.0}
+# Stop a run when the machine (shared with other jobs) has less than this available (GB).
+LOW_MEMORY_GB = 1.5
+
+
+@dataclass(frozen=True)
+class Case:
+    vocab: int
+    tokens: int
+    hidden: int
+    divergence: str = "jsd"
+    kwargs: tuple[tuple[str, float], ...] = (("beta", 0.5),)
+
+    @property
+    def label(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.kwargs)
+        div = f"{self.divergence}({extra})" if extra else self.divergence
+        return f"V={self.vocab:,} N={self.tokens:,} H={self.hidden:,} {div}"
+
+
+@dataclass
+class Result:
+    case: Case
+    method: str
+    status: str  # "ok", "out of memory", "over cap", "skipped: ...", "error: ..."
+    baseline_mb: float | None = None
+    peak_mb: float | None = None  # peak RSS minus baseline RSS
+    times_s: list[float] = field(default_factory=list)
+    loss: float | None = None
+    chunk_size: int | None = None
+
+    @property
+    def time_s(self) -> float | None:
+        return statistics.median(self.times_s) if self.times_s else None
+
+
+# ----------------------------------------------------------------------------------------------
+# child: one (case, method) in this process
+
+
+def _rss_kb(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field_name} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _child(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    case = Case(**{**spec["case"], "kwargs": tuple(tuple(kv) for kv in spec["case"]["kwargs"])})
+    method = spec["method"]
+    kwargs = dict(case.kwargs)
+
+    from kdkit.losses.divergences import DIVERGENCES
+    from kdkit.losses.fused import auto_chunk_size, fused_linear_divergence
+
+    if method == "trl":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.gkd import GKDTrainer
+
+    gen = torch.Generator().manual_seed(0)
+    n, v, h = case.tokens, case.vocab, case.hidden
+    # Scaled like a trained LM head: logits of order 1-10.
+    h_s = torch.randn(n, h, generator=gen).requires_grad_(True)
+    w_s = (torch.randn(v, h, generator=gen) / h**0.5).requires_grad_(True)
+    h_t = torch.randn(n, h, generator=gen)
+    w_t = torch.randn(v, h, generator=gen) * (2.0 / h**0.5)
+    chunk = spec.get("chunk_size") or auto_chunk_size(n, v)
+
+    def step() -> float:
+        h_s.grad = None
+        w_s.grad = None
+        if method == "fused":
+            loss = fused_linear_divergence(
+                h_s, w_s, h_t, w_t, divergence=case.divergence, chunk_size=chunk, **kwargs
+            )
+        else:
+            logits_s = h_s @ w_s.T
+            with torch.no_grad():
+                logits_t = h_t @ w_t.T
+            if method == "unfused":
+                loss = DIVERGENCES.get(case.divergence)(logits_s, logits_t, **kwargs)
+            else:  # [N, V] input: TRL's "batchmean" divides by N, the per-token mean
+                loss = GKDTrainer.generalized_jsd_loss(logits_s, logits_t, beta=kwargs["beta"])
+        loss.backward()
+        return float(loss)
+
+    # One tiny step first, so that code loaded lazily on first use (kernels, autograd, TRL) is
+    # in the baseline and not counted as the loss's memory.
+    tiny = (h_s, w_s, h_t, w_t)
+    h_s, w_s = h_s[:4].detach().requires_grad_(True), w_s[:64].detach().requires_grad_(True)
+    h_t, w_t = h_t[:4], w_t[:64]
+    step()
+    h_s, w_s, h_t, w_t = tiny
+    baseline_kb = _rss_kb("VmRSS")
+    reset = _reset_peak_rss()
+    # The tiny step above already loaded everything, so the first full step is timed too; a step
+    # longer than `long_s` is timed once (two CPU cores are shared by the whole team), a shorter
+    # one is taken as the warm-up and followed by `repeats` timed steps.
+    start = time.perf_counter()
+    value = step()
+    times = [time.perf_counter() - start]
+    if times[0] <= spec["long_s"]:
+        times = []
+        for _ in range(spec["repeats"]):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    peak_kb = _rss_kb("VmHWM")  # without the reset it also covers creating the inputs
+    return {
+        "baseline_mb": baseline_kb / 1024,
+        "peak_mb": (peak_kb - baseline_kb) / 1024,
+        "times_s": times,
+        "loss": value,
+        "chunk_size": chunk if method == "fused" else None,
+        "peak_reset": reset,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# parent: run cases one at a time under a cap
+
+
+def _kb(path: str, name: str) -> int:
+    """A `name: N kB` field of a /proc file (0 if unreadable, e.g. the process just ended)."""
+    try:
+        with open(path) as lines:
+            return next(int(x.split()[1]) for x in lines if x.startswith(name + ":"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _estimate_gb(case: Case, method: str) -> float:
+    copies = LOGIT_COPIES.get(method)
+    return 0.0 if copies is None else case.tokens * case.vocab * 4 * copies / GiB
+
+
+def _run_one(case: Case, method: str, args: argparse.Namespace) -> Result:
+    need = _estimate_gb(case, method)
+    if need > args.cap_gb:
+        return Result(case, method, f"skipped: needs ~{need:.0f} GB > cap {args.cap_gb:.0f} GB")
+    spec = {
+        "case": asdict(case),
+        "method": method,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "long_s": args.long_s,
+        "chunk_size": args.chunk_size,
+    }
+    cap = int(args.cap_gb * GiB)
+
+    def limit() -> None:  # runs in the child before exec: allocations past the cap fail there
+        resource.setrlimit(resource.RLIMIT_AS, (cap + 2 * GiB, cap + 2 * GiB))  # + code/libs
+
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit,
+        env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "TRL_EXPERIMENTAL_SILENCE": "1"},
+    )
+    over = ""
+    while proc.poll() is None:  # watchdog: RLIMIT_AS counts address space, this real memory
+        if _kb(f"/proc/{proc.pid}/status", "VmRSS") * 1024 > cap:
+            over = f"over cap ({args.cap_gb:.0f} GB RSS)"
+        elif _kb("/proc/meminfo", "MemAvailable") < LOW_MEMORY_GB * GiB / 1024:
+            over = f"stopped: machine memory low (< {LOW_MEMORY_GB} GB available)"
+        if over:
+            proc.kill()
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    if over:
+        return Result(case, method, over)
+    if proc.returncode != 0:
+        text = err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"
+        if "can't allocate memory" in err or "MemoryError" in err or "out of memory" in err.lower():
+            return Result(case, method, "out of memory")
+        return Result(case, method, f"error: {text[:120]}")
+    data = json.loads(out.strip().splitlines()[-1])
+    return Result(
+        case,
+        method,
+        "ok",
+        baseline_mb=data["baseline_mb"],
+        peak_mb=data["peak_mb"],
+        times_s=data["times_s"],
+        loss=data["loss"],
+        chunk_size=data["chunk_size"],
+    )
+
+
+def _cases(quick: bool) -> tuple[list[Case], list[Case]]:
+    """(3-way jsd cases, fused-vs-unfused cases for other divergences)."""
+    if quick:
+        return [Case(8_192, 512, 256)], []
+    main = [Case(v, n, h) for v in (49_152, 151_936) for n in (2_048, 8_192) for h in (576, 1_024)]
+    # The largest vocabulary at 1,024 tokens: the one size where TRL's loss still fits there.
+    main.insert(4, Case(151_936, 1_024, 1_024))
+    others = [Case(49_152, 2_048, 576, div, ()) for div in ("fkl", "rkl")]
+    return main, others
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _ratio(a: Result, b: Result | None, attr: str) -> str:
+    if b is None or a.status != "ok" or b.status != "ok":
+        return "–"
+    return f"{getattr(a, attr) / getattr(b, attr):.3f}"
+
+
+def _cell(r: Result | None) -> tuple[str, str]:
+    if r is None:
+        return "–", "–"
+    if r.status != "ok":
+        return r.status, "–"
+    return f"{r.peak_mb:,.0f}", f"{r.time_s:.2f}"
+
+
+def _machine() -> str:
+    import torch
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}, {cpu}), {ram:.1f} GiB RAM, "
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} "
+        f"{platform.release()}"
+    )
+
+
+def _table(results: list[Result], methods: list[str]) -> list[str]:
+    by = {(r.case, r.method): r for r in results}
+    cases = list(dict.fromkeys(r.case for r in results))
+    head = ["case"]
+    for m in methods:
+        head += [f"{m} peak MB", f"{m} time s"]
+    head += ["fused/unfused mem", "fused/unfused time"]
+    if "trl" in methods:
+        head += ["fused/TRL mem", "fused/TRL time"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case in cases:
+        fused = by.get((case, "fused"))
+        row = [case.label]
+        for m in methods:
+            row += list(_cell(by.get((case, m))))
+        if fused is not None:
+            row += [_ratio(fused, by.get((case, "unfused")), "peak_mb")]
+            row += [_ratio(fused, by.get((case, "unfused")), "time_s")]
+            if "trl" in methods:
+                row += [_ratio(fused, by.get((case, "trl")), "peak_mb")]
+                row += [_ratio(fused, by.get((case, "trl")), "time_s")]
+        rows.append("| " + " | ".join(row) + " |")
+    return rows
+
+
+def _details(results: list[Result]) -> list[str]:
+    rows = [
+        "| case | method | status | baseline RSS MB | peak − baseline MB | times s | loss | chunk |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        times = ", ".join(f"{t:.2f}" for t in r.times_s) or "–"
+        rows.append(
+            f"| {r.case.label} | {r.method} | {r.status} | {_fmt(r.baseline_mb, ',.0f')} | "
+            f"{_fmt(r.peak_mb, ',.0f')} | {times} | {_fmt(r.loss, '.6f')} | {r.chunk_size or '–'} |"
+        )
+    return rows
+
+
+def _plot(results: list[Result], path: Path, cap_gb: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = ["unfused", "trl", "fused"]
+    cases = list(dict.fromkeys(r.case for r in results if r.case.divergence == "jsd"))
+    by = {(r.case, r.method): r for r in results}
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cases)), 4.5))
+    width = 0.27
+    for i, m in enumerate(methods):
+        xs, ys = [], []
+        for j, case in enumerate(cases):
+            r = by.get((case, m))
+            if r is not None and r.status == "ok":
+                xs.append(j + (i - 1) * width)
+                ys.append(r.peak_mb / 1024)
+            elif r is not None:
+                ax.text(j + (i - 1) * width, 0.1, "✗", ha="center", va="bottom", color="grey", fontsize=9)
+        ax.bar(xs, ys, width, label={"trl": "TRL generalized_jsd_loss"}.get(m, f"kdkit {m}"))
+    ax.axhline(cap_gb, color="red", linestyle="--", linewidth=1, label=f"cap {cap_gb:.0f} GB")
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([f"V={c.vocab // 1000}k\nN={c.tokens}\nH={c.hidden}" for c in cases], fontsize=8)
+    ax.set_ylabel("peak memory above inputs (GiB)")
+    ax.set_title("JSD (β=0.5) forward + backward on CPU; ✗ = did not fit / skipped")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write(results: list[Result], args: argparse.Namespace, command: str, elapsed: float) -> Path:
+    out = Path(args.out) if args.out else (REPO / "runs" / "benchmarks" if args.quick else DOCS)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "loss_memory"
+    plot = out / f"{name}.png"
+    _plot(results, plot, args.cap_gb)
+    main = [r for r in results if r.case.divergence == "jsd"]
+    others = [r for r in results if r.case.divergence != "jsd"]
+    lines = [
+        "# Memory and time of the large-vocabulary distillation loss (CPU)",
+        "",
+        f"Command: `{command}` (took {elapsed / 60:.1f} min)  ",
+        f"Machine: {_machine()}; torch threads {args.threads}; shared with other jobs, so times are "
+        "noisy — compare the ratios, which come from one run.",
+        "",
+        "Every method starts from the same float32 hidden states [N, H] and output weights [V, H] of a "
+        "student and a teacher (both of width H), computes the loss and backpropagates to the student's "
+        "hidden states and weight. *unfused*: both logits materialised + `DIVERGENCES[...]`; *fused*: "
+        "`fused_linear_divergence` (chunk = tokens per chunk, chosen by `auto_chunk_size` unless set); "
+        "*trl*: logits materialised + TRL's `GKDTrainer.generalized_jsd_loss`. Peak MB = the "
+        "subprocess's peak RSS minus its RSS after the inputs were created (baselines in the details "
+        f"table). Each run is its own subprocess under a {args.cap_gb:.0f} GB cap (RLIMIT_AS + an RSS "
+        "watchdog); cases whose estimated need (N × V × 4 bytes × "
+        f"{LOGIT_COPIES['unfused']:.0f} for unfused, × {LOGIT_COPIES['trl']:.0f} for TRL) exceeds the "
+        "cap are skipped up front, and a run is stopped if the machine's available memory falls under "
+        f"{LOW_MEMORY_GB} GB (other jobs share it). Before measuring, each subprocess runs one tiny step so "
+        "lazily loaded code is in the baseline. Time = median of "
+        f"{args.repeats} timed steps after one warm-up step; a case whose first step took over "
+        f"{args.long_s:.0f} s is timed by that one step.",
+        "",
+        "## Generalized JSD, β = 0.5: unfused vs fused vs TRL",
+        "",
+        *_table(main, ["unfused", "trl", "fused"]),
+        "",
+        f"![peak memory]({plot.name})",
+        "",
+    ]
+    if others:
+        lines += [
+            "## Other divergences: fused vs unfused",
+            "",
+            *_table(others, ["unfused", "fused"]),
+            "",
+        ]
+    lines += ["## Details", "", *_details(results), ""]
+    path = out / f"{name}.md"
+    path.write_text("\n".join(lines))
+    (out / f"{name}.json").write_text(
+        json.dumps(
+            [{**asdict(r), "case": asdict(r.case), "time_s": r.time_s} for r in results],
+            indent=1,
+        )
+    )
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="one small case (a smoke run)")
+    parser.add_argument("--cap-gb", type=float, default=18.0, help="memory cap per subprocess (GB)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats after the warm-up")
+    parser.add_argument(
+        "--long-s", type=float, default=15.0, help="a first step longer than this is the timing"
+    )
+    parser.add_argument("--budget-min", type=float, default=80.0, help="skip what is left after this long")
+    parser.add_argument("--chunk-size", type=int, default=None, help="fused chunk (tokens); default auto")
+    parser.add_argument("--methods", default="unfused,trl,fused", help="comma-separated subset")
+    parser.add_argument("--case", help="run only this case, 'VOCAB,TOKENS,HIDDEN' (e.g. 49152,2048,576)")
+    parser.add_argument("--out", help="output folder (default docs/benchmarks; runs/benchmarks with --quick)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return
+
+    command = "python benchmarks/loss_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    methods = args.methods.split(",")
+    main_cases, other_cases = _cases(args.quick)
+    if args.case:
+        vocab, tokens, hidden = (int(x) for x in args.case.split(","))
+        main_cases, other_cases = [Case(vocab, tokens, hidden)], []
+    jobs = [(c, m) for c in main_cases for m in methods]
+    jobs += [(c, m) for c in other_cases for m in methods if m != "trl"]
+    results: list[Result] = []
+    started = time.perf_counter()
+    for case, method in jobs:
+        t0 = time.perf_counter()
+        if t0 - started > args.budget_min * 60:
+            result = Result(case, method, f"not run: past the {args.budget_min:.0f} min budget")
+        else:
+            result = _run_one(case, method, args)
+        results.append(result)
+        _write(results, args, command.strip(), time.perf_counter() - started)  # partial results survive
+        peak = _fmt(result.peak_mb, ",.0f")
+        print(
+            f"{case.label:<40} {method:<8} {result.status:<40} peak {peak} MB  "
+            f"time {_fmt(result.time_s, '.2f')} s  ({time.perf_counter() - t0:.0f} s wall)",
+            flush=True,
+        )
+    path = _write(results, args, command.strip(), time.perf_counter() - started)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

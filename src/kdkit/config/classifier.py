@@ -1,0 +1,166 @@
+"""The run config of `kind: classifier`: one teacher, one shared student architecture, several
+students each trained with a method and/or explicit objectives on the same budget.
+
+```yaml
+kind: classifier
+name: fashion-mnist-demo
+data: {dataset: fashion-mnist, train_subset: null}
+teacher: {arch: cnn, params: {width: 32}, train: {steps: 1500, lr: 0.003}}
+student: {arch: cnn, params: {width: 4}}
+students:
+  - {name: scratch, method: scratch}
+  - {name: kd, method: kd, objectives: [{name: kd, temperature: 2}]}   # override one field
+train: {steps: 800, batch_size: 128, lr: 0.005}
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from kdkit.config.train import StrictModel, TrainConfig
+from kdkit.methods.classifier import ObjectiveSpec, classifier_recipe
+from kdkit.models.vision import VISION_MODELS, check_vision_params
+
+# TrainConfig fields that change how a run is watched or stored, not what it learns: left out of
+# the teacher's cache key so changing them reuses a cached teacher.
+_NOT_LEARNING = {"progress", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers"}
+
+
+class DataConfig(StrictModel):
+    """Which data; `val_size` holds out that many training examples (never trained on) and
+    `eval_split: val` evaluates on them instead of the test set."""
+
+    dataset: Literal["fashion-mnist"] = "fashion-mnist"
+    root: str | None = None  # a folder with the IDX files; default: the documented search order
+    val_size: int = Field(0, ge=0)
+    train_subset: PositiveInt | None = None  # a deterministic sample of the training split
+    eval_split: Literal["test", "val"] = "test"
+    eval_subset: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _val_needs_size(self) -> DataConfig:
+        if self.eval_split == "val" and self.val_size == 0:
+            raise ValueError("eval_split 'val' needs val_size > 0")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """An architecture from `kdkit.models.vision.VISION_MODELS` and its keyword parameters."""
+
+    arch: str = "cnn"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        return VISION_MODELS.canonical(value)
+
+    @model_validator(mode="after")
+    def _known_params(self) -> ModelConfig:
+        check_vision_params(self.arch, self.params)
+        return self
+
+
+class TeacherConfig(ModelConfig):
+    """The teacher: loaded from `checkpoint` (a safetensors state dict of `arch(params)`), or
+    trained with `train` on the training split and cached under `cache_dir("teachers")`."""
+
+    checkpoint: str | None = None
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=1500, batch_size=128, lr=3e-3, weight_decay=5e-4)
+    )
+
+
+class StudentRun(StrictModel):
+    """One student to train: a method recipe, explicit objectives, or a recipe whose entries are
+    updated by objectives of the same name (other objectives are appended)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    method: str | None = None
+    objectives: list[ObjectiveSpec] = Field(default_factory=list)
+    model: ModelConfig | None = None  # a different architecture for this student only
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        classifier_recipe(value)  # raises ValueError listing the classifier methods
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_minimise(self) -> StudentRun:
+        if self.method is None and not self.objectives:
+            raise ValueError(f"student {self.name!r} needs a method or a list of objectives")
+        return self
+
+    def resolved_objectives(self) -> list[ObjectiveSpec]:
+        """The entries actually trained: the recipe's, updated/extended by `objectives`."""
+        given = [spec.model_dump(exclude_unset=True) for spec in self.objectives]
+        if self.method is None:
+            return list(self.objectives)
+        return [ObjectiveSpec.model_validate(e) for e in classifier_recipe(self.method).expand(given)]
+
+    def needs_teacher(self) -> bool:
+        from kdkit.methods.classifier import build_objective
+
+        return any(build_objective(spec).needs_teacher for spec in self.resolved_objectives())
+
+
+class EvalConfig(StrictModel):
+    batch_size: PositiveInt = 1000
+    latency_batch_size: PositiveInt = 1  # latency is reported per example at this batch size
+    latency_repeats: PositiveInt = 50
+    reliability_bins: PositiveInt = 15
+
+
+class ClassifierRunConfig(StrictModel):
+    """A whole classifier distillation run; `kind` is the discriminator of kdkit's run configs."""
+
+    kind: Literal["classifier"] = "classifier"
+    name: str = Field("classifier", pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(params={"width": 32}))
+    student: ModelConfig = Field(default_factory=lambda: ModelConfig(params={"width": 4}))
+    students: list[StudentRun] = Field(min_length=1)
+    train: TrainConfig = Field(default_factory=TrainConfig)  # every student's budget
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = "runs"
+    # torch intra-op CPU threads; None keeps torch's default. On a CPU shared with other jobs one
+    # thread per process is often faster than several that wait for each other.
+    threads: PositiveInt | None = None
+
+    @field_validator("students")
+    @classmethod
+    def _unique_names(cls, students: list[StudentRun]) -> list[StudentRun]:
+        names = [s.name for s in students]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"student names must be unique; repeated: {', '.join(duplicates)}")
+        return students
+
+    def teacher_key(self) -> str:
+        """A hash of everything the trained teacher depends on: arch, params, its training
+        settings and the training data (not where the files live)."""
+        train = self.teacher.train.model_dump(exclude=_NOT_LEARNING)
+        data = self.data.model_dump(include={"dataset", "val_size", "train_subset"})
+        blob = json.dumps(
+            {"arch": self.teacher.arch, "params": self.teacher.params, "train": train, "data": data},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+__all__ = [
+    "ClassifierRunConfig",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "StudentRun",
+    "TeacherConfig",
+]

@@ -1,0 +1,360 @@
+"""Classifier distillation end to end: data → teacher (cached) → students → evaluation → report.
+
+`run_classifier(cfg)` is what `kdkit run` / `kdkit demo` call for `kind: classifier`;
+`evaluate_classifier_run(run_dir)` re-evaluates a finished run folder (`kdkit eval`).
+
+Run folder layout:
+    config.yaml                      the validated config
+    teacher/model.safetensors        a copy of the teacher used (+ teacher.json)
+    students/<name>/                 engine output (metrics.jsonl, checkpoints/), model.safetensors,
+                                     objectives.json, train.json
+    metrics.json, report.md, report.html, plots/    from `kdkit.report.write_report`
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdkit.config.classifier import ClassifierRunConfig, ModelConfig
+from kdkit.data.fashion_mnist import TensorClassificationDataset, load_fashion_mnist
+from kdkit.engine import CrossEntropyDistiller, train
+from kdkit.engine.checkpoint import latest_checkpoint
+from kdkit.eval import classifier_metrics, measure_latency, model_footprint, predict_logits
+from kdkit.methods.classifier import ClassifierDistiller
+from kdkit.models.vision import build_vision_model
+from kdkit.paths import cache_dir
+from kdkit.report import write_report
+
+logger = logging.getLogger(__name__)
+Log = Callable[[str], None]
+
+COLUMNS = [
+    ("model", "Model"),
+    ("method", "Method"),
+    ("accuracy", "Accuracy"),
+    ("agreement", "Agreement with teacher"),
+    ("kl_to_teacher", "KL(T‖S) (nats)"),
+    ("ece", "ECE"),
+    ("parameters", "Parameters"),
+    ("size_on_disk_bytes", "Size on disk"),
+    ("latency_ms_per_example", "Latency / example"),
+    ("train_time_s", "Train time (s)"),
+]
+
+
+def run_classifier(
+    cfg: ClassifierRunConfig, *, resume: bool = False, run_dir: str | Path | None = None, log: Log = print
+) -> Path:
+    """Train (or load) the teacher, train every student on the same budget, evaluate, report.
+
+    run_dir: default `output_dir/name/<UTC timestamp>`; with resume=True and no run_dir, the
+    latest folder under `output_dir/name`. Resuming skips finished students and continues each
+    unfinished one from its latest checkpoint. Returns the run folder.
+    """
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    run_dir = _run_dir(cfg, resume, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # config.json is what `kdkit eval` reads (its "kind" picks the evaluator); the YAML is for people
+    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    log(f"kdkit: run folder {run_dir}")
+    train_set, eval_set = load_data(cfg)
+    teacher = load_or_train_teacher(cfg, train_set, eval_set, log=log)
+    _save_teacher_copy(cfg, teacher, run_dir)
+    example = train_set.inputs[:2]
+    for student_cfg in cfg.students:
+        out = run_dir / "students" / student_cfg.name
+        if (out / "model.safetensors").is_file() and resume:
+            log(f"kdkit: student {student_cfg.name} already finished; skipping")
+            continue
+        objectives = student_cfg.resolved_objectives()
+        # The same seed for every student: same initial weights and data order, so the methods
+        # differ only in what they minimise.
+        torch.manual_seed(cfg.train.seed)
+        student = build_student(cfg, student_cfg.model)
+        needs_teacher = student_cfg.needs_teacher()
+        distiller = ClassifierDistiller(student, teacher if needs_teacher else None, objectives, example)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "objectives.json").write_text(
+            json.dumps([o.model_dump() for o in objectives], indent=2) + "\n"
+        )
+        log(
+            f"kdkit: training student {student_cfg.name}: "
+            + ", ".join(_describe(o.model_dump()) for o in objectives)
+        )
+        result = train(
+            distiller,
+            train_set,
+            cfg.train,
+            out,
+            resume=resume and latest_checkpoint(out) is not None,
+            description=f"student {student_cfg.name}",
+        )
+        student = distiller.student.cpu()
+        _save_model(student, out / "model.safetensors")
+        (out / "train.json").write_text(
+            json.dumps(
+                {
+                    "steps": result.steps,
+                    "wall_time_s": result.wall_time_s,
+                    "final_losses": result.final_losses,
+                    "resumed_from": result.resumed_from,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    evaluate_classifier_run(run_dir, cfg=cfg, teacher=teacher, eval_set=eval_set, log=log)
+    return run_dir
+
+
+def load_data(cfg: ClassifierRunConfig) -> tuple[TensorClassificationDataset, TensorClassificationDataset]:
+    """(training split, evaluation split) as the config describes them."""
+    data = cfg.data
+    train_set = load_fashion_mnist("train", data.root, val_size=data.val_size, subset=data.train_subset)
+    eval_set = load_fashion_mnist(data.eval_split, data.root, val_size=data.val_size, subset=data.eval_subset)
+    return train_set, eval_set
+
+
+def build_student(cfg: ClassifierRunConfig, override: ModelConfig | None = None) -> nn.Module:
+    model = override or cfg.student
+    return build_vision_model(model.arch, model.params)
+
+
+def load_or_train_teacher(
+    cfg: ClassifierRunConfig,
+    train_set: TensorClassificationDataset,
+    eval_set: TensorClassificationDataset,
+    *,
+    log: Log = print,
+) -> nn.Module:
+    """The teacher in eval mode: from `teacher.checkpoint`, else from the cache
+    (`cache_dir("teachers", <dataset>-<arch>-<hash>)`), else trained with cross-entropy and cached.
+    A teacher training that was killed resumes from its checkpoints on the next call."""
+    spec = cfg.teacher
+    teacher = build_vision_model(spec.arch, spec.params)
+    if spec.checkpoint is not None:
+        teacher.load_state_dict(load_file(spec.checkpoint))
+        log(f"kdkit: teacher loaded from {spec.checkpoint}")
+        return teacher.eval()
+    folder = teacher_cache_dir(cfg)
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        teacher.load_state_dict(load_file(str(weights)))
+        info = (
+            json.loads((folder / "teacher.json").read_text()) if (folder / "teacher.json").is_file() else {}
+        )
+        accuracy = info.get("metrics", {}).get("accuracy")
+        shown = f" (accuracy {accuracy:.2%} on {info.get('eval_split')})" if accuracy is not None else ""
+        log(f"kdkit: teacher loaded from cache {folder}{shown}")
+        return teacher.eval()
+    log(
+        f"kdkit: training the teacher ({spec.arch} {spec.params}, {spec.train.steps} steps); "
+        f"it will be cached in {folder}"
+    )
+    torch.manual_seed(spec.train.seed)
+    teacher = build_vision_model(spec.arch, spec.params)
+    distiller = CrossEntropyDistiller(teacher)
+    # resume a killed teacher training; asking to resume when nothing was saved only logs a warning
+    resume = latest_checkpoint(folder / "train") is not None
+    result = train(distiller, train_set, spec.train, folder / "train", resume=resume, description="teacher")
+    teacher = distiller.student.cpu().eval()
+    logits = predict_logits(teacher, eval_set, batch_size=cfg.eval.batch_size)
+    metrics = classifier_metrics(logits, eval_set.labels)
+    _save_model(teacher, weights)
+    (folder / "teacher.json").write_text(
+        json.dumps(
+            {
+                "arch": spec.arch,
+                "params": spec.params,
+                "train": spec.train.model_dump(),
+                "data": cfg.data.model_dump(),
+                "eval_split": cfg.data.eval_split,
+                "metrics": {k: v for k, v in metrics.items() if k != "reliability"},
+                "wall_time_s": result.wall_time_s,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    # The engine's checkpoints are only needed to resume a killed training; the weights suffice now.
+    shutil.rmtree(folder / "train" / "checkpoints", ignore_errors=True)
+    log(f"kdkit: teacher trained in {result.wall_time_s:.0f} s, accuracy {metrics['accuracy']:.2%}")
+    return teacher
+
+
+def teacher_cache_dir(cfg: ClassifierRunConfig) -> Path:
+    return cache_dir("teachers", f"{cfg.data.dataset}-{cfg.teacher.arch}-{cfg.teacher_key()}")
+
+
+def evaluate_classifier_run(
+    run_dir: str | Path,
+    *,
+    cfg: ClassifierRunConfig | None = None,
+    teacher: nn.Module | None = None,
+    eval_set: TensorClassificationDataset | None = None,
+    log: Log = print,
+) -> Path:
+    """Evaluate the teacher and every finished student of a run folder and (re)write its report.
+
+    Reads config.json and the saved safetensors where `cfg`/`teacher` are not given. Per model:
+    accuracy, NLL, ECE + reliability bins, agreement and mean KL(p_T ‖ p_S) to the teacher
+    (nats), parameters, safetensors size (bytes), latency per example (median of
+    `eval.latency_repeats` timed forwards at `eval.latency_batch_size`, ms). Returns the run
+    folder; the rows are in its metrics.json.
+    """
+    run_dir = Path(run_dir)
+    if cfg is None:
+        cfg = ClassifierRunConfig.model_validate(json.loads((run_dir / "config.json").read_text()))
+    if eval_set is None:
+        eval_set = load_data(cfg)[1]
+    if teacher is None:
+        teacher = build_vision_model(cfg.teacher.arch, cfg.teacher.params)
+        teacher.load_state_dict(load_file(str(run_dir / "teacher" / "model.safetensors")))
+    teacher.eval()
+    labels = eval_set.labels
+    latency_batch = eval_set.inputs[: cfg.eval.latency_batch_size]
+    log(f"kdkit: evaluating on {len(eval_set)} {cfg.data.eval_split} examples")
+    teacher_logits = predict_logits(teacher, eval_set, batch_size=cfg.eval.batch_size)
+    models: list[tuple[str, str, nn.Module, Path | None]] = [("teacher", "teacher (CE)", teacher, None)]
+    for student_cfg in cfg.students:
+        weights = run_dir / "students" / student_cfg.name / "model.safetensors"
+        if not weights.is_file():
+            log(f"kdkit: student {student_cfg.name} has no saved model; left out of the report")
+            continue
+        student = build_student(cfg, student_cfg.model)
+        student.load_state_dict(load_file(str(weights)))
+        method = student_cfg.method or "+".join(o.name for o in student_cfg.objectives)
+        models.append((student_cfg.name, method, student.eval(), weights.parent / "metrics.jsonl"))
+
+    rows: list[dict[str, Any]] = []
+    reliability: dict[str, dict] = {}
+    histories: dict[str, Path] = {}
+    for name, method, model, history in models:
+        logits = (
+            teacher_logits
+            if model is teacher
+            else predict_logits(model, eval_set, batch_size=cfg.eval.batch_size)
+        )
+        metrics = classifier_metrics(
+            logits, labels, None if model is teacher else teacher_logits, n_bins=cfg.eval.reliability_bins
+        )
+        reliability[name] = metrics.pop("reliability")
+        latency = measure_latency(model, latency_batch, repeats=cfg.eval.latency_repeats)
+        train_info = (
+            _read_json(history.parent / "train.json")
+            if history
+            else _read_json(run_dir / "teacher" / "teacher.json")
+        )
+        rows.append(
+            {
+                "model": name,
+                "method": method,
+                **metrics,
+                **({"agreement": 1.0, "kl_to_teacher": 0.0} if model is teacher else {}),
+                **model_footprint(model),
+                "latency_ms_per_example": latency["latency_ms_per_example"],
+                "latency_batch_size": latency["batch_size"],
+                "latency_threads": latency["threads"],
+                "train_time_s": train_info.get("wall_time_s"),
+            }
+        )
+        if history is not None and history.is_file():
+            histories[name] = history
+    notes = [
+        f"Evaluated on {len(eval_set)} examples of the {cfg.data.dataset} {cfg.data.eval_split} split.",
+        f"Every student: {cfg.student.arch} {cfg.student.params}, {cfg.train.steps} steps of batch "
+        f"{cfg.train.batch_size} (same seed, initial weights and data order).",
+        f"Latency: median of {cfg.eval.latency_repeats} timed forward passes at batch size "
+        f"{cfg.eval.latency_batch_size} on {torch.get_num_threads()} CPU threads, divided by the batch size; "
+        "the machine may be shared, so compare latencies within one report only.",
+        "The teacher's train time is that of its original (cached) training; see teacher/teacher.json.",
+    ]
+    write_report(
+        run_dir,
+        title=f"Classifier distillation: {cfg.name}",
+        rows=rows,
+        columns=COLUMNS,
+        histories=histories,
+        reliability=reliability,
+        config=cfg.model_dump(mode="json"),
+        notes=notes,
+        scatter=("parameters", "accuracy"),
+    )
+    log(results_table(rows))
+    log(f"kdkit: report written to {run_dir / 'report.html'}")
+    return run_dir
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of the headline numbers, for the terminal."""
+    lines = [
+        f"{'model':<14} {'method':<14} {'accuracy':>9} {'agree':>7} {'KL(T‖S)':>8} {'ECE':>6} {'params':>9}"
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['model']:<14} {row['method'][:14]:<14} {row['accuracy']:>9.2%} {row['agreement']:>7.2%} "
+            f"{row['kl_to_teacher']:>8.4f} {row['ece']:>6.2%} {row['parameters']:>9,}"
+        )
+    return "\n".join(lines)
+
+
+def _run_dir(cfg: ClassifierRunConfig, resume: bool, run_dir: str | Path | None) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    parent = Path(cfg.output_dir) / cfg.name
+    if resume:
+        previous = (
+            sorted(p for p in parent.glob("*") if (p / "config.yaml").is_file()) if parent.is_dir() else []
+        )
+        if previous:
+            return previous[-1]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = parent / stamp
+    suffix = 1
+    while path.exists():  # two runs started within the same second
+        suffix += 1
+        path = parent / f"{stamp}-{suffix}"
+    return path
+
+
+def _save_teacher_copy(cfg: ClassifierRunConfig, teacher: nn.Module, run_dir: Path) -> None:
+    """Keep the teacher beside the students, so the run folder can be re-evaluated on its own."""
+    folder = run_dir / "teacher"
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_model(teacher, folder / "model.safetensors")
+    cached = teacher_cache_dir(cfg) / "teacher.json" if cfg.teacher.checkpoint is None else None
+    info = _read_json(cached) if cached else {"checkpoint": cfg.teacher.checkpoint}
+    (folder / "teacher.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _save_model(model: nn.Module, path: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    partial = path.with_suffix(".tmp")
+    save_file(state, str(partial))
+    partial.replace(path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in entry.items() if k not in ("name", "weight"))
+    return f"{entry['weight']:g}·{entry['name']}" + (f"({params})" if params else "")
+
+
+__all__ = ["evaluate_classifier_run", "load_data", "load_or_train_teacher", "results_table", "run_classifier"]

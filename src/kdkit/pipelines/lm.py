@@ -1,0 +1,574 @@
+"""Language-model distillation end to end: teacher → students (one per method) → evaluation → report.
+
+`run_lm(cfg)` is what `kdkit run` calls for `kind: lm`; `evaluate_lm_run(run_dir)` re-evaluates a
+finished run folder (`kdkit eval`).
+
+Run folder layout:
+    config.json                      the validated config (`kind` tells `kdkit eval` what to load)
+    students/<name>/                 engine output (metrics.jsonl, tb/), train.json (wall time,
+                                     final loss terms, the resolved recipe)
+    students/<name>/model/           the trained student as a plain Hugging Face folder (+ tokenizer)
+    metrics.json, report.md, report.html, plots/    from `kdkit.report.write_report`
+
+The engine's checkpoints are deleted once a student's model folder is written (an LM checkpoint
+holds the optimizer state, ~3× the model); a killed run resumes unfinished students from theirs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from kdkit.config.lm import LMRunConfig, StudentRun
+from kdkit.models.lm import (
+    build_causal_lm,
+    derive_student,
+    load_causal_lm,
+    resolve_dtype,
+    save_pretrained_folder,
+)
+from kdkit.models.tokenizers import check_vocabularies
+from kdkit.report import write_report
+
+Log = Callable[[str], None]
+Batch = dict[str, Any]
+
+COLUMNS_HEAD = [("model", "Model"), ("method", "Method"), ("perplexity", "Held-out perplexity")]
+COLUMNS_TAIL = [
+    ("agreement", "Top-1 agreement with teacher"),
+    ("teacher_logp", "log p_T of own samples (nats/token)"),
+    ("student_logp", "log p_S of own samples (nats/token)"),
+    ("rkl_estimate", "KL(p_S‖p_T) estimate (nats/token)"),
+    ("parameters", "Parameters"),
+    ("train_time_s", "Train time (s)"),
+    ("generation_share", "Generation share of step"),
+]
+
+
+@dataclass
+class LMData:
+    """Training samples, held-out samples, the collate function, and (arithmetic) graded problems."""
+
+    train: Dataset
+    held_out: Dataset
+    collate: Callable[[list[Any]], Batch]
+    problems: list[Any] | None = None
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def load_teacher(cfg: LMRunConfig, *, dtype: str | None = None, log: Log = print) -> tuple[nn.Module, Any]:
+    """The teacher (eval mode, CPU, `dtype` or `teacher.dtype`) and its tokenizer (with a pad token)."""
+    spec = cfg.teacher
+    dtype = dtype or spec.dtype
+    if spec.source == "smollm2":
+        from kdkit.models.smollm2 import load_smollm2
+
+        model, tokenizer = load_smollm2(dtype)
+    elif spec.source == "arithmetic":
+        from kdkit.tasks.arithmetic import ArithmeticTeacherConfig, get_arithmetic_teacher
+
+        params = dict(spec.arithmetic)
+        if "digits" in params:
+            params["digits"] = tuple(params["digits"])
+        model, tokenizer, folder = get_arithmetic_teacher(ArithmeticTeacherConfig(**params))
+        model = model.to(resolve_dtype(dtype))
+        log(f"kdkit: arithmetic teacher from {folder}")
+    else:
+        model, tokenizer = load_causal_lm(spec.source, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def load_models(cfg: LMRunConfig, *, log: Log = print) -> tuple[nn.Module, Any, nn.Module, Any]:
+    """(teacher in `teacher.dtype`, its tokenizer, the initial student, the student's tokenizer).
+
+    A student derived by layer selection copies the teacher's weights at full precision: the
+    teacher is loaded in float32, the student derived, and only then is the teacher cast (e.g. to
+    bf16), so a bf16 teacher does not leave the student with bf16-rounded weights.
+    """
+    derives = cfg.student.keep_layers is not None and cfg.student.copy_weights
+    teacher, tokenizer = load_teacher(cfg, dtype="float32" if derives else None, log=log)
+    student, student_tokenizer = build_student(cfg, teacher, tokenizer)
+    return teacher.to(resolve_dtype(cfg.teacher.dtype)), tokenizer, student, student_tokenizer
+
+
+def _vocab_size(model: nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def build_student(cfg: LMRunConfig, teacher: nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
+    """The initial student (float `student.dtype`, train mode) and its tokenizer.
+
+    Deterministic for a config: every student of a run starts from these same weights. Refuses a
+    student whose tokenizer differs from the teacher's (TokenizerMismatchError); vocabularies that
+    differ only by embedding padding are aligned by the distiller.
+    """
+    spec = cfg.student
+    torch.manual_seed(spec.seed)
+    student_tokenizer = tokenizer
+    if spec.keep_layers is not None:
+        student = derive_student(
+            teacher,
+            keep_layers=spec.keep_layers,
+            intermediate_size=spec.intermediate_size,
+            copy_weights=spec.copy_weights,
+        )
+    elif spec.path is not None:
+        student, student_tokenizer = load_causal_lm(spec.path, dtype=spec.dtype)
+    else:
+        options = dict(spec.config or {})
+        options.setdefault("vocab_size", _vocab_size(teacher))
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            options.setdefault(key, getattr(tokenizer, key))
+        student = build_causal_lm(options, seed=spec.seed)
+        student.generation_config.pad_token_id = tokenizer.pad_token_id
+        student.generation_config.eos_token_id = tokenizer.eos_token_id
+    check_vocabularies(tokenizer, student_tokenizer, _vocab_size(teacher), _vocab_size(student))
+    return student.to(resolve_dtype(spec.dtype)).train(), student_tokenizer
+
+
+def build_distiller(
+    student_cfg: StudentRun, student: nn.Module, teacher: nn.Module, tokenizer: Any
+) -> nn.Module:
+    """The `LMDistiller` of the student's method with its overrides (teacher only if needed).
+
+    The mixture sampler's coin uses Python's global `random`, which the engine seeds from
+    `TrainConfig.seed` and restores from checkpoints, so a resumed run draws the same sources.
+    """
+    recipe = student_cfg.recipe()
+    return recipe.build(
+        student,
+        teacher if student_cfg.needs_teacher() else None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **student_cfg.distiller_options(),
+    )
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class _Records(Dataset):
+    """A list of dict samples as a map-style dataset."""
+
+    def __init__(self, records: Sequence[Any]) -> None:
+        self.records = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.records[index]
+
+
+def _read_jsonl(path: str | Path) -> list[Any]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def load_lm_data(cfg: LMRunConfig, tokenizer: Any) -> LMData:
+    """Training and held-out samples for the configured dataset (held-out capped at eval_size)."""
+    data = cfg.data
+    if data.dataset == "arithmetic":
+        from kdkit.samplers.collate import PromptCompletionCollator
+        from kdkit.tasks.arithmetic import arithmetic_dataset, make_problems
+
+        train = _Records(arithmetic_dataset(data.train_size, tuple(data.train_digits), seed=data.seed))
+        # distinct seeds: held-out problems are drawn independently of the training ones
+        held_out = _Records(arithmetic_dataset(data.eval_size, tuple(data.eval_digits), seed=data.seed + 1))
+        problems = make_problems(cfg.eval.exact_match_problems, tuple(data.eval_digits), seed=data.seed + 2)
+        return LMData(train, held_out, PromptCompletionCollator(tokenizer), problems or None)
+    from kdkit.data.text import text_collator
+
+    if data.dataset == "python_docs":
+        from kdkit.data.python_docs import load_python_docs
+
+        options = {"block_size": data.block_size, "prompt_tokens": data.prompt_tokens, "root": data.root}
+        train = load_python_docs(
+            tokenizer, "train", max_files=data.max_files, max_tokens=data.max_tokens, **options
+        )
+        held_out = load_python_docs(tokenizer, "held_out", max_tokens=data.eval_max_tokens, **options)
+    else:
+        from kdkit.data.text import TextDataset
+
+        records = _read_jsonl(data.path)
+        if data.eval_path is not None:
+            eval_records = _read_jsonl(data.eval_path)
+        else:
+            if len(records) <= data.eval_size:
+                raise ValueError(
+                    f"{data.path} has {len(records)} records; holding out eval_size={data.eval_size} leaves "
+                    "none to train on (set data.eval_path or a smaller data.eval_size)"
+                )
+            records, eval_records = records[: -data.eval_size], records[-data.eval_size :]
+        train = TextDataset(records, tokenizer, max_length=data.max_length)
+        held_out = TextDataset(eval_records, tokenizer, max_length=data.max_length)
+    count = min(len(held_out), data.eval_size)
+    held_out = torch.utils.data.Subset(held_out, range(count))
+    return LMData(train, held_out, text_collator(tokenizer))
+
+
+def _batches(
+    dataset: Dataset, collate: Callable[[list[Any]], Batch], batch_size: int, limit: int
+) -> list[Batch]:
+    items = [dataset[i] for i in range(min(limit, len(dataset)))]
+    return [collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def run_lm(
+    cfg: LMRunConfig, *, resume: bool = False, run_dir: str | Path | None = None, log: Log = print
+) -> Path:
+    """Build the teacher, train every student on the same budget, evaluate, write the report.
+
+    run_dir: default `output_dir/name/<UTC timestamp>`; with resume=True and no run_dir, the latest
+    folder under `output_dir/name`. Resuming skips finished students (their model folder exists)
+    and continues unfinished ones from their latest checkpoint. Returns the run folder.
+    """
+    run_dir = _run_dir(cfg, resume, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    log(f"kdkit: run folder {run_dir}")
+    teacher, tokenizer, initial, student_tokenizer = load_models(cfg, log=log)
+    data = load_lm_data(cfg, tokenizer)
+    log(f"kdkit: {len(data.train)} training samples, {len(data.held_out)} held-out samples")
+    from kdkit.engine import train
+
+    for student_cfg in cfg.students:
+        out = run_dir / "students" / student_cfg.name
+        if (out / "model" / "config.json").is_file():
+            log(f"kdkit: student {student_cfg.name} already finished; skipping")
+            continue
+        student = copy.deepcopy(initial)  # every student starts from the same weights
+        torch.manual_seed(cfg.train.seed)  # same data order and sampling stream for every student
+        distiller = build_distiller(student_cfg, student, teacher, tokenizer)
+        recipe = student_cfg.recipe()
+        log(f"kdkit: training student {student_cfg.name}: {describe_recipe(student_cfg.method, recipe)}")
+        out.mkdir(parents=True, exist_ok=True)
+        result = train(
+            distiller,
+            data.train,
+            cfg.train,
+            out,
+            collate_fn=data.collate,
+            resume=resume,
+            description=f"student {student_cfg.name}",
+        )
+        student = distiller.student.cpu().eval()
+        save_pretrained_folder(student, student_tokenizer, out / "model")
+        (out / "train.json").write_text(
+            json.dumps(
+                {
+                    "method": student_cfg.method,
+                    "recipe": asdict(recipe),
+                    "steps": result.steps,
+                    "wall_time_s": result.wall_time_s,
+                    "final_losses": result.final_losses,
+                    "resumed_from": result.resumed_from,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        log(f"kdkit: student {student_cfg.name} trained in {result.wall_time_s:.0f} s")
+    evaluate_lm_run(
+        run_dir, cfg=cfg, teacher=teacher, tokenizer=tokenizer, initial=initial, data=data, log=log
+    )
+    return run_dir
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluate_model(
+    model: nn.Module,
+    teacher: nn.Module,
+    tokenizer: Any,
+    cfg: LMRunConfig,
+    data: LMData,
+    *,
+    is_teacher: bool = False,
+) -> dict[str, Any]:
+    """One model's held-out metrics (nats per token; fractions in [0, 1]).
+
+    perplexity / nll on held-out label tokens; agreement = top-1 agreement with the teacher on the
+    same text; teacher_logp / student_logp = mean log-probability that the teacher / the model
+    gives the model's own samples (rkl_estimate = their difference, ≈ KL(p_S‖p_T) per token);
+    exact_match_d<k> = greedy exact match on arithmetic problems with k-digit operands.
+    """
+    from kdkit.eval.lm import perplexity, sample_log_likelihoods, token_agreement
+    from kdkit.models.lm import count_parameters
+    from kdkit.samplers import GenerationSettings
+
+    batches = _batches(data.held_out, data.collate, cfg.eval.batch_size, len(data.held_out))
+    row: dict[str, Any] = {}
+    ppl = perplexity(model, batches)
+    row |= {"perplexity": ppl["perplexity"], "nll": ppl["nll"], "eval_tokens": ppl["tokens"]}
+    if is_teacher:
+        row["agreement"] = 1.0
+    else:
+        row["agreement"] = token_agreement(model, teacher, batches)["agreement"]
+    if cfg.eval.samples > 0:
+        prompts = _batches(data.held_out, data.collate, cfg.eval.batch_size, cfg.eval.samples)
+        settings = GenerationSettings(
+            temperature=cfg.eval.sampling_temperature,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(cfg.eval.seed)  # the same sampling stream for every model
+        sampled = sample_log_likelihoods(model, teacher, prompts, settings)
+        row |= {k: sampled[k] for k in ("teacher_logp", "student_logp", "rkl_estimate")}
+    if data.problems:
+        from kdkit.tasks.arithmetic import exact_match_by_length
+
+        by_length = exact_match_by_length(model, tokenizer, data.problems, batch_size=128)
+        row |= {f"exact_match_d{d}": acc for d, acc in by_length.items()}
+        row["exact_match"] = statistics.fmean(by_length.values())
+    row["parameters"] = count_parameters(model)
+    return row
+
+
+def generation_share(history: Path, steps: int, grad_accum: int, wall_time_s: float) -> float | None:
+    """Fraction of training wall time spent sampling: mean logged generation seconds per
+    micro-batch × micro-batches / wall time (None without a history)."""
+    if not history.is_file():
+        return None
+    values = [json.loads(line).get("diag/gen_s") for line in history.read_text().splitlines() if line.strip()]
+    values = [v for v in values if v is not None]
+    if not values or wall_time_s <= 0:
+        return None
+    return min(statistics.fmean(values) * steps * grad_accum / wall_time_s, 1.0)
+
+
+def evaluate_lm_run(
+    run_dir: str | Path,
+    *,
+    cfg: LMRunConfig | None = None,
+    teacher: nn.Module | None = None,
+    tokenizer: Any | None = None,
+    initial: nn.Module | None = None,
+    data: LMData | None = None,
+    log: Log = print,
+) -> Path:
+    """Evaluate the teacher, the initial student and every finished student; (re)write the report.
+
+    Reads config.json where `cfg` is not given and rebuilds what is missing (teacher, data, the
+    initial student — deterministic from the config). Returns the run folder.
+    """
+    run_dir = Path(run_dir)
+    if cfg is None:
+        cfg = LMRunConfig.model_validate(json.loads((run_dir / "config.json").read_text()))
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+    if teacher is None or tokenizer is None or initial is None:
+        teacher, tokenizer, initial, _ = load_models(cfg, log=log)
+    if data is None:
+        data = load_lm_data(cfg, tokenizer)
+    device = _device()
+    teacher = teacher.to(device).eval()
+    log(f"kdkit: evaluating on {len(data.held_out)} held-out samples")
+
+    models: list[tuple[str, str, nn.Module, Path | None]] = [
+        ("teacher", "teacher", teacher, None),
+        ("student_init", "initial student (no training)", initial, None),
+    ]
+    from transformers import AutoModelForCausalLM
+
+    for student_cfg in cfg.students:
+        folder = run_dir / "students" / student_cfg.name / "model"
+        if not (folder / "config.json").is_file():
+            log(f"kdkit: student {student_cfg.name} has no saved model; left out of the report")
+            continue
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        models.append((student_cfg.name, student_cfg.method, model, folder.parent))
+
+    rows: list[dict[str, Any]] = []
+    histories: dict[str, Path] = {}
+    for name, method, model, folder in models:
+        log(f"kdkit: evaluating {name}")
+        model = model.to(device).eval()
+        row: dict[str, Any] = {"model": name, "method": method}
+        row |= evaluate_model(model, teacher, tokenizer, cfg, data, is_teacher=model is teacher)
+        if folder is not None:
+            info = _read_json(folder / "train.json")
+            row["train_time_s"] = info.get("wall_time_s")
+            row["steps"] = info.get("steps")
+            row["generation_share"] = generation_share(
+                folder / "metrics.jsonl",
+                info.get("steps", 0),
+                cfg.train.grad_accum_steps,
+                info.get("wall_time_s", 0.0),
+            )
+            losses = info.get("final_losses", {})
+            row["kd_raw"] = losses.get("diag/kd_raw")
+            row["ce_raw"] = losses.get("diag/ce_raw")
+            if (folder / "metrics.jsonl").is_file():
+                histories[name] = folder / "metrics.jsonl"
+        if model is not teacher:
+            model.cpu()
+        rows.append(row)
+
+    write_report(
+        run_dir,
+        title=f"Language-model distillation: {cfg.name}",
+        rows=rows,
+        columns=report_columns(rows),
+        histories=histories,
+        config=cfg.model_dump(mode="json"),
+        notes=report_notes(cfg, rows, data),
+        extra={"students": {s.name: asdict(s.recipe()) for s in cfg.students}},
+        scatter=("parameters", "perplexity"),
+    )
+    log(results_table(rows))
+    log(f"kdkit: report written to {run_dir / 'report.html'}")
+    return run_dir
+
+
+def _exact_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """exact_match_d<k> keys present in any row, by k."""
+    keys = {k for row in rows for k in row if k.startswith("exact_match_d")}
+    return sorted(keys, key=lambda k: int(k.removeprefix("exact_match_d")))
+
+
+def report_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The fixed columns plus one exact-match column per problem length present."""
+    exact = [(k, f"Exact match, {k.removeprefix('exact_match_d')}-digit") for k in _exact_keys(rows)]
+    return COLUMNS_HEAD + exact + COLUMNS_TAIL
+
+
+def describe_recipe(method: str, recipe: Any) -> str:
+    """One line: sampler, objective, both temperatures and the term weights."""
+    mixed = recipe.sampler in ("mixture", "student_teacher")
+    sampler = recipe.sampler + (f" (λ={recipe.lmbda:g})" if mixed else "")
+    if recipe.objective == "divergence":
+        kwargs = ", ".join(f"{k}={v}" for k, v in recipe.divergence_kwargs.items())
+        objective = f"{recipe.divergence}({kwargs})" if kwargs else recipe.divergence
+    else:
+        objective = f"sampled-token advantage (γ={recipe.gamma:g})"
+    generating = recipe.sampler != "dataset"
+    sampling = f"sampling temperature {recipe.sampling_temperature:g}" if generating else "no sampling"
+    return (
+        f"{method}: sequences from {sampler}, loss {objective} at distillation temperature "
+        f"{recipe.temperature:g}, {sampling}, kd_weight {recipe.kd_weight:g}, ce_weight {recipe.ce_weight:g}"
+    )
+
+
+def report_notes(cfg: LMRunConfig, rows: list[dict[str, Any]], data: LMData) -> list[str]:
+    notes = [
+        f"Teacher: {cfg.teacher.source} ({cfg.teacher.dtype}). Student: "
+        + (
+            f"teacher layers {cfg.student.keep_layers}"
+            + (f", MLP width {cfg.student.intermediate_size}" if cfg.student.intermediate_size else "")
+            if cfg.student.keep_layers is not None
+            else (cfg.student.path or f"built from config {cfg.student.config}")
+        )
+        + f"; every student trains {cfg.train.steps} steps of batch {cfg.train.batch_size} × "
+        f"{cfg.train.grad_accum_steps} (same initial weights, seed and data order).",
+        f"Held-out: {len(data.held_out)} samples of {cfg.data.dataset}; perplexity and agreement over "
+        "completion (label) tokens; samples scored from the first "
+        f"{cfg.eval.samples} held-out prompts at sampling temperature {cfg.eval.sampling_temperature:g}, "
+        f"up to {cfg.eval.max_new_tokens} new tokens.",
+    ]
+    for student in cfg.students:
+        notes.append(f"Student {student.name} — {describe_recipe(student.method, student.recipe())}.")
+    for row in rows:
+        if row.get("kd_raw") is not None or row.get("ce_raw") is not None:
+            kd, ce = row.get("kd_raw"), row.get("ce_raw")
+            parts = [f"kd {kd:.4g}" if kd is not None else None, f"ce {ce:.4g}" if ce is not None else None]
+            notes.append(
+                f"Unweighted loss terms of {row['model']} over its last logging window (nats/token): "
+                + ", ".join(p for p in parts if p)
+                + "."
+            )
+    if data.problems:
+        low, high = cfg.data.train_digits
+        notes.append(
+            f"Arithmetic: trained on {low}–{high}-digit operands; exact match (greedy) on "
+            f"{len(data.problems)} problems with {cfg.data.eval_digits[0]}–{cfg.data.eval_digits[1]}-digit "
+            "operands; lengths past the training range show how errors compound (exposure bias)."
+        )
+    return notes
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of the headline numbers, for the terminal."""
+    exact = _exact_keys(rows)
+    header = (
+        f"{'model':<16} {'ppl':>9} {'agree':>7} {'logp_T':>8} {'KL(S‖T)':>8} {'params':>12} {'time s':>7}"
+    )
+    header += "".join(f" {'EM' + k.removeprefix('exact_match_d'):>6}" for k in exact)
+    lines = [header]
+
+    def number(value: Any, spec: str, width: int) -> str:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return f"{'—':>{width}}"
+        return f"{value:>{width}{spec}}"
+
+    for row in rows:
+        line = (
+            f"{row['model'][:16]:<16} {number(row.get('perplexity'), '.3f', 9)} "
+            f"{number(row.get('agreement'), '.2%', 7)} {number(row.get('teacher_logp'), '.3f', 8)} "
+            f"{number(row.get('rkl_estimate'), '.3f', 8)} {number(row.get('parameters'), ',', 12)} "
+            f"{number(row.get('train_time_s'), '.0f', 7)}"
+        )
+        line += "".join(f" {number(row.get(k), '.0%', 6)}" for k in exact)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _run_dir(cfg: LMRunConfig, resume: bool, run_dir: str | Path | None) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    parent = Path(cfg.output_dir) / cfg.name
+    if resume:
+        previous = sorted(p for p in parent.glob("*") if (p / "config.json").is_file())
+        if previous:
+            return previous[-1]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = parent / stamp
+    suffix = 1
+    while path.exists():  # two runs started within the same second
+        suffix += 1
+        path = parent / f"{stamp}-{suffix}"
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+__all__ = [
+    "LMData",
+    "build_distiller",
+    "build_student",
+    "evaluate_lm_run",
+    "evaluate_model",
+    "load_lm_data",
+    "load_models",
+    "load_teacher",
+    "results_table",
+    "run_lm",
+]
