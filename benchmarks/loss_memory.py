@@ -427,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="fused chunk (tokens); default auto")
     parser.add_argument("--methods", default="unfused,trl,fused", help="comma-separated subset")
     parser.add_argument("--case", help="run only this case, 'VOCAB,TOKENS,HIDDEN' (e.g. 49152,2048,576)")
+    parser.add_argument(
+        "--divergence", default="jsd", help="with --case: the divergence (default jsd, β=0.5)"
+    )
     parser.add_argument("--out", help="output folder (default docs/benchmarks; runs/benchmarks with --quick)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -439,7 +442,10 @@ def main(argv: list[str] | None = None) -> None:
     main_cases, other_cases = _cases(args.quick)
     if args.case:
         vocab, tokens, hidden = (int(x) for x in args.case.split(","))
-        main_cases, other_cases = [Case(vocab, tokens, hidden)], []
+        case = Case(vocab, tokens, hidden)
+        if args.divergence != "jsd":
+            case = Case(vocab, tokens, hidden, args.divergence, ())
+        main_cases, other_cases = ([case], []) if case.divergence == "jsd" else ([], [case])
     jobs = [(c, m) for c in main_cases for m in methods]
     jobs += [(c, m) for c in other_cases for m in methods if m != "trl"]
     results: list[Result] = []

@@ -1,5 +1,6 @@
 """The training loop in one process: teacher isolation, accumulation, logging, checkpoints, resume."""
 
+import importlib.util
 import json
 import logging
 
@@ -75,7 +76,8 @@ def test_metrics_has_one_line_per_log_every_with_each_term(tmp_path):
     assert records[0]["lr"] == pytest.approx(0.01)
     assert result.history_path == tmp_path / "metrics.jsonl"
     assert result.final_losses == {k: records[-1][k] for k in ("loss", "kd", "ce", "diag/teacher_entropy")}
-    assert (tmp_path / "tb").is_dir()
+    # TensorBoard scalars are written when tensorboard is installed (the dev extra installs it)
+    assert (tmp_path / "tb").is_dir() == (importlib.util.find_spec("tensorboard") is not None)
 
 
 def test_checkpoint_rotation_keeps_the_last_n(tmp_path):

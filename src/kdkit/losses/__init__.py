@@ -4,6 +4,7 @@
 - `classification`: classifier KD losses (KD, DKD, DIST).
 - `features`: feature-matching losses (hint MSE, cosine, attention transfer, attention KL, hidden MSE).
 - `preference`: DPO on sequence log-probabilities.
+- `fused`: any divergence from hidden states + output projections, chunked over tokens.
 """
 
 from kdkit.losses.classification import dist_loss, dkd_loss, dkd_parts, kd_loss
@@ -28,6 +29,7 @@ from kdkit.losses.features import (
     hidden_mse,
     hint_loss,
 )
+from kdkit.losses.fused import FusedLinearDivergence, auto_chunk_size, fused_linear_divergence
 from kdkit.losses.preference import DPOOutput, dpo_loss
 from kdkit.losses.registry import Registry, UnknownNameError
 
@@ -35,11 +37,13 @@ __all__ = [
     "DIVERGENCES",
     "DPOOutput",
     "F_GENERATORS",
+    "FusedLinearDivergence",
     "Registry",
     "UnknownNameError",
     "attention_kl",
     "attention_map",
     "attention_transfer_loss",
+    "auto_chunk_size",
     "cosine_feature_loss",
     "dist_loss",
     "dkd_loss",
@@ -47,6 +51,7 @@ __all__ = [
     "dpo_loss",
     "f_divergence",
     "forward_kl",
+    "fused_linear_divergence",
     "generalized_jsd",
     "hidden_mse",
     "hint_loss",
