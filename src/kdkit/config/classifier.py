@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from kdkit.config.train import StrictModel, TrainConfig
+from kdkit.config.train import StrictModel, TrainConfig, unique_student_names
 from kdkit.methods.classifier import ObjectiveSpec, classifier_recipe
 from kdkit.models.vision import VISION_MODELS, check_vision_params
 
@@ -135,14 +135,7 @@ class ClassifierRunConfig(StrictModel):
     # thread per process is often faster than several that wait for each other.
     threads: PositiveInt | None = None
 
-    @field_validator("students")
-    @classmethod
-    def _unique_names(cls, students: list[StudentRun]) -> list[StudentRun]:
-        names = [s.name for s in students]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"student names must be unique; repeated: {', '.join(duplicates)}")
-        return students
+    _unique_names = field_validator("students")(unique_student_names)
 
     def teacher_key(self) -> str:
         """A hash of everything the trained teacher depends on: arch, params, its training

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from kdkit.config.train import StrictModel, TrainConfig
+from kdkit.config.train import StrictModel, TrainConfig, unique_student_names
 from kdkit.registry import METHODS
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -274,14 +274,7 @@ class LMRunConfig(StrictModel):
     # oversubscription and was ~2x faster than 2 on a loaded 2-core machine.
     threads: PositiveInt | None = None
 
-    @field_validator("students")
-    @classmethod
-    def _unique_names(cls, students: list[StudentRun]) -> list[StudentRun]:
-        names = [s.name for s in students]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"student names must be unique; repeated: {', '.join(duplicates)}")
-        return students
+    _unique_names = field_validator("students")(unique_student_names)
 
     @model_validator(mode="after")
     def _prompts_for_generation(self) -> LMRunConfig:

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+
+class _Named(Protocol):
+    name: str
+
+
+NamedT = TypeVar("NamedT", bound=_Named)
+
+
+def unique_student_names(students: Sequence[NamedT]) -> Sequence[NamedT]:
+    """Validator of a run's `students:` list: each student's folder is named after it."""
+    names = [student.name for student in students]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"student names must be unique; repeated: {', '.join(duplicates)}")
+    return students
 
 
 class StrictModel(BaseModel):

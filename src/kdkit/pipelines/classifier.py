@@ -34,6 +34,7 @@ from kdkit.eval import classifier_metrics, measure_latency, model_footprint, pre
 from kdkit.methods.classifier import ClassifierDistiller
 from kdkit.models.vision import build_vision_model
 from kdkit.paths import cache_dir
+from kdkit.pipelines.run_folder import read_json, resolve_run_dir
 from kdkit.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def run_classifier(
     """
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    run_dir = _run_dir(cfg, resume, run_dir)
+    run_dir = resolve_run_dir(cfg.output_dir, cfg.name, resume=resume, run_dir=run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # config.json is what `kdkit eval` reads (its "kind" picks the evaluator); the YAML is for people
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
@@ -255,9 +256,9 @@ def evaluate_classifier_run(
         reliability[name] = metrics.pop("reliability")
         latency = measure_latency(model, latency_batch, repeats=cfg.eval.latency_repeats)
         train_info = (
-            _read_json(history.parent / "train.json")
+            read_json(history.parent / "train.json")
             if history
-            else _read_json(run_dir / "teacher" / "teacher.json")
+            else read_json(run_dir / "teacher" / "teacher.json")
         )
         rows.append(
             {
@@ -312,23 +313,6 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _run_dir(cfg: ClassifierRunConfig, resume: bool, run_dir: str | Path | None) -> Path:
-    if run_dir is not None:
-        return Path(run_dir)
-    parent = Path(cfg.output_dir) / cfg.name
-    if resume:
-        previous = (
-            sorted(p for p in parent.glob("*") if (p / "config.yaml").is_file()) if parent.is_dir() else []
-        )
-        if previous:
-            return previous[-1]
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = parent / stamp
-    suffix = 1
-    while path.exists():  # two runs started within the same second
-        suffix += 1
-        path = parent / f"{stamp}-{suffix}"
-    return path
 
 
 def _save_teacher_copy(cfg: ClassifierRunConfig, teacher: nn.Module, run_dir: Path) -> None:
@@ -337,7 +321,7 @@ def _save_teacher_copy(cfg: ClassifierRunConfig, teacher: nn.Module, run_dir: Pa
     folder.mkdir(parents=True, exist_ok=True)
     _save_model(teacher, folder / "model.safetensors")
     cached = teacher_cache_dir(cfg) / "teacher.json" if cfg.teacher.checkpoint is None else None
-    info = _read_json(cached) if cached else {"checkpoint": cfg.teacher.checkpoint}
+    info = read_json(cached) if cached else {"checkpoint": cfg.teacher.checkpoint}
     (folder / "teacher.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -348,8 +332,6 @@ def _save_model(model: nn.Module, path: Path) -> None:
     partial.replace(path)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _describe(entry: dict[str, Any]) -> str:

@@ -23,7 +23,6 @@ import shutil
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from kdkit.models.lm import (
     save_pretrained_folder,
 )
 from kdkit.models.tokenizers import check_vocabularies
+from kdkit.pipelines.run_folder import read_json, resolve_run_dir
 from kdkit.report import write_report
 
 Log = Callable[[str], None]
@@ -240,7 +240,7 @@ def run_lm(
     folder under `output_dir/name`. Resuming skips finished students (their model folder exists)
     and continues unfinished ones from their latest checkpoint. Returns the run folder.
     """
-    run_dir = _run_dir(cfg, resume, run_dir)
+    run_dir = resolve_run_dir(cfg.output_dir, cfg.name, resume=resume, run_dir=run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -413,7 +413,7 @@ def evaluate_lm_run(
         row: dict[str, Any] = {"model": name, "method": method}
         row |= evaluate_model(model, teacher, tokenizer, cfg, data, is_teacher=model is teacher)
         if folder is not None:
-            info = _read_json(folder / "train.json")
+            info = read_json(folder / "train.json")
             row["train_time_s"] = info.get("wall_time_s")
             row["steps"] = info.get("steps")
             row["generation_share"] = generation_share(
@@ -539,25 +539,8 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _run_dir(cfg: LMRunConfig, resume: bool, run_dir: str | Path | None) -> Path:
-    if run_dir is not None:
-        return Path(run_dir)
-    parent = Path(cfg.output_dir) / cfg.name
-    if resume:
-        previous = sorted(p for p in parent.glob("*") if (p / "config.json").is_file())
-        if previous:
-            return previous[-1]
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = parent / stamp
-    suffix = 1
-    while path.exists():  # two runs started within the same second
-        suffix += 1
-        path = parent / f"{stamp}-{suffix}"
-    return path
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 __all__ = [
