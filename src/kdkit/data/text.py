@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = -100
+from kdkit.data.padding import IGNORE_INDEX, left_pad, right_pad
+
 Message = dict[str, str]
 
 
@@ -168,25 +169,16 @@ def collate_text(samples: Sequence[dict[str, torch.Tensor]], pad_token_id: int) 
     tokens, *left*-padded so batched generation continues every row from its last prompt token.
     Samples without prompt_length (e.g. plain LM blocks) have an empty prompt.
     """
-    width = max(int(s["input_ids"].numel()) for s in samples)
-    prompt_lengths = [int(s.get("prompt_length", 0)) for s in samples]
-    prompt_width = max(prompt_lengths)
-    batch = {
-        "input_ids": torch.full((len(samples), width), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(samples), width), dtype=torch.long),
-        "labels": torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long),
-        "prompt_ids": torch.full((len(samples), prompt_width), pad_token_id, dtype=torch.long),
-        "prompt_attention_mask": torch.zeros((len(samples), prompt_width), dtype=torch.long),
+    rows = [sample["input_ids"].tolist() for sample in samples]
+    prompts = [row[: int(sample.get("prompt_length", 0))] for row, sample in zip(rows, samples)]
+    prompt_ids, prompt_attention_mask = left_pad(prompts, pad_token_id)
+    return {
+        "input_ids": right_pad(rows, pad_token_id),
+        "attention_mask": right_pad([s["attention_mask"].tolist() for s in samples], pad_token_id, value=0),
+        "labels": right_pad([s["labels"].tolist() for s in samples], pad_token_id, value=IGNORE_INDEX),
+        "prompt_ids": prompt_ids,
+        "prompt_attention_mask": prompt_attention_mask,
     }
-    for row, (sample, prompt_length) in enumerate(zip(samples, prompt_lengths)):
-        length = int(sample["input_ids"].numel())
-        batch["input_ids"][row, :length] = sample["input_ids"]
-        batch["attention_mask"][row, :length] = sample["attention_mask"]
-        batch["labels"][row, :length] = sample["labels"]
-        if prompt_length:
-            batch["prompt_ids"][row, prompt_width - prompt_length :] = sample["input_ids"][:prompt_length]
-            batch["prompt_attention_mask"][row, prompt_width - prompt_length :] = 1
-    return batch
 
 
 def text_collator(tokenizer: Any):

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdkit.data.padding import IGNORE_INDEX
 from kdkit.losses import DIVERGENCES
-
-IGNORE_INDEX = -100
 
 
 def shift(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
