@@ -12,6 +12,12 @@ the step.
 
     .venv/bin/python benchmarks/lm_policies.py            # ~20 min on a shared 2-core CPU
     .venv/bin/python benchmarks/lm_policies.py --quick    # smoke run, ~2 min
+    .venv/bin/python benchmarks/lm_policies.py --throughput-models smollm2 --threads 2   # ~5 min
+
+`--throughput-models smollm2` runs part 2 only, at a realistic size: the SmolLM2-135M-Instruct teacher,
+a student derived from every third layer (recipes/smollm2-python-docs-cpu.yaml), Python-docs prompts
+(32 tokens, 32 completion tokens) rendered through SmolLM2's own chat template; stored as
+`throughput_smollm2` in lm_policies.json.
 
 Writes docs/benchmarks/lm_policies[_quick].json and .png; the Markdown document is written from the JSON.
 """
@@ -26,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,7 @@ from kdkit.pipelines.lm import build_distiller, build_student, load_lm_data, loa
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "arithmetic-policies.yaml"
+SMOLLM2_RECIPE = ROOT / "recipes" / "smollm2-python-docs-cpu.yaml"
 OUT = ROOT / "docs" / "benchmarks"
 
 
@@ -131,8 +139,12 @@ def kdkit_throughput(
     batch_size: int,
     max_new_tokens: int,
     work: Path,
+    collate: Callable[[list[dict]], Any] | None = None,
 ) -> dict[str, float]:
-    """Completion tokens/s of kdkit's gkd recipe over `steps` timed steps after `warmup` steps."""
+    """Completion tokens/s of kdkit's gkd recipe over `steps` timed steps after `warmup` steps.
+
+    collate: the batch builder (default: PromptCompletionCollator over prompt/completion text).
+    """
     from kdkit.config.lm import StudentRun
     from kdkit.engine import train
     from kdkit.samplers.collate import PromptCompletionCollator
@@ -160,7 +172,8 @@ def kdkit_throughput(
             "lr": 1e-4,
         }
     )
-    result = train(distiller, samples, train_cfg, work, collate_fn=PromptCompletionCollator(tokenizer))
+    collate = collate or PromptCompletionCollator(tokenizer)
+    result = train(distiller, samples, train_cfg, work, collate_fn=collate)
     records = [json.loads(line) for line in result.history_path.read_text().splitlines() if line.strip()]
     start = next(r for r in records if r["step"] == warmup)
     timed = [r for r in records if r["step"] > warmup]
@@ -187,7 +200,10 @@ def trl_throughput(
     max_new_tokens: int,
     work: Path,
 ) -> dict[str, float]:
-    """Completion tokens/s of TRL's GKDTrainer (JSD β=0.5) on the same models and samples."""
+    """Completion tokens/s of TRL's GKDTrainer (JSD β=0.5) on the same models and samples.
+
+    tokenizer must carry a chat template (see `chat_tokenizer` for the arithmetic one).
+    """
     import datasets
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -217,17 +233,7 @@ def trl_throughput(
             Clock.stamps.append(time.perf_counter())
 
     Timed.tokens, Timed.generation, Clock.stamps = [], [], []
-    dataset = datasets.Dataset.from_list(
-        [
-            {
-                "messages": [
-                    {"role": "user", "content": s["prompt"]},
-                    {"role": "assistant", "content": s["completion"]},
-                ]
-            }
-            for s in samples
-        ]
-    )
+    dataset = datasets.Dataset.from_list([{"messages": messages(s)} for s in samples])
     args = GKDConfig(
         output_dir=str(work),
         per_device_train_batch_size=batch_size,
@@ -255,7 +261,7 @@ def trl_throughput(
         teacher_model=teacher,
         args=args,
         train_dataset=dataset,
-        processing_class=chat_tokenizer(tokenizer),
+        processing_class=tokenizer,
         callbacks=[Clock()],
     )
     trainer.train()
@@ -276,29 +282,68 @@ def _rates(tokens: float, seconds: float, generation: float, steps: int) -> dict
     }
 
 
-def check_same_tokens(tokenizer: Any, samples: list[dict]) -> None:
-    """kdkit's prompt/completion collation and TRL's chat collation must train on identical ids."""
+def messages(sample: dict) -> list[dict[str, str]]:
+    """A prompt/completion sample as the user/assistant turns TRL's GKDTrainer requires."""
+    return [
+        {"role": "user", "content": sample["prompt"]},
+        {"role": "assistant", "content": sample["completion"]},
+    ]
+
+
+def check_same_tokens(
+    tokenizer: Any, samples: list[dict], kd_samples: list[dict], collate: Callable[[list[dict]], Any]
+) -> None:
+    """kdkit's collation of `kd_samples` and TRL's chat collation of `samples` must give identical
+    input ids and identical trained (label) positions; `tokenizer` carries the chat template."""
     from trl.experimental.utils import DataCollatorForChatML
 
-    from kdkit.samplers.collate import PromptCompletionCollator
-
-    ours = PromptCompletionCollator(tokenizer)(samples[:4])
-    theirs = DataCollatorForChatML(tokenizer=chat_tokenizer(tokenizer))(
-        [
-            {
-                "messages": [
-                    {"role": "user", "content": s["prompt"]},
-                    {"role": "assistant", "content": s["completion"]},
-                ]
-            }
-            for s in samples[:4]
-        ]
-    )
+    ours = collate(kd_samples[:4])
+    theirs = DataCollatorForChatML(tokenizer=tokenizer)([{"messages": messages(s)} for s in samples[:4]])
     for row in range(4):
-        a = ours["input_ids"][row][ours["attention_mask"][row].bool()].tolist()
-        b = theirs["input_ids"][row][theirs["attention_mask"][row].bool()].tolist()
-        if a != b:
-            raise AssertionError(f"kdkit and TRL tokenise sample {row} differently: {a} vs {b}")
+        for key in ("input_ids", "labels"):
+            a = ours[key][row][ours["attention_mask"][row].bool()].tolist()
+            b = theirs[key][row][theirs["attention_mask"][row].bool()].tolist()
+            if a != b:
+                raise AssertionError(f"kdkit and TRL collate sample {row} differently ({key}): {a} vs {b}")
+
+
+def docs_samples(tokenizer: Any, count: int, prompt_tokens: int, completion_tokens: int) -> list[dict]:
+    """`count` prompt/completion text pairs cut from consecutive Python-docs token blocks.
+
+    Each block of prompt_tokens + completion_tokens ids is decoded back to text (TRL reads text);
+    re-tokenising may change the counts by a token or two, identically for both tools.
+    """
+    from kdkit.data.python_docs import load_python_docs
+
+    block = prompt_tokens + completion_tokens
+    blocks = load_python_docs(tokenizer, "train", block_size=block, max_tokens=block * (count + 1))
+    samples = []
+    for index in range(min(count, len(blocks))):
+        ids = blocks[index]["input_ids"].tolist()
+        samples.append(
+            {
+                "prompt": tokenizer.decode(ids[:prompt_tokens]),
+                "completion": tokenizer.decode(ids[prompt_tokens:]),
+            }
+        )
+    return samples
+
+
+def chat_ids(tokenizer: Any, samples: list[dict]) -> list[dict[str, list[int]]]:
+    """Each sample as the prompt/completion ids TRL trains on: the chat-rendered conversation split
+    where its labels begin (the completion ends with the template's end-of-turn tokens)."""
+    from trl.experimental.utils import DataCollatorForChatML
+
+    collator = DataCollatorForChatML(tokenizer=tokenizer)
+    out = []
+    for sample in samples:
+        batch = collator([{"messages": messages(sample)}])
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        keep = batch["attention_mask"][0].bool()
+        ids, labels = ids[keep].tolist(), labels[keep].tolist()
+        start = next(i for i, label in enumerate(labels) if label != -100)
+        out.append({"prompt_ids": ids[:start], "completion_ids": ids[start:]})
+    return out
 
 
 def throughput(
@@ -310,17 +355,38 @@ def throughput(
     max_new_tokens: int,
     work: Path,
     repeats: int = 3,
+    task: str = "arithmetic",
+    prompt_tokens: int = 32,
 ) -> dict[str, Any]:
-    """kdkit and TRL alternately (so both see the same machine load), off-policy then on-policy."""
-    from kdkit.tasks.arithmetic import arithmetic_dataset
+    """kdkit and TRL alternately (so both see the same machine load), off-policy then on-policy.
+
+    task: "arithmetic" (the character-level teacher, a hand-written plain chat template) or
+    "smollm2" (Python-docs prompts of `prompt_tokens` tokens with `max_new_tokens`-token completions,
+    rendered through SmolLM2-Instruct's own chat template, which adds its default system turn).
+    """
+    from kdkit.samplers.collate import PromptCompletionCollator
 
     teacher, tokenizer = load_teacher(cfg, log=lambda _: None)
-    samples = arithmetic_dataset((warmup + steps) * batch_size * 2, tuple(cfg.data.train_digits), seed=7)
-    check_same_tokens(tokenizer, samples)
+    count = (warmup + steps) * batch_size * 2
+    if task == "arithmetic":
+        from kdkit.tasks.arithmetic import arithmetic_dataset
+
+        samples = arithmetic_dataset(count, tuple(cfg.data.train_digits), seed=7)
+        tokenizer = chat_tokenizer(tokenizer)
+        kd_samples, collate = samples, PromptCompletionCollator(tokenizer)
+    else:
+        samples = docs_samples(tokenizer, count, prompt_tokens, max_new_tokens)
+        # kdkit trains on exactly TRL's ids (template tokens included); they already end in the
+        # end-of-turn token, so the collator must not append another EOS
+        kd_samples = chat_ids(tokenizer, samples)
+        collate = PromptCompletionCollator(tokenizer, add_eos=False)
+    check_same_tokens(tokenizer, samples, kd_samples, collate)
     # One untimed run of each tool first: process-wide first-use costs (imports such as
     # TensorBoard's on the engine's first log, kernel warm-up) would otherwise land in round 0.
     first_use = {"lmbda": 1.0, "steps": 1, "warmup": 1, "batch_size": batch_size, "max_new_tokens": 8}
-    kdkit_throughput(cfg, teacher, tokenizer, samples, work=work / "first-use-kdkit", **first_use)
+    kdkit_throughput(
+        cfg, teacher, tokenizer, kd_samples, work=work / "first-use-kdkit", collate=collate, **first_use
+    )
     student, _ = build_student(cfg, teacher, tokenizer)
     trl_throughput(teacher, student, tokenizer, samples, work=work / "first-use-trl", **first_use)
     results: dict[str, Any] = {}
@@ -341,7 +407,9 @@ def throughput(
                 torch.manual_seed(round_)
                 if tool == "kdkit":
                     runs[tool].append(
-                        kdkit_throughput(cfg, teacher, tokenizer, samples, work=folder, **options)
+                        kdkit_throughput(
+                            cfg, teacher, tokenizer, kd_samples, work=folder, collate=collate, **options
+                        )
                     )
                 else:
                     student, _ = build_student(cfg, teacher, tokenizer)
@@ -412,6 +480,8 @@ def render_tables(result: dict[str, Any]) -> str:
     for key in sorted(k for k in result if k.startswith("throughput") and not k.endswith("_settings")):
         batch = result.get(f"{key}_settings", {}).get("batch_size", 16)
         lines += [
+            f"`{key}`:",
+            "",
             "| policy | batch | tool | completion tokens/s | s/step | generation share | kdkit / TRL (median)"
             " | kdkit / TRL per round |",
             "|---|---:|---|---:|---:|---:|---:|---|",
@@ -475,6 +545,12 @@ def main(argv: list[str] | None = None) -> int:
         default=16,
         help="throughput batch size; other than 16 the result is stored as throughput_b<N> beside the main",
     )
+    parser.add_argument(
+        "--throughput-models",
+        choices=("arithmetic", "smollm2"),
+        default="arithmetic",
+        help="smollm2: throughput only, SmolLM2-135M teacher and derived student (batch 4, 32 new tokens)",
+    )
     parser.add_argument("--render", type=Path, help="print the Markdown tables of a result JSON and exit")
     args = parser.parse_args(argv)
     if args.render is not None:
@@ -492,6 +568,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg.train.progress = False
     tp_steps = args.throughput_steps or (4 if quick else 20)
     tp_warmup = 2 if quick else 3
+    smollm2 = args.throughput_models == "smollm2"
+    if smollm2:
+        # a step takes seconds here, not milliseconds: one warm-up step and a few timed ones suffice
+        args.skip_policies = True
+        cfg = load_run_config(SMOLLM2_RECIPE)
+        tp_steps = args.throughput_steps or (1 if quick else 3)
+        tp_warmup = 1
+    batch_size = args.batch_size if args.batch_size != 16 or not smollm2 else 4
+    max_new_tokens = 32 if smollm2 else 48
 
     started = time.perf_counter()
     result: dict[str, Any] = {
@@ -516,24 +601,35 @@ def main(argv: list[str] | None = None) -> int:
             result["policies"] = policies
             result["summary"] = summarise(policies)
         if not args.skip_throughput:
-            repeats = args.repeats or (1 if quick else 3)
-            key = "throughput" if args.batch_size == 16 else f"throughput_b{args.batch_size}"
+            repeats = args.repeats or (1 if quick else 3 if not smollm2 else 2)
+            if smollm2:
+                key = "throughput_smollm2" + ("" if args.threads == 1 else f"_t{args.threads}")
+            else:
+                key = "throughput" if batch_size == 16 else f"throughput_b{batch_size}"
+            load_start = list(__import__("os").getloadavg())
             result[key] = throughput(
                 cfg,
                 steps=tp_steps,
                 warmup=tp_warmup,
-                batch_size=args.batch_size,
-                max_new_tokens=48,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
                 work=work / "tp",
                 repeats=repeats,
+                task=args.throughput_models,
             )
             result[f"{key}_settings"] = {
+                "models": args.throughput_models,
                 "steps": tp_steps,
                 "warmup": tp_warmup,
-                "batch_size": args.batch_size,
-                "max_new_tokens": 48,
+                "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens,
+                "prompt_tokens": 32 if smollm2 else None,
                 "sampling_temperature": 1.0,
                 "repeats": repeats,
+                "threads": args.threads,
+                "load_average_start": load_start,
+                "load_average_end": list(__import__("os").getloadavg()),
+                "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             }
     result["total_s"] = time.perf_counter() - started
     result["load_average_end"] = list(__import__("os").getloadavg())
@@ -546,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in previous.items():
             if key.startswith(("policies", "summary", "throughput")) and key not in result:
                 result[key] = value
+            if args.skip_policies and key in ("seeds", "steps", "batch_size"):
+                result[key] = value  # these describe the policies part, which this run kept
         result["previous_run"] = {k: previous.get(k) for k in ("machine", "total_s", "load_average_end")}
     (OUT / f"lm_policies{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     if "summary" in result:
