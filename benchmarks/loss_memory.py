@@ -356,6 +356,11 @@ def _plot(results: list[Result], path: Path, cap_gb: float) -> None:
     plt.close(fig)
 
 
+def _load_range(args: argparse.Namespace) -> str:
+    loads = getattr(args, "loads", [])
+    return f"{min(loads):.1f}–{max(loads):.1f}" if loads else "–"
+
+
 def _write(results: list[Result], args: argparse.Namespace, command: str, elapsed: float) -> Path:
     out = Path(args.out) if args.out else (REPO / "runs" / "benchmarks" if args.quick else DOCS)
     out.mkdir(parents=True, exist_ok=True)
@@ -368,8 +373,9 @@ def _write(results: list[Result], args: argparse.Namespace, command: str, elapse
         "# Memory and time of the large-vocabulary distillation loss (CPU)",
         "",
         f"Command: `{command}` (took {elapsed / 60:.1f} min)  ",
-        f"Machine: {_machine()}; torch threads {args.threads}; shared with other jobs, so times are "
-        "noisy — compare the ratios, which come from one run.",
+        f"Machine: {_machine()}; torch threads {args.threads}; 1-min load average at the end of each "
+        f"run {_load_range(args)} (other jobs share the machine) — compare the ratios, which come from "
+        "one run.",
         "",
         "Every method starts from the same float32 hidden states [N, H] and output weights [V, H] of a "
         "student and a teacher (both of width H), computes the loss and backpropagates to the student's "
@@ -426,7 +432,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-min", type=float, default=80.0, help="skip what is left after this long")
     parser.add_argument("--chunk-size", type=int, default=None, help="fused chunk (tokens); default auto")
     parser.add_argument("--methods", default="unfused,trl,fused", help="comma-separated subset")
-    parser.add_argument("--case", help="run only this case, 'VOCAB,TOKENS,HIDDEN' (e.g. 49152,2048,576)")
+    parser.add_argument(
+        "--case",
+        action="append",
+        help="run only this case, 'VOCAB,TOKENS,HIDDEN' (e.g. 49152,2048,576); repeatable",
+    )
     parser.add_argument(
         "--divergence", default="jsd", help="with --case: the divergence (default jsd, β=0.5)"
     )
@@ -441,14 +451,23 @@ def main(argv: list[str] | None = None) -> None:
     methods = args.methods.split(",")
     main_cases, other_cases = _cases(args.quick)
     if args.case:
-        vocab, tokens, hidden = (int(x) for x in args.case.split(","))
-        case = Case(vocab, tokens, hidden)
-        if args.divergence != "jsd":
-            case = Case(vocab, tokens, hidden, args.divergence, ())
-        main_cases, other_cases = ([case], []) if case.divergence == "jsd" else ([], [case])
-    jobs = [(c, m) for c in main_cases for m in methods]
-    jobs += [(c, m) for c in other_cases for m in methods if m != "trl"]
+        picked = []
+        for text in args.case:
+            vocab, tokens, hidden = (int(x) for x in text.split(","))
+            kwargs: tuple[tuple[str, float], ...] = (("beta", 0.5),) if args.divergence == "jsd" else ()
+            picked.append(Case(vocab, tokens, hidden, args.divergence, kwargs))
+        main_cases, other_cases = (picked, []) if args.divergence == "jsd" else ([], picked)
+    # Method order alternates from case to case (A B C, C B A, ...), so a slow drift in the machine's
+    # load does not always land on the same method.
+    jobs = [(c, m) for i, c in enumerate(main_cases) for m in (methods if i % 2 == 0 else methods[::-1])]
+    jobs += [
+        (c, m)
+        for i, c in enumerate(other_cases)
+        for m in (methods if i % 2 == 0 else methods[::-1])
+        if m != "trl"
+    ]
     results: list[Result] = []
+    loads: list[float] = []
     started = time.perf_counter()
     for case, method in jobs:
         t0 = time.perf_counter()
@@ -456,7 +475,9 @@ def main(argv: list[str] | None = None) -> None:
             result = Result(case, method, f"not run: past the {args.budget_min:.0f} min budget")
         else:
             result = _run_one(case, method, args)
+            loads.append(os.getloadavg()[0])  # 1-min load average as the run ends
         results.append(result)
+        args.loads = loads
         _write(results, args, command.strip(), time.perf_counter() - started)  # partial results survive
         peak = _fmt(result.peak_mb, ",.0f")
         print(

@@ -9,7 +9,12 @@ import torch
 from torch import Tensor
 
 from kdkit.losses import DIVERGENCES, UnknownNameError
-from kdkit.losses.fused import FusedLinearDivergence, auto_chunk_size, fused_linear_divergence
+from kdkit.losses.fused import (
+    DEFAULT_CHUNK_BYTES,
+    FusedLinearDivergence,
+    auto_chunk_size,
+    fused_linear_divergence,
+)
 
 N, V, H_S, H_T = 50, 300, 16, 24
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -309,7 +314,7 @@ def test_module_wrapper_and_auto_chunk_size() -> None:
 
 
 def test_auto_chunk_size_targets_a_fixed_logit_budget() -> None:
-    assert auto_chunk_size(10_000, 151_936) * 151_936 * 4 <= 64 * 2**20
+    assert auto_chunk_size(10_000, 151_936) * 151_936 * 4 <= DEFAULT_CHUNK_BYTES
     assert auto_chunk_size(10_000, 49_152) > auto_chunk_size(10_000, 151_936) >= 8
     assert auto_chunk_size(5, 49_152) == 5  # never more than the tokens there are
     assert auto_chunk_size(10, 10**9) == 1
@@ -327,3 +332,29 @@ def test_bad_arguments_are_refused() -> None:
         fused_linear_divergence(
             x["student_hidden"], x["student_weight"], x["teacher_hidden"][:-1], x["teacher_weight"]
         )
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.5}), ("jsd", {})])
+def test_closed_form_equals_local_autograd_with_minus_inf_logits(name: str, kwargs: dict[str, Any]) -> None:
+    """fkl/rkl/jsd take an in-place closed form; it must match autograd through the divergence,
+    also where logits are -inf (tokens banned in both models; for jsd, also in the student only)."""
+    x = _inputs()
+    with torch.no_grad():
+        x["student_bias"][:5] = -torch.inf
+        x["teacher_bias"][:5] = -torch.inf
+        if name == "jsd":
+            x["student_bias"][5:9] = -torch.inf
+    registered = DIVERGENCES.get(name)
+
+    def via_autograd(*args: Any, **kw: Any) -> Tensor:  # not the registered object: no closed form
+        return registered(*args, **kw)
+
+    closed = _fused(x, name, None, 1.5, chunk_size=16, **kwargs)
+    closed_grads = _grads(closed, x)
+    generic = _fused(x, via_autograd, None, 1.5, chunk_size=16, **kwargs)
+    generic_grads = _grads(generic, x)
+    assert torch.isfinite(closed) and all(torch.isfinite(g).all() for g in closed_grads)
+    assert_close(closed, generic)
+    for got, expected in zip(closed_grads, generic_grads, strict=True):
+        assert_close(got, expected)
+    assert closed_grads[2][:5].abs().max() == 0  # a banned token's bias gets no gradient

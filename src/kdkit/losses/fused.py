@@ -8,8 +8,10 @@ accumulated; backward only scales them by the incoming gradient. This is the des
 Liger-Kernel's fused linear distillation losses, in plain torch (runs on CPU and GPU).
 
 Memory: one chunk's logits of each model plus the divergence's intermediates, instead of the
-whole sequence's; plus float32 gradient accumulators of the student's hidden states [N, H_S]
-and weight [V, H_S]. Any divergence of `DIVERGENCES` (or any callable with its signature) works.
+whole sequence's (fkl, rkl and jsd have closed-form chunk gradients, computed in place without
+an autograd graph; other divergences use local autograd on the chunk); plus float32 gradient
+accumulators of the student's hidden states [N, H_S] and weight [V, H_S]. Any divergence of
+`DIVERGENCES` (or any callable with its signature) works.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdkit.losses.divergences import DIVERGENCES
+from kdkit.losses.divergences import DIVERGENCES, LOGIT_FLOOR, forward_kl, generalized_jsd, reverse_kl
 
-# Default budget for one chunk's float32 logits of one model. The divergence's intermediates
-# (log-softmaxes, mixtures, the gradient) make the working set of one chunk ~12-16x this
-# (measured, jsd), i.e. ~1 GB, well under a quarter of the unfused loss from 1k tokens at a
-# 150k vocabulary. Measured on CPU (V = 49,152, 512 tokens): 16-token chunks cost 3.5x the CPU
-# time of 128-512-token chunks, which were equal within noise (docs/benchmarks/loss_memory.md).
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+# Default budget for one chunk's float32 logits of one model. With the closed-form divergences
+# (fkl, rkl, jsd) a chunk's working set is ~6x this, i.e. ~0.8 GB, under a quarter of the unfused
+# loss from 1k tokens at a 150k vocabulary (measured: 0.76 GB at V = 49,152, N = 2,048 and 1.23 GB
+# at V = 151,936, N = 1,024, vs 4.6-5.9 and 7.1 GB unfused). Larger chunks read the [V, H] weights
+# fewer times: 128 MiB was ~15% faster than 64 MiB on CPU (docs/benchmarks/loss_memory.md).
+DEFAULT_CHUNK_BYTES = 128 * 2**20
 
 DivergenceFn = Callable[..., Tensor]
 
@@ -51,6 +53,119 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # float32 at least (bf16/fp16 logits lose the small probabilities a divergence depends on);
     # float64 stays float64 so the loss can be gradchecked.
     return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form value and student-logit gradient of the common divergences, in place.
+#
+# Autograd through a divergence's elementwise graph was ~60% of a fused step (measured: V = 49,152,
+# N = 2,048, H = 576, jsd) and keeps ~12-16 [C, V] intermediates alive. The formulas below give the
+# same value and d(sum)/d(student logits) with ~5 [C, V] buffers and no graph. They mirror
+# `kdkit.losses.divergences` (same clamping, same stable mixture) so results agree to float rounding.
+
+
+def _log_softmax_(logits: Tensor, temperature: float) -> Tensor:
+    """In place: logits [C, V] -> log softmax(logits / T) over V, as `temperature_log_probs`."""
+    if temperature != 1.0:
+        logits.div_(temperature)
+    logits.clamp_min_(LOGIT_FLOOR)
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
+def _softmax_grad_(grad_p: Tensor, p: Tensor, temperature: float) -> Tensor:
+    """In place: d/dp [C, V] -> d/d(logits) [C, V] through p = softmax(logits / T)."""
+    inner = (grad_p * p).sum(-1, keepdim=True)
+    return grad_p.sub_(inner).mul_(p).div_(temperature)
+
+
+def _forward_kl_closed(log_s: Tensor, log_t: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """KL(p_T ‖ p_S) summed over the chunk; d/d(student logits) = (p_S − p_T) / T."""
+    p_t = log_t.exp()
+    value = (p_t * (log_t - log_s)).sum()
+    grad = log_s.exp_().sub_(p_t).div_(temperature)  # log_s is consumed
+    return value, grad
+
+
+def _reverse_kl_closed(log_s: Tensor, log_t: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """KL(p_S ‖ p_T) summed; d/dp_S = log p_S − log p_T (+1, which the softmax Jacobian cancels)."""
+    diff = log_s - log_t
+    p_s = log_s.exp_()  # log_s is consumed
+    per_token = (p_s * diff).sum(-1, keepdim=True)
+    value = per_token.sum()
+    grad = diff.sub_(per_token).mul_(p_s).div_(temperature)
+    return value, grad
+
+
+def _jsd_closed(log_s: Tensor, log_t: Tensor, temperature: float, beta: float) -> tuple[Tensor, Tensor]:
+    """β·KL(p_T ‖ M) + (1−β)·KL(p_S ‖ M), M = β·p_T + (1−β)·p_S, summed over the chunk.
+
+    d/dp_S of the sum is (1−β)·(log p_S − log M) + const (the p_T/M and p_S/M terms add up to 1).
+    """
+    if beta == 0.0:
+        return _forward_kl_closed(log_s, log_t, temperature)
+    if beta == 1.0:
+        return _reverse_kl_closed(log_s, log_t, temperature)
+    # log M as in `_log_mix`: shifted by max(log p_S, log p_T) so p_S = p_T gives exactly log p_S.
+    shift = torch.maximum(log_s, log_t)
+    log_m = torch.sub(log_t, shift).exp_().mul_(beta)
+    log_m.add_(torch.sub(log_s, shift).exp_(), alpha=1.0 - beta).log_().add_(shift)
+    del shift
+    p_t = log_t.exp()
+    teacher_term = p_t.mul_(log_t.sub_(log_m)).sum()  # log_t is consumed
+    del p_t
+    diff = torch.sub(log_s, log_m, out=log_m)  # log p_S − log M, in log_m's buffer
+    p_s = log_s.exp_()  # log_s is consumed
+    kl_s = (p_s * diff).sum(-1, keepdim=True)  # KL(p_S ‖ M) per token [C, 1]
+    value = beta * teacher_term + (1.0 - beta) * kl_s.sum()
+    grad = diff.sub_(kl_s).mul_(p_s).mul_((1.0 - beta) / temperature)
+    return value, grad
+
+
+_CLOSED_FORMS: dict[Callable[..., Tensor], tuple[Callable[..., tuple[Tensor, Tensor]], frozenset[str]]] = {
+    forward_kl: (_forward_kl_closed, frozenset()),
+    reverse_kl: (_reverse_kl_closed, frozenset()),
+    generalized_jsd: (_jsd_closed, frozenset({"beta"})),
+}
+
+
+def _chunk_value_and_grad(
+    fn: DivergenceFn,
+    logits_s: Tensor,
+    logits_t: Tensor,
+    temperature: float,
+    divergence_kwargs: dict[str, Any],
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Sum of the divergence over a chunk and its gradient to the student logits [C, V] (or None).
+
+    Consumes (overwrites) both logits tensors. Uses the closed form where one exists for `fn`,
+    else local autograd on this chunk only.
+    """
+    # By identity, not a dict lookup: a user's callable need not be hashable.
+    closed = next((form for known, form in _CLOSED_FORMS.items() if known is fn), None)
+    if closed is not None and set(divergence_kwargs) <= closed[1]:
+        form, _ = closed
+        if "beta" in divergence_kwargs or form is _jsd_closed:
+            beta = float(divergence_kwargs.get("beta", 0.5))
+            if not 0.0 <= beta <= 1.0:
+                raise ValueError(f"beta must be in [0, 1], got {beta}")
+            kwargs: dict[str, float] = {"beta": beta}
+        else:
+            kwargs = {}
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        log_s = _log_softmax_(logits_s, temperature)
+        log_t = _log_softmax_(logits_t, temperature)
+        value, grad = form(log_s, log_t, temperature, **kwargs)
+        return value, grad if need_grad else None
+    if not need_grad:
+        with torch.no_grad():
+            return fn(logits_s, logits_t, temperature=temperature, reduction="sum", **divergence_kwargs), None
+    logits_s.requires_grad_(True)
+    with torch.enable_grad():
+        value = fn(logits_s, logits_t, temperature=temperature, reduction="sum", **divergence_kwargs)
+        (grad,) = torch.autograd.grad(value, logits_s)  # [C, V]
+    return value.detach(), grad
 
 
 class _FusedLinearDivergence(torch.autograd.Function):
@@ -108,19 +223,13 @@ class _FusedLinearDivergence(torch.autograd.Function):
             with torch.no_grad():
                 logits_t = nn.functional.linear(h_t[start:stop].to(dtype), w_t, b_t)  # [C, V]
                 logits_s = nn.functional.linear(h_s_chunk, w_s, b_s)  # [C, V]
-            if not need_any:
-                with torch.no_grad():
-                    total += fn(
-                        logits_s, logits_t, temperature=temperature, reduction="sum", **divergence_kwargs
-                    )
-                continue
-            # Local autograd on this chunk's logits only: d(sum of divergence)/d(student logits).
-            logits_s.requires_grad_(True)
-            with torch.enable_grad():
-                value = fn(logits_s, logits_t, temperature=temperature, reduction="sum", **divergence_kwargs)
-                (grad_logits,) = torch.autograd.grad(value, logits_s)  # [C, V]
+            value, grad_logits = _chunk_value_and_grad(
+                fn, logits_s, logits_t, temperature, divergence_kwargs, need_any
+            )
             del logits_s, logits_t
-            total += value.detach()
+            total += value
+            if grad_logits is None:
+                continue
             if grad_h is not None:
                 torch.mm(grad_logits, w_s, out=grad_h[start:stop])  # [C, H_S]
             if grad_w is not None:
@@ -194,8 +303,8 @@ def fused_linear_divergence(
     temperature: softmax temperature of both models (no T^2 factor is applied)
     reduction: "mean" (sum over counted tokens / number of counted tokens, over ALL chunks; 0 when
         none count) or "sum". "none" is not supported: per-token gradients are not kept.
-    chunk_size: tokens per chunk; None picks it so one chunk's float32 logits take ~64 MiB
-        (`auto_chunk_size`), e.g. 336 tokens at V = 49,152 and 104 at V = 151,936.
+    chunk_size: tokens per chunk; None picks it so one chunk's float32 logits take ~128 MiB
+        (`auto_chunk_size`), e.g. 680 tokens at V = 49,152 and 216 at V = 151,936.
 
     Vocabulary padding: a teacher with V_T > V (same tokenizer, embedding padded to a multiple
     of 64/128, as Qwen's 151,936 vs 152,064) is cut to the student's first V rows; the padded
