@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
+from kdkit.eval import count_parameters
 from kdkit.models.lm import (
     build_causal_lm,
-    count_parameters,
     decoder_layers,
     derive_student,
     load_causal_lm,

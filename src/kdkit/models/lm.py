@@ -290,8 +290,3 @@ def save_pretrained_folder(
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

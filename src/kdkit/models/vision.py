@@ -20,6 +20,7 @@ from kdkit.registry import Registry
 VISION_MODELS: Registry[Callable[..., nn.Module]] = Registry("vision model")
 
 
+@VISION_MODELS.register("cnn", "conv-BN-ReLU stages (width doubles per stage, 2×2 max-pool) + linear head")
 class ConvNet(nn.Module):
     """Stages of 3×3 conv-BN-ReLU blocks, each stage ending in 2×2 max-pooling, then a linear head.
 
@@ -108,23 +109,6 @@ class MLP(nn.Module):
         return self.classifier(x)
 
 
-@VISION_MODELS.register("cnn", "conv-BN-ReLU stages (width doubles per stage, 2×2 max-pool) + linear head")
-def cnn(
-    width: int = 32,
-    stages: int = 3,
-    convs_per_stage: int = 1,
-    hidden: int = 0,
-    dropout: float = 0.0,
-    global_pool: bool = True,
-    in_channels: int = 1,
-    num_classes: int = 10,
-    image_size: int = 28,
-) -> nn.Module:
-    return ConvNet(
-        width, stages, convs_per_stage, hidden, dropout, global_pool, in_channels, num_classes, image_size
-    )
-
-
 @VISION_MODELS.register("mlp", "fully connected: flatten → hidden ReLU layers → linear")
 def mlp(
     hidden: Sequence[int] = (128,),
@@ -154,9 +138,4 @@ def check_vision_params(arch: str, params: dict[str, Any]) -> None:
         raise ValueError(f"{arch!r} has no parameter {unknown[0]!r} (accepted: {', '.join(accepted)})")
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of scalar parameters (trainable or not)."""
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
-__all__ = ["MLP", "VISION_MODELS", "ConvNet", "build_vision_model", "check_vision_params", "count_parameters"]
+__all__ = ["MLP", "VISION_MODELS", "ConvNet", "build_vision_model", "check_vision_params"]

@@ -318,8 +318,8 @@ def evaluate_model(
     gives the model's own samples (rkl_estimate = their difference, ≈ KL(p_S‖p_T) per token);
     exact_match_d<k> = greedy exact match on arithmetic problems with k-digit operands.
     """
+    from kdkit.eval import count_parameters
     from kdkit.eval.lm import perplexity, sample_log_likelihoods, token_agreement
-    from kdkit.models.lm import count_parameters
     from kdkit.samplers import GenerationSettings
 
     batches = _batches(data.held_out, data.collate, cfg.eval.batch_size, len(data.held_out))
