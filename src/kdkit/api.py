@@ -36,7 +36,8 @@ def _resolve(table: dict[str, str], kind: str):
 
 def run_config(cfg: BaseModel, *, resume: bool = False, output_dir: Path | None = None) -> Path:
     """Run an already validated config; returns the run folder holding the report."""
-    pipeline = _resolve(PIPELINES, cfg.kind)  # type: ignore[attr-defined]
+    target = getattr(cfg, "PIPELINE", None)  # a config class may name its own pipeline
+    pipeline = _resolve({"own": target} if target else PIPELINES, "own" if target else cfg.kind)  # type: ignore[attr-defined]
     return pipeline(cfg, resume=resume, run_dir=output_dir)
 
 

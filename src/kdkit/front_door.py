@@ -1,4 +1,4 @@
-"""`kdkit.distill` and `kdkit.evaluate` (exported lazily by `kdkit`): bring your own teacher, student and data, in one call.
+"""`kdkit.distill` and `kdkit.evaluate` (exported lazily by `kdkit`): your own teacher, student, data.
 
 ```python
 import kdkit
@@ -153,7 +153,9 @@ def _probe(model: nn.Module, inputs: Any, role: str, shape: str) -> Tensor:
         model.train(was_training)
     if not isinstance(logits, Tensor) or logits.ndim != 2:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise DataError(f"the {role} must return logits [batch, classes]; on inputs {shape} it returned {got}")
+        raise DataError(
+            f"the {role} must return logits [batch, classes]; on inputs {shape} it returned {got}"
+        )
     return logits
 
 
@@ -164,13 +166,14 @@ def _shape(inputs: Any) -> str:
 
 
 def check_models_and_data(
-    teacher: nn.Module | None, student: nn.Module, examples: Examples, role: str = "data"
+    teacher: nn.Module | None, student: nn.Module, examples: Examples, role: str = "data",
+    student_role: str = "student",
 ) -> int:
     """Run every pre-training check; returns the number of classes C."""
     examples.check_finite()
     probe = examples.batch(range(min(2, len(examples))))
     shape = _shape(probe)
-    student_width = _probe(student, probe, "student", shape).shape[1]
+    student_width = _probe(student, probe, student_role, shape).shape[1]
     classes = student_width
     if teacher is not None:
         teacher_width = _probe(teacher, probe, "teacher", shape).shape[1]
@@ -202,7 +205,10 @@ def predict(model: nn.Module, examples: Examples, batch_size: int = 256) -> Tens
     try:
         for start in range(0, len(examples), batch_size):
             inputs = examples.batch(range(start, min(len(examples), start + batch_size)))
-            inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
+            if isinstance(inputs, dict):
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+            else:
+                inputs = inputs.to(device)
             chunks.append(model(inputs).float().cpu())
     finally:
         model.train(was_training)
@@ -234,6 +240,7 @@ def distill(
     run_dir: str | Path | None = None,
     student_name: str | None = None,
     latency_repeats: int = 20,
+    report: bool = True,
     log: Log = print,
     **settings: Any,
 ) -> DistillResult:
@@ -245,6 +252,7 @@ def distill(
     data (default: the teacher's, else the student's). input_column / label_column: for dict or
     `datasets` data. cache_teacher: compute the frozen teacher's logits once per training example
     and reuse them every epoch (not with feature objectives, which need live teacher features).
+    report: False skips the report (a pipeline comparing several students writes one at the end).
     settings: every engine setting of `TrainConfig` (steps, batch_size, lr, weight_decay,
     schedule, warmup_steps, seed, mixed_precision, ...). Returns a `DistillResult`.
     """
@@ -259,7 +267,9 @@ def distill(
     if needs_teacher and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher, but none was given")
     teacher_source, student_source = teacher, student
-    teacher_model = _as_model(teacher, "teacher", task=task, num_labels=num_labels) if teacher is not None else None
+    teacher_model = (
+        _as_model(teacher, "teacher", task=task, num_labels=num_labels) if teacher is not None else None
+    )
     student_model = _as_model(student, "student", task=task, num_labels=num_labels)
     tokenizer = tokenizer or _tokenizer_of(teacher_source) or _tokenizer_of(student_source)
     options = {"input_column": input_column, "label_column": label_column, "tokenizer": tokenizer,
@@ -284,7 +294,10 @@ def distill(
         s_adapter, t_adapter if needs_teacher else None, specs, train_set.batch(range(min(2, len(train_set))))
     )
     cache_s = None
-    if cache_teacher and needs_teacher and not distiller.teacher_layers and t_adapter is not None:
+    live_teacher = bool(distiller.teacher_layers)  # feature objectives need the teacher's live features
+    if train_set.teacher_logits is not None and needs_teacher and not live_teacher:
+        log("kdkit: reusing the teacher logits already cached with the data")
+    elif cache_teacher and needs_teacher and not distiller.teacher_layers and t_adapter is not None:
         started = time.perf_counter()
         train_set.teacher_logits = predict(t_adapter, train_set)
         cache_s = time.perf_counter() - started
@@ -306,7 +319,9 @@ def distill(
         "cache_teacher": cache_s is not None,
         "notes": notes,
     }
-    (run_dir / "distill.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "distill.json").write_text(json.dumps(record, indent=2) + "\n")
+    if report:
+        (run_dir / "distill.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"kdkit: training {label} for {cfg.steps} steps of batch {cfg.batch_size}; run folder {run_dir}")
     result = train(
         distiller, train_set, cfg, out, collate_fn=lambda b: collate(b, train_set.pad_values),
@@ -320,7 +335,7 @@ def distill(
 
     rows: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
-    if eval_set is not None:
+    if eval_set is not None and report:
         models = {"teacher": teacher_model} if teacher_model is not None else {}
         models[label] = student_model
         evaluation = _evaluate_examples(
@@ -335,7 +350,7 @@ def distill(
         metrics = dict(evaluation.row(label))
         if teacher_model is not None:
             metrics["teacher_accuracy"] = evaluation.row("teacher")["accuracy"]
-    else:
+    elif report:
         write_report(run_dir, title=f"Distillation: {label}", rows=[], columns=COLUMNS,
                      histories={label: out / "metrics.jsonl"}, config=record, notes=notes, scatter=None)
     return DistillResult(student_model, metrics, run_dir, rows, notes, result.wall_time_s, cache_s)
@@ -468,7 +483,8 @@ def _evaluate_examples(
     )
     for row in rows:
         agreement = f"  agreement {row['agreement']:.2%}" if "agreement" in row else ""
-        log(f"kdkit: {row['model']:<12} accuracy {row['accuracy']:.2%}{agreement}  parameters {row['parameters']:,}")
+        log(f"kdkit: {row['model']:<12} accuracy {row['accuracy']:.2%}{agreement}  "
+            f"parameters {row['parameters']:,}")
     log(f"kdkit: report written to {run_dir / 'report.html'}")
     return EvaluationResult(rows, run_dir)
 

@@ -21,7 +21,8 @@ def test_tensors_pair_improves_agreement_and_writes_the_report(teacher, tensors,
     student = make_student()
     before = agreement(student, teacher, x_test)
     result = kdkit.distill(teacher=teacher, student=student, data=(x, y), eval_data=(x_test, y_test),
-                           method="kd", method_params={"temperature": 2.0}, output_dir=tmp_path, log=quiet, **FAST)
+                           method="kd", method_params={"temperature": 2.0}, output_dir=tmp_path, log=quiet,
+                           **FAST)
     after = agreement(result.student, teacher, x_test)
     assert result.student is student  # trained in place
     assert after > before + 0.2 and after > 0.7
@@ -98,7 +99,8 @@ def test_datasets_dataset_with_named_columns(teacher, tensors, tmp_path):
     student = make_student()
     before = agreement(student, teacher, x_test)
     result = kdkit.distill(teacher=teacher, student=student, data=train, eval_data=test, method="kd",
-                           input_column="features", label_column="target", output_dir=tmp_path, log=quiet, **FAST)
+                           input_column="features", label_column="target", output_dir=tmp_path, log=quiet,
+                           **FAST)
     assert agreement(result.student, teacher, x_test) > before + 0.2
 
 

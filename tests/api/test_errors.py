@@ -55,7 +55,8 @@ def test_nan_inputs(teacher, tmp_path):
 
 def test_data_of_different_sizes(teacher, tmp_path):
     refuse(tmp_path, DataError, "data of different sizes: 50 inputs but 40 labels",
-           teacher=teacher, student=make_student(), data=(torch.randn(50, 12), torch.zeros(40, dtype=torch.long)))
+           teacher=teacher, student=make_student(),
+           data=(torch.randn(50, 12), torch.zeros(40, dtype=torch.long)))
 
 
 def test_eval_data_checked_too(teacher, tmp_path):
@@ -92,7 +93,8 @@ def test_unknown_method_and_parameter(teacher, tmp_path):
 
 
 def test_missing_teacher_for_a_teacher_method(tmp_path):
-    refuse(tmp_path, ValueError, "method 'kd' needs a teacher", student=make_student(), data=torch.randn(50, 12))
+    refuse(tmp_path, ValueError, "method 'kd' needs a teacher", student=make_student(),
+           data=torch.randn(50, 12))
 
 
 def test_missing_column(teacher, tmp_path):

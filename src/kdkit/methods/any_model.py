@@ -73,16 +73,19 @@ def resolve_objectives(
     else:
         raise ValueError("name a method (e.g. method='kd') or a list of objectives")
     for key, value in (method_params or {}).items():
-        hits = [e for e in entries if key in OBJECTIVES.get(OBJECTIVES.canonical(e["name"])).Params.model_fields
-                or key == "weight"]
+        hits = [e for e in entries if key in _fields(e["name"]) or key == "weight"]
         if not hits:
-            names = sorted({f for e in entries for f in OBJECTIVES.get(OBJECTIVES.canonical(e["name"])).Params.model_fields})
+            names = sorted({f for e in entries for f in _fields(e["name"])})
             raise ValueError(
                 f"method {method!r} has no parameter {key!r} (its parameters: {', '.join(names) or 'none'})"
             )
         for entry in hits:
             entry[key] = value
     return [ObjectiveSpec.model_validate(e) for e in entries]
+
+
+def _fields(objective: str) -> list[str]:
+    return list(OBJECTIVES.get(OBJECTIVES.canonical(objective)).Params.model_fields)
 
 
 def check_label_use(specs: Sequence[ObjectiveSpec], has_labels: bool) -> list[str]:

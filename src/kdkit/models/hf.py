@@ -99,14 +99,14 @@ def load_model(
         )
     if task not in TASKS:
         raise ModelSourceError(f"model {text!r}: unknown task {task!r} (known: {', '.join(TASKS)})")
-    if text.startswith("pkg:") or Path(text).exists():
-        if not (Path(path) / "config.json").is_file():
-            raise ModelSourceError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+    if (text.startswith("pkg:") or Path(text).exists()) and not (Path(path) / "config.json").is_file():
+        raise ModelSourceError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
     import transformers
 
     auto = getattr(transformers, TASKS[task])
     if num_labels is not None and task != "causal-lm":
         kwargs.setdefault("num_labels", num_labels)
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # a head of another width is re-initialised
     if attn_implementation is not None:
         kwargs.setdefault("attn_implementation", attn_implementation)
     try:
@@ -178,7 +178,9 @@ def _factory(source: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ModelSourceError(f"model factory {source!r}: cannot import {module_name!r} ({error})") from error
+        raise ModelSourceError(
+            f"model factory {source!r}: cannot import {module_name!r} ({error})"
+        ) from error
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ModelSourceError(f"model factory {source!r}: {module_name} has no callable {name!r}")
@@ -187,7 +189,9 @@ def _factory(source: str, kwargs: dict[str, Any]) -> nn.Module:
     except TypeError as error:
         raise ModelSourceError(f"model factory {source!r}: {error}") from error
     if not isinstance(model, nn.Module):
-        raise ModelSourceError(f"model factory {source!r} returned {type(model).__name__}, not a torch nn.Module")
+        raise ModelSourceError(
+            f"model factory {source!r} returned {type(model).__name__}, not a torch nn.Module"
+        )
     return model
 
 

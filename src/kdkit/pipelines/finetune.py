@@ -2,7 +2,7 @@
 
 `finetuned_teacher(source, data, ...)` returns the folder of a model fine-tuned with cross-entropy
 (through `kdkit.distill` with method "scratch", so the engine, checks and report are the usual
-ones). The folder lives under `cache_dir("teachers", <name>-<key>)`, where the key hashes the
+ones). The folder lives under `cache_dir("teachers", finetuned-<key>)`, where the key hashes the
 model source, task, number of labels, engine settings, max_length and the *content* of the training
 data (texts/inputs and labels, not where they were read from): a CSV export of a dataset and the
 dataset itself share one cached teacher. A later call with the same key only loads it.
@@ -80,7 +80,7 @@ def finetuned_teacher(
 
     key = teacher_key(str(source), task=task, num_labels=num_labels, settings=settings,
                       max_length=max_length, fingerprint=data_fingerprint(data, input_column, label_column))
-    folder = cache_dir("teachers", f"{name}-{key}")
+    folder = cache_dir("teachers", f"finetuned-{key}")  # `name` is for display only
     model_dir = folder / "model"
     if (folder / "teacher.json").is_file() and (model_dir / "config.json").is_file():
         info = json.loads((folder / "teacher.json").read_text())
