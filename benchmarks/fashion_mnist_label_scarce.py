@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             student = build_vision_model(cfg.student.arch, cfg.student.params)
             result = kdkit.distill(
                 teacher=teacher, student=student, data=data, eval_data=test, method=method,
-                method_params=params, run_dir=out / name, student_name=name, latency_repeats=5,
+                method_params=params, run_dir=out / name, student_name=name, latency_repeats=5, resume=True,
                 log=lambda m: None, **settings,
             )
             rows[name].append({**result.metrics, "train_time_s": result.train_time_s})

@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             result = kdkit.distill(
                 teacher=teacher, student=student, data=transfer, method=run.method,
                 method_params=run.method_params, tokenizer=tokenizer, report=False,
-                run_dir=Path(args.output) / f"seed{seed}", student_name=name, log=lambda m: None, **settings,
+                run_dir=Path(args.output) / f"seed{seed}", student_name=name, resume=True, log=lambda m: None,
+                **settings,
             )
             adapter = LogitsAdapter(result.student).eval()
             logits = predict(adapter, test, batch_size=64)

@@ -241,6 +241,7 @@ def distill(
     student_name: str | None = None,
     latency_repeats: int = 20,
     report: bool = True,
+    resume: bool = False,
     log: Log = print,
     **settings: Any,
 ) -> DistillResult:
@@ -252,7 +253,9 @@ def distill(
     data (default: the teacher's, else the student's). input_column / label_column: for dict or
     `datasets` data. cache_teacher: compute the frozen teacher's logits once per training example
     and reuse them every epoch (not with feature objectives, which need live teacher features).
-    report: False skips the report (a pipeline comparing several students writes one at the end).
+    resume: continue the student's training from its latest checkpoint in `run_dir` (a finished
+    student is only re-evaluated). report: False skips the report (a pipeline comparing several
+    students writes one at the end).
     settings: every engine setting of `TrainConfig` (steps, batch_size, lr, weight_decay,
     schedule, warmup_steps, seed, mixed_precision, ...). Returns a `DistillResult`.
     """
@@ -325,7 +328,7 @@ def distill(
     log(f"kdkit: training {label} for {cfg.steps} steps of batch {cfg.batch_size}; run folder {run_dir}")
     result = train(
         distiller, train_set, cfg, out, collate_fn=lambda b: collate(b, train_set.pad_values),
-        description=f"student {label}",
+        description=f"student {label}", resume=resume,
     )
     student_model = distiller.student.model.cpu()
     _save(student_model, out, tokenizer)
