@@ -124,7 +124,7 @@ def test_ce_weight_zero_gives_no_ce_term_and_ce_is_dataset_only() -> None:
     expected = completion_cross_entropy(student(input_ids=data["input_ids"]).logits, data["labels"])
     assert torch.allclose(with_ce["ce"], 0.5 * expected, atol=1e-5)
     assert torch.allclose(with_ce["_ce_raw"], expected, atol=1e-5)
-    on_policy = LMDistiller(student, teacher, ce_weight=0.5, sampler=StudentSampler(gen_settings()))
+    on_policy = LMDistiller(student, teacher, ce_weight=0.5, sampler=StudentSampler(**vars(gen_settings())))
     terms = on_policy(data)
     assert "ce" not in terms and terms["_on_policy"] == 1.0 and "kd" in terms
 
@@ -207,7 +207,7 @@ def test_short_end_to_end_distillation_with_the_engine(tmp_path) -> None:
         divergence="jsd",
         divergence_kwargs={"beta": 0.5},
         ce_weight=0.1,
-        sampler=MixtureSampler(0.5, StudentSampler(gen_settings(8)), DatasetSampler(), seed=0),
+        sampler=MixtureSampler(0.5, on_policy=StudentSampler(**vars(gen_settings(8))), off_policy=DatasetSampler(), seed=0),
     )
     before = [p.detach().clone() for p in student.parameters()]
     cfg = TrainConfig(

@@ -8,9 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-
-class ConfigError(ValueError):
-    """A config a person must fix; the message is a single line naming the field."""
+from kdkit.settings import ConfigError
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt
+
+from kdkit.settings import StrictModel
 
 
 class _Named(Protocol):
@@ -22,12 +24,6 @@ def unique_student_names(students: Sequence[NamedT]) -> Sequence[NamedT]:
     if duplicates:
         raise ValueError(f"student names must be unique; repeated: {', '.join(duplicates)}")
     return students
-
-
-class StrictModel(BaseModel):
-    """Base of every kdkit config section: unknown fields are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TrainConfig(StrictModel):
