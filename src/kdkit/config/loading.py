@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from kdkit.settings import ConfigError
 
+__all__ = ["ConfigError", "apply_overrides", "load_yaml", "validation_message"]
+
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
