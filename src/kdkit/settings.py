@@ -39,18 +39,21 @@ class ParamsModel(StrictModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        allowed = set(cls.model_fields) - set(cls.nested_params)
+        allowed = set(cls.model_fields)
         for field, (selector, registry) in cls.nested_params.items():
             chosen = data.get(selector, cls.model_fields[selector].default)
             if not isinstance(chosen, str) or chosen not in registry:
                 continue  # the selector's own validation reports it
             declared = set(registry.params(chosen))
-            moved = {key: data.pop(key) for key in list(data) if key in declared and key not in cls.model_fields}
+            moved = {
+                key: data.pop(key) for key in list(data) if key in declared and key not in cls.model_fields
+            }
             data[field] = {**(data.get(field) or {}), **moved}
             allowed |= declared
         unknown = [key for key in data if key not in allowed]
         if unknown:
-            raise ValueError(f"{unknown[0]!r} is not a parameter here (allowed: {', '.join(sorted(allowed))})")
+            shown = ", ".join(sorted(allowed - set(cls.nested_params)))
+            raise ValueError(f"{unknown[0]!r} is not a parameter here (allowed: {shown})")
         return data
 
 

@@ -6,8 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-from kdkit.losses.tokens import IGNORE_INDEX
-
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int, value: int | None = None) -> torch.Tensor:
     """[B, max_len] long tensor, rows left-aligned; filler is `value` (default `pad_id`)."""

@@ -35,7 +35,9 @@ def kd_loss(
     Returns nats (× T²).
     """
     fn = DIVERGENCES.get(divergence)
-    loss = fn(student_logits, teacher_logits, temperature=temperature, reduction=reduction, **divergence_params)
+    loss = fn(
+        student_logits, teacher_logits, temperature=temperature, reduction=reduction, **divergence_params
+    )
     return loss * temperature**2 if t2_scaling else loss
 
 

@@ -387,7 +387,9 @@ def skew_reverse_kl(
     "any f-divergence D_f(p_T ‖ p_S) = Σ p_S·f(p_T/p_S)",
     aliases=("f_divergence",),
     params={
-        "f": Param("generator: a name in F_GENERATORS or a callable on the ratio p_T/p_S", choices=tuple(F_GENERATORS))
+        "f": Param(
+            "generator: a name in F_GENERATORS or a callable on the ratio p_T/p_S", choices=tuple(F_GENERATORS)
+        )
     },
 )
 def f_divergence(

@@ -34,7 +34,9 @@ class Param:
         """`value` if it is allowed, else ValueError naming `name` and what is allowed."""
         if self.choices is not None:
             if value not in self.choices and not callable(value):
-                raise ValueError(f"{name}={value!r} is not allowed (choose one of: {', '.join(self.choices)})")
+                raise ValueError(
+                    f"{name}={value!r} is not allowed (choose one of: {', '.join(self.choices)})"
+                )
             return value
         if self.low is not None or self.high is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -112,7 +114,8 @@ class Registry(Generic[T]):
         if unknown:
             known = ", ".join(declared) or "none"
             raise ValueError(
-                f"{unknown[0]!r} is not a parameter of {self.kind} {self.canonical(name)!r} (its parameters: {known})"
+                f"{unknown[0]!r} is not a parameter of {self.kind} {self.canonical(name)!r} "
+                f"(its parameters: {known})"
             )
         values = {key: spec.default for key, spec in declared.items() if spec.default is not _NO_DEFAULT}
         for key, value in given.items():

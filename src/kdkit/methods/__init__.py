@@ -4,7 +4,20 @@ Classifier methods: scratch, kd, dkd, fitnet, at, dist. LM methods: supervised_k
 on_policy, gkd, sampled_token, minillm. Importing this package registers them all.
 """
 
-from kdkit.methods import at, dist, dkd, fitnet, gkd, kd, minillm, on_policy, sampled_token, scratch, seqkd, supervised_kd
+from kdkit.methods import (
+    at,
+    dist,
+    dkd,
+    fitnet,
+    gkd,
+    kd,
+    minillm,
+    on_policy,
+    sampled_token,
+    scratch,
+    seqkd,
+    supervised_kd,
+)
 from kdkit.methods.base import (
     ClassifierMethod,
     LMMethod,

@@ -42,9 +42,7 @@ def output_vocab_size(model: nn.Module) -> int:
     return int(model.config.vocab_size)
 
 
-def check_teacher_student(
-    student: nn.Module, teacher: nn.Module, tokenizers: tuple[Any, Any] | None
-) -> None:
+def check_teacher_student(student: nn.Module, teacher: nn.Module, tokenizers: tuple[Any, Any] | None) -> None:
     """Refuse a teacher/student pair whose vocabularies cannot be compared id by id.
 
     Output sizes that differ are fine only for one tokenizer padded to different sizes; without
@@ -59,7 +57,8 @@ def check_teacher_student(
         raise ValueError(
             f"the teacher outputs {v_t:,} logits per token and the student {v_s:,}: pass "
             "tokenizers=(teacher_tokenizer, student_tokenizer) so kdkit can check they are one tokenizer "
-            "padded to different sizes (then the shared ids are compared), or choose models with one vocabulary"
+            "padded to different sizes (then the shared ids are compared), or choose models with one "
+            "vocabulary"
         )
 
 
@@ -161,4 +160,10 @@ class LMDistiller(Distiller):
             self._warned_magnitude = True
 
 
-__all__ = ["LMDistiller", "MAGNITUDE_WARNING_RATIO", "TeacherTarget", "check_teacher_student", "output_vocab_size"]
+__all__ = [
+    "LMDistiller",
+    "MAGNITUDE_WARNING_RATIO",
+    "TeacherTarget",
+    "check_teacher_student",
+    "output_vocab_size",
+]

@@ -19,7 +19,8 @@ class MiniLLMParams(LMWeights, SampledTokenParams, MixtureParams):
 
 
 @METHODS.register(
-    "minillm", "MiniLLM-style reverse KL by policy gradient: reward-to-go log(p_T/p_S), 0.8 student / 0.2 teacher"
+    "minillm",
+    "MiniLLM-style reverse KL by policy gradient: reward-to-go log(p_T/p_S), 0.8 student / 0.2 teacher",
 )
 class MiniLLM(LMMethod):
     Params = MiniLLMParams

@@ -15,7 +15,8 @@ class SampledTokenMethodParams(LMWeights, SampledTokenParams, GenerationParams):
 
 
 @METHODS.register(
-    "sampled_token", "on-policy KD from the teacher's log-probs of the student's sampled tokens only (advantage PG)"
+    "sampled_token",
+    "on-policy KD from the teacher's log-probs of the student's sampled tokens only (advantage PG)",
 )
 class SampledToken(LMMethod):
     Params = SampledTokenMethodParams

@@ -301,7 +301,8 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if backbone is None or head is None:
         raise ValueError(
-            f"fused losses need a Hugging Face causal LM with a backbone and an LM head, got {type(model).__name__}"
+            "fused losses need a Hugging Face causal LM with a backbone and an LM head, got "
+            f"{type(model).__name__}"
         )
     return backbone, head
 

@@ -56,7 +56,9 @@ class GeneratingSampler:
     source = "?"
     generates = True
 
-    def __init__(self, params: GenerationParams | None = None, ctx: LMContext | None = None, **settings: Any) -> None:
+    def __init__(
+        self, params: GenerationParams | None = None, ctx: LMContext | None = None, **settings: Any
+    ) -> None:
         self.params = params or GenerationParams()
         self.settings = generation_settings(self.params, ctx or LMContext())
         if settings:  # direct use from Python: GenerationSettings fields override

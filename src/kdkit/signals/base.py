@@ -80,7 +80,9 @@ class TeacherSignal:
         self.params = params if params is not None else self.Params()
         self.ctx = ctx or LMContext()
 
-    def __call__(self, batch: dict[str, Any], *, teacher: nn.Module | None) -> TeacherTarget:  # pragma: no cover
+    def __call__(
+        self, batch: dict[str, Any], *, teacher: nn.Module | None
+    ) -> TeacherTarget:  # pragma: no cover
         raise NotImplementedError
 
 

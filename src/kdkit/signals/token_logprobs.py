@@ -13,7 +13,9 @@ from kdkit.registry import TEACHER_SIGNALS
 from kdkit.signals.base import TeacherSignal, TeacherTarget, model_inputs, require_teacher
 
 
-@TEACHER_SIGNALS.register("token_logprobs", "log p_T of the sequence's own tokens only (one number per token)")
+@TEACHER_SIGNALS.register(
+    "token_logprobs", "log p_T of the sequence's own tokens only (one number per token)"
+)
 class TokenLogprobsSignal(TeacherSignal):
     """token_logprobs at temperature 1; on batches the teacher sampled at a temperature τ ∉ {0, 1},
     also the behaviour log-probs at τ, so importance weights use the distribution actually sampled."""

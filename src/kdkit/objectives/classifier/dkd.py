@@ -18,7 +18,9 @@ class DKDParams(StrictModel):
     warmup_steps: int = Field(0, ge=0)  # ramp both parts linearly from 0 over this many optimizer steps
 
 
-@OBJECTIVES.register("dkd", "decoupled KD: α·TCKD (target vs rest) + β·NCKD (among non-targets); needs labels")
+@OBJECTIVES.register(
+    "dkd", "decoupled KD: α·TCKD (target vs rest) + β·NCKD (among non-targets); needs labels"
+)
 class DKDTerm(Objective):
     """Terms "dkd_target" = α·TCKD and "dkd_nontarget" = β·NCKD (both ×T², batch mean, nats),
     scaled by min(1, step / warmup_steps) during warm-up, counting optimizer steps (the engine's

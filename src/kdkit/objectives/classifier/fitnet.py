@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from kdkit.losses import features as feat_losses

@@ -52,13 +52,16 @@ class LMObjective:
         self.params = params if params is not None else self.Params()
         self.ctx = ctx or LMContext()
 
-    def __call__(self, student: StudentView, batch: dict[str, Any], target: TeacherTarget) -> dict[str, Tensor]:
+    def __call__(
+        self, student: StudentView, batch: dict[str, Any], target: TeacherTarget
+    ) -> dict[str, Tensor]:
         raise NotImplementedError  # pragma: no cover
 
     def check_target(self, target: TeacherTarget) -> None:
         if not any(kind in self.accepts for kind in target.kinds()):
             raise ValueError(
-                f"{type(self).__name__} needs a teacher signal giving one of {self.accepts}, got {target.kinds() or 'none'}"
+                f"{type(self).__name__} needs a teacher signal giving one of {self.accepts}, "
+                f"got {target.kinds() or 'none'}"
             )
 
 

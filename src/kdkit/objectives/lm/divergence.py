@@ -33,7 +33,9 @@ class DivergenceParams(DivergenceChoice):
 def _fused_head(head: LMHead, rows: int) -> tuple[Tensor, Tensor | None]:
     """Weight and bias cut to the shared vocabulary, with a logit scale folded in."""
     if head.softcap is not None:
-        raise ValueError("the fused loss does not apply final-logit soft-capping yet; use the 'logits' signal")
+        raise ValueError(
+            "the fused loss does not apply final-logit soft-capping yet; use the 'logits' signal"
+        )
     weight, bias = head.weight[:rows], None if head.bias is None else head.bias[:rows]
     if head.scale != 1.0:  # scale·(h·Wᵀ + b) = h·(scale·W)ᵀ + scale·b, exactly
         weight = weight * head.scale
@@ -41,12 +43,16 @@ def _fused_head(head: LMHead, rows: int) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
-@LM_OBJECTIVES.register("divergence", "any token-level divergence D(p_T, p_S) to the teacher's full distribution")
+@LM_OBJECTIVES.register(
+    "divergence", "any token-level divergence D(p_T, p_S) to the teacher's full distribution"
+)
 class DivergenceObjective(LMObjective):
     Params = DivergenceParams
     accepts = ("logits", "hidden")
 
-    def __call__(self, student: StudentView, batch: dict[str, Any], target: TeacherTarget) -> dict[str, Tensor]:
+    def __call__(
+        self, student: StudentView, batch: dict[str, Any], target: TeacherTarget
+    ) -> dict[str, Tensor]:
         p = self.params
         labels = batch["labels"]
         if target.hidden is not None:
@@ -75,7 +81,9 @@ class DivergenceObjective(LMObjective):
         return {"kd": token_divergence(student.logits, target.logits, labels, p)}
 
 
-def token_divergence(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, params: DivergenceParams) -> Tensor:
+def token_divergence(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, params: DivergenceParams
+) -> Tensor:
     """Mean per-token divergence (nats, no T² factor) over the trained tokens.
 
     student_logits: [B, T, V_S], teacher_logits: [B, T, V_T], labels: [B, T]. Returns a scalar; 0
@@ -84,4 +92,11 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, labels: Ten
     student, _, mask = shift(student_logits, labels)
     student, teacher = shared_vocab(student, teacher_logits[:, :-1])
     fn = DIVERGENCES.get(params.divergence)
-    return fn(student, teacher, temperature=params.temperature, mask=mask, reduction="mean", **params.divergence_params)
+    return fn(
+        student,
+        teacher,
+        temperature=params.temperature,
+        mask=mask,
+        reduction="mean",
+        **params.divergence_params,
+    )

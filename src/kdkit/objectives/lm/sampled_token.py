@@ -66,12 +66,16 @@ def sampled_token_loss(
     if importance_weights is not None:
         advantage = advantage * importance_weights.detach()
     loss = -(advantage * log_p_s * mask).sum() / count
-    diagnostics = {"log_ratio": (log_ratio * mask).sum() / count, "advantage": (advantage * mask).sum() / count}
+    diagnostics = {
+        "log_ratio": (log_ratio * mask).sum() / count,
+        "advantage": (advantage * mask).sum() / count,
+    }
     return loss, diagnostics
 
 
 @LM_OBJECTIVES.register(
-    "sampled_token", "advantage policy gradient from log p_T of the sampled tokens only (one number per token)"
+    "sampled_token",
+    "advantage policy gradient from log p_T of the sampled tokens only (one number per token)",
 )
 class SampledTokenObjective(LMObjective):
     """Importance weights, clipped at `is_clip`, correct for samples not drawn from p_S at
@@ -82,7 +86,9 @@ class SampledTokenObjective(LMObjective):
     Params = SampledTokenParams
     accepts = ("token_logprobs", "logits")
 
-    def __call__(self, student: StudentView, batch: dict[str, Any], target: TeacherTarget) -> dict[str, Tensor]:
+    def __call__(
+        self, student: StudentView, batch: dict[str, Any], target: TeacherTarget
+    ) -> dict[str, Tensor]:
         self.check_target(target)
         labels = batch["labels"]
         logits = student.logits
