@@ -1,7 +1,7 @@
 """The Python API behind the CLI: run a config, the demo, re-evaluate a run, list registries.
 
-    import kdkit.api as kd
-    run_dir = kd.run("configs/fashion_mnist_benchmark.yaml", ["train.steps=500"])
+import kdkit.api as kd
+run_dir = kd.run("configs/fashion_mnist_benchmark.yaml", ["train.steps=500"])
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ def run_config(cfg: BaseModel, *, resume: bool = False, output_dir: Path | None 
 
 
 def run(
-    config_path: str | Path, overrides: list[str] | None = None, *, resume: bool = False,
+    config_path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    resume: bool = False,
     output_dir: Path | None = None,
 ) -> Path:
     """Validate the YAML config (+ overrides) before any work, then run it."""
@@ -67,7 +70,15 @@ def describe_registries() -> str:
     """Every registered method (of every kind, with its parameters and defaults), sampler, teacher
     signal, objective and divergence, each with its one-line description."""
     from kdkit.losses import DIVERGENCES
-    from kdkit.registry import LM_OBJECTIVES, METHODS, OBJECTIVES, REWARDS, SAMPLERS, TEACHER_SIGNALS, load_builtins
+    from kdkit.registry import (
+        LM_OBJECTIVES,
+        METHODS,
+        OBJECTIVES,
+        REWARDS,
+        SAMPLERS,
+        TEACHER_SIGNALS,
+        load_builtins,
+    )
 
     load_builtins()
     lines: list[str] = []
@@ -95,7 +106,7 @@ def describe_registries() -> str:
 
 
 def _parameters(registry: object, name: str, entry: object) -> str:
-    """"key=default, …" of an entry's `Params` model or of a divergence's declared parameters."""
+    """ "key=default, …" of an entry's `Params` model or of a divergence's declared parameters."""
     model = getattr(entry, "Params", None)
     if model is not None:
         defaults = model.model_validate({}).model_dump()

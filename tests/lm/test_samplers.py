@@ -134,7 +134,9 @@ def test_dataset_sampler_passes_the_batch_through(tokenizer) -> None:
 def test_mixture_edges_are_pure(tokenizer, lmbda: float, expected: set[str]) -> None:
     student = tiny_lm(tokenizer)
     data = dataset_batch(tokenizer, n=2)
-    sampler = MixtureSampler(lmbda, on_policy=StudentSampler(max_new_tokens=4), off_policy=DatasetSampler(), seed=0)
+    sampler = MixtureSampler(
+        lmbda, on_policy=StudentSampler(max_new_tokens=4), off_policy=DatasetSampler(), seed=0
+    )
     assert {sampler(data, student=student, teacher=None)["source"] for _ in range(6)} == expected
 
 

@@ -388,7 +388,8 @@ def skew_reverse_kl(
     aliases=("f_divergence",),
     params={
         "f": Param(
-            "generator: a name in F_GENERATORS or a callable on the ratio p_T/p_S", choices=tuple(F_GENERATORS)
+            "generator: a name in F_GENERATORS or a callable on the ratio p_T/p_S",
+            choices=tuple(F_GENERATORS),
         )
     },
 )

@@ -128,7 +128,8 @@ class Registry(Generic[T]):
             return name
         if name in self._aliases:
             return self._aliases[name]
-        raise UnknownNameError(f"{name!r} is not a {self.kind} (known: {', '.join(self.names())})")
+        article = "an" if self.kind[:1] in "aeiou" else "a"
+        raise UnknownNameError(f"{name!r} is not {article} {self.kind} (known: {', '.join(self.names())})")
 
     def get(self, name: str) -> T:
         return self._entries[self.canonical(name)][0]

@@ -455,16 +455,27 @@ def report_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def describe_student(student_cfg: LMStudentRun) -> str:
-    """One line: the method, its sampler, objective and every parameter (both temperatures)."""
-    method, params = student_cfg.method_class(), student_cfg.method_params()
-    parts = method.parts(params)
-    values = ", ".join(
-        f"{k}={v}" for k, v in params.model_dump().items() if k != "divergence_params" and v is not None
+    """One line: sampler (and its sampling temperature), teacher signal, objective (and the loss's
+    distillation temperature), term weights — the two temperatures always named apart."""
+    method, p = student_cfg.method_class(), student_cfg.method_params()
+    parts = method.parts(p)
+    sampler = parts.sampler + (f" (λ={p.lmbda:g})" if hasattr(p, "lmbda") else "")
+    sampling = (
+        f"sampling temperature {p.sampling_temperature:g}"
+        if hasattr(p, "sampling_temperature")
+        else "no sampling"
     )
-    extra = ", ".join(f"{k}={v}" for k, v in getattr(params, "divergence_params", {}).items())
+    objective = parts.objective
+    if hasattr(p, "divergence"):
+        own = ", ".join(f"{k}={v}" for k, v in p.divergence_params.items())
+        objective += f" {p.divergence}({own})" if own else f" {p.divergence}"
+    if hasattr(p, "temperature"):
+        objective += f" at distillation temperature {p.temperature:g}"
+    if hasattr(p, "gamma"):
+        objective += f" (γ={p.gamma:g})"
     return (
-        f"{student_cfg.method}: sequences from {parts.sampler}, teacher signal {parts.signal}, objective "
-        f"{parts.objective} ({values}{', ' + extra if extra else ''})"
+        f"{student_cfg.method}: sequences from {sampler}, {sampling}; teacher signal {parts.signal}; "
+        f"objective {objective}; kd_weight {p.kd_weight:g}, ce_weight {p.ce_weight:g}"
     )
 
 
