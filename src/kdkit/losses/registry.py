@@ -97,10 +97,11 @@ class Registry(Generic[T]):
         for key in (name, *aliases):
             if key in self._entries or key in self._aliases:
                 raise ValueError(f"{self.kind} {key!r} is registered twice")
+        declared = {key: _with_default(obj, key, spec) for key, spec in (params or {}).items()}
         self._entries[name] = (obj, description)
         for alias in aliases:
             self._aliases[alias] = name
-        self._params[name] = {key: _with_default(obj, key, spec) for key, spec in (params or {}).items()}
+        self._params[name] = declared
 
     def params(self, name: str) -> dict[str, Param]:
         """The declared parameters of `name` (empty when it takes none)."""
