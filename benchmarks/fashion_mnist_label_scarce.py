@@ -33,10 +33,10 @@ import kdkit
 from kdkit.config.classifier import ClassifierRunConfig
 from kdkit.config.loading import load_yaml
 from kdkit.data.examples import NO_LABEL, Examples
-from kdkit.front_door import predict
 from kdkit.methods.any_model import LogitsAdapter
 from kdkit.models.vision import build_vision_model
 from kdkit.pipelines.classifier import load_data, load_or_train_teacher
+from kdkit.pipelines.distill import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- label-scarce:start -->", "<!-- label-scarce:end -->"

@@ -30,11 +30,11 @@ from kdkit.config import load_run_config
 from kdkit.data.examples import as_examples
 from kdkit.data.rotten_tomatoes import export_csv
 from kdkit.eval import classifier_metrics, count_parameters, measure_latency
-from kdkit.front_door import predict
 from kdkit.methods.any_model import LogitsAdapter
 from kdkit.models.hf import load_tokenizer
 from kdkit.paths import cache_dir
 from kdkit.pipelines.any_model import build_student, build_teacher, load_split
+from kdkit.pipelines.distill import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             student = build_student(cfg.student, teacher, seed)
             result = kdkit.distill(
                 teacher=teacher, student=student, data=transfer, method=run.method,
-                method_params=run.method_params, tokenizer=tokenizer, report=False,
+                method_params=dict(run.model_extra or {}), tokenizer=tokenizer, report=False,
                 run_dir=Path(args.output) / f"seed{seed}", student_name=name, resume=True, log=lambda m: None,
                 **settings,
             )

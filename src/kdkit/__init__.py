@@ -1,16 +1,16 @@
 """kdkit: knowledge distillation for classifiers, encoders and language models.
 
 `kdkit.distill(teacher=..., student=..., data=...)` and `kdkit.evaluate(models, data)` are the
-Python front door (defined in `kdkit.front_door`, imported on first use so `import kdkit` stays
-light; the module is not named `distill` so that the function is never shadowed by a submodule).
+Python front door (defined in `kdkit.pipelines.distill`, imported on first use so `import kdkit`
+stays light; a top-level module named `distill` would shadow the function once imported).
 """
 
 from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = {"distill": "kdkit.front_door", "evaluate": "kdkit.front_door",
-         "DistillResult": "kdkit.front_door", "EvaluationResult": "kdkit.front_door"}
+_LAZY = {"distill": "kdkit.pipelines.distill", "evaluate": "kdkit.pipelines.distill",
+         "DistillResult": "kdkit.pipelines.distill", "EvaluationResult": "kdkit.pipelines.distill"}
 
 
 def __getattr__(name: str) -> Any:

@@ -36,7 +36,7 @@ def config(tmp_path, **changes):
                     "finetune": {"steps": 40, "batch_size": 16, "lr": 3e-3, "progress": False}},
         "student": {"from_teacher": {"keep_layers": [0]}},
         "students": [{"name": "scratch", "method": "scratch"},
-                     {"name": "kd", "method": "kd", "method_params": {"temperature": 2.0}}],
+                     {"name": "kd", "method": "kd", "temperature": 2.0}],
         "train": {"steps": 20, "batch_size": 16, "lr": 3e-3, "progress": False},
         "eval": {"latency_repeats": 2},
         "output_dir": str(tmp_path / "runs"),
@@ -77,7 +77,7 @@ def test_built_in_form_still_validates_as_before():
         ({"teacher": {"source": "pkg:no_such_pkg/model"}}, "'no_such_pkg' is not installed"),
         ({"teacher": {"source": "x", "task": "vision"}}, "unknown task 'vision'"),
         ({"student": {"source": "x", "from_teacher": {"keep_layers": 1}}}, "exactly one of source"),
-        ({"students": [{"name": "kd", "method": "kd", "method_params": {"temp": 1}}]}, "no parameter 'temp'"),
+        ({"students": [{"name": "kd", "method": "kd", "temp": 1}]}, "temp"),
         ({"train": {"stepz": 1}}, "unknown field|Extra inputs"),
     ],
 )

@@ -34,7 +34,7 @@ def test_tensors_pair_improves_agreement_and_writes_the_report(teacher, tensors,
     assert [r["model"] for r in rows] == ["teacher", "kd"]
     assert (result.run_dir / "students" / "kd" / "model.safetensors").is_file()
     history = (result.run_dir / "students" / "kd" / "metrics.jsonl").read_text().splitlines()
-    assert {"kd", "kd_ce"} <= set(json.loads(history[-1]))  # labelled data: both KD terms
+    assert {"kd", "ce"} <= set(json.loads(history[-1]))  # labelled data: soft targets and labels
 
 
 def test_label_free_inputs_train_on_soft_targets_alone(teacher, tensors, tmp_path):
@@ -49,7 +49,7 @@ def test_label_free_inputs_train_on_soft_targets_alone(teacher, tensors, tmp_pat
     assert any("soft targets alone" in n for n in result.notes)
     assert "soft targets alone" in (result.run_dir / "report.md").read_text()
     last = json.loads((result.run_dir / "students" / "kd" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert "kd" in last and "kd_ce" not in last
+    assert "kd" in last and "ce" not in last
 
 
 def test_partly_labelled_data_mixes_soft_targets_and_labels(teacher, tensors, tmp_path):

@@ -9,9 +9,9 @@ import torch
 
 import kdkit
 from kdkit.data.examples import as_examples
-from kdkit.front_door import predict
 from kdkit.methods.any_model import LogitsAdapter
 from kdkit.models.hf import select_encoder_layers
+from kdkit.pipelines.distill import predict
 from tests.api.hf_tiny import save_tiny, sentences, tiny_bert, tiny_tokenizer
 
 

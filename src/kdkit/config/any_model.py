@@ -13,7 +13,7 @@ student:
   from_teacher: {keep_layers: [0, 5]}     # layer selection; or `source:` like the teacher
 students:
   - {name: scratch, method: scratch}
-  - {name: kd, method: kd}
+  - {name: kd, method: kd, temperature: 2.0}   # the method's parameters, flat
 train: {steps: 300, batch_size: 32, lr: 1.0e-4}
 ```
 
@@ -29,7 +29,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from kdkit.config.train import StrictModel, TrainConfig, unique_student_names
+from kdkit.config.classifier import ClassifierStudentRun
+from kdkit.config.students import unique_student_names
+from kdkit.config.train import StrictModel, TrainConfig
 from kdkit.models.hf import TASKS, is_factory
 
 
@@ -108,21 +110,11 @@ class SourceTeacherConfig(SourceModelConfig):
         return self
 
 
-class AnyStudentRun(StrictModel):
-    """One student: a classifier method (+ method_params or objective entries), optionally its own model."""
+class AnyStudentRun(ClassifierStudentRun):
+    """One student, as in every classifier run (`{name, method, ...the method's parameters}`, or
+    objective entries), optionally with its own model named by source."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    method: str | None = None
-    method_params: dict[str, Any] = Field(default_factory=dict)
-    objectives: list[dict[str, Any]] = Field(default_factory=list)
-    model: SourceModelConfig | None = None
-
-    @model_validator(mode="after")
-    def _valid_method(self) -> AnyStudentRun:
-        from kdkit.methods.any_model import resolve_objectives
-
-        resolve_objectives(self.method, self.method_params, self.objectives or None)  # ValueError if not
-        return self
+    model: SourceModelConfig | None = None  # type: ignore[assignment]
 
 
 class AnyEvalConfig(StrictModel):

@@ -2,60 +2,35 @@
 
 - `LogitsAdapter` calls a model the way its inputs need (a tensor positionally, a dict of token
   tensors as keywords) and returns plain logits [B, C] (HF outputs' `.logits` taken out).
-- Labels are optional: every objective declares `label_use` — "required" (ce, dkd: nothing to
-  train on without labels), "optional" (kd: its label term is dropped when a batch has no labels,
-  leaving the soft targets alone) or "unused" (dist, fitnet, at). Labels equal to `NO_LABEL`
-  (-100) mark unlabelled examples, so one batch may mix labelled and unlabelled ones.
-- `AnyModelDistiller` runs those objectives, reading the teacher's logits from the batch when
-  they were cached ("teacher_logits") instead of running the teacher again.
+- Labels are optional: each objective declares `needs_labels` (ce, dkd: True). On data without any
+  label, a method's label-needing entries are dropped when others remain (kd = α·soft targets +
+  (1−α)·ce trains on the soft targets alone) and refused when nothing would remain (scratch, dkd).
+  Labels equal to `NO_LABEL` (-100) mark unlabelled examples, so one batch may mix both kinds:
+  label-needing terms are then averaged over the batch's labelled examples only.
+- `AnyModelDistiller` runs those objectives, reading the teacher's logits from the batch when they
+  were cached ("teacher_logits") instead of running the teacher again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.data.examples import NO_LABEL
-from kdkit.engine.distiller import Distiller
 from kdkit.eval.classifier import _as_logits
-from kdkit.methods.classifier import (
-    ClassifierDistiller,
-    ObjectiveSpec,
-    Outputs,
-    build_objective,
-    classifier_recipe,
-)
-from kdkit.methods.hooks import FeatureHooks
+from kdkit.methods.base import classifier_method
+from kdkit.methods.classifier_distiller import ClassifierDistiller
+from kdkit.models.hooks import FeatureHooks
+from kdkit.objectives.classifier import FeatureShapes, ObjectiveSpec, Outputs
 from kdkit.registry import OBJECTIVES
 
-LabelUse = Literal["required", "optional", "unused"]
-# Declarations of the built-in objectives (an objective class may also set `label_use` itself).
-LABEL_USE: dict[str, LabelUse] = {
-    "ce": "required",
-    "kd": "optional",
-    "dkd": "required",
-    "dist": "unused",
-    "fitnet": "unused",
-    "at": "unused",
-}
 
-
-def label_use(name: str) -> LabelUse:
-    """How objective `name` uses labels; unknown objectives are assumed to require them."""
-    name = OBJECTIVES.canonical(name)
-    declared = getattr(OBJECTIVES.get(name), "label_use", None)
-    return declared or LABEL_USE.get(name, "required")
-
-
-def soft_only(spec: ObjectiveSpec) -> ObjectiveSpec | None:
-    """The label-free version of a label-optional entry (kd: α = 1, pure soft targets)."""
-    if spec.name == "kd":
-        return ObjectiveSpec.model_validate({**spec.model_dump(), "alpha": 1.0})
-    return None
+def needs_labels(name: str) -> bool:
+    """Whether objective `name` cannot be computed without labels (its class declares it)."""
+    return bool(getattr(OBJECTIVES.get(OBJECTIVES.canonical(name)), "needs_labels", True))
 
 
 def resolve_objectives(
@@ -63,49 +38,54 @@ def resolve_objectives(
     method_params: Mapping[str, Any] | None = None,
     objectives: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[ObjectiveSpec]:
-    """The objective entries of a classifier method, with `method_params` applied to every entry
-    whose params define that field (an unknown field is an error), plus explicit `objectives`."""
-    entries: list[dict[str, Any]] = []
-    if method is not None:
-        entries = classifier_recipe(method).expand(list(objectives or []))
-    elif objectives:
-        entries = [dict(o) for o in objectives]
-    else:
-        raise ValueError("name a method (e.g. method='kd') or a list of objectives")
-    for key, value in (method_params or {}).items():
-        hits = [e for e in entries if key in _fields(e["name"]) or key == "weight"]
-        if not hits:
-            names = sorted({f for e in entries for f in _fields(e["name"])})
-            raise ValueError(
-                f"method {method!r} has no parameter {key!r} (its parameters: {', '.join(names) or 'none'})"
-            )
-        for entry in hits:
-            entry[key] = value
-    return [ObjectiveSpec.model_validate(e) for e in entries]
-
-
-def _fields(objective: str) -> list[str]:
-    return list(OBJECTIVES.get(OBJECTIVES.canonical(objective)).Params.model_fields)
-
-
-def check_label_use(specs: Sequence[ObjectiveSpec], has_labels: bool) -> list[str]:
-    """Refuse label-only objectives on unlabelled data; returns notes for the log and report."""
-    if has_labels:
-        return []
-    required = [s.name for s in specs if label_use(s.name) == "required"]
-    if required:
+    """The weighted objective entries of a classifier method with its (flat, typed) parameters,
+    updated/extended by explicit `objectives` entries of the same name (others appended)."""
+    if method is None:
+        if not objectives:
+            raise ValueError("name a method (e.g. method='kd') or a list of objectives")
+        return [ObjectiveSpec.model_validate(dict(o)) for o in objectives]
+    cls = classifier_method(method)
+    known = list(cls.Params.model_fields)
+    unknown = [key for key in (method_params or {}) if key not in known]
+    if unknown:
         raise ValueError(
-            f"objective {required[0]!r} needs labels, but the data has none; use a soft-target "
+            f"method {method!r} has no parameter {unknown[0]!r} "
+            f"(its parameters: {', '.join(sorted(known)) or 'none'})"
+        )
+    entries = cls.objectives(cls.params(dict(method_params or {})))
+    for override in objectives or []:
+        override = dict(override)
+        match = next((e for e in entries if e["name"] == override.get("name")), None)
+        if match is None:
+            entries.append(override)
+        else:
+            match.update(override)
+    return [ObjectiveSpec.model_validate(entry) for entry in entries]
+
+
+def drop_label_terms(
+    specs: Sequence[ObjectiveSpec], has_labels: bool
+) -> tuple[list[ObjectiveSpec], list[str]]:
+    """The entries to train on data with or without labels, and notes for the log and report.
+
+    With labels: unchanged. Without: label-needing entries are dropped if others remain, else
+    ValueError naming the objective that needs labels."""
+    if has_labels:
+        return list(specs), []
+    kept = [s for s in specs if not needs_labels(s.name)]
+    dropped = [s.name for s in specs if needs_labels(s.name)]
+    if not kept:
+        raise ValueError(
+            f"objective {dropped[0]!r} needs labels, but the data has none; use a soft-target "
             "method (e.g. method='kd') for label-free transfer data, or give labels"
         )
-    notes = []
-    for spec in specs:
-        if label_use(spec.name) == "optional":
-            notes.append(
-                f"the data has no labels: {spec.name} trains on the teacher's soft targets alone "
-                "(its label term is dropped)"
-            )
-    return notes
+    if not dropped:
+        return kept, []
+    soft = ", ".join(s.name for s in kept)
+    return kept, [
+        f"the data has no labels: training on the teacher's soft targets alone ({soft}); "
+        f"the label term{'s' if len(dropped) > 1 else ''} {', '.join(dropped)} dropped"
+    ]
 
 
 class LogitsAdapter(nn.Module):
@@ -126,9 +106,9 @@ class AnyModelDistiller(ClassifierDistiller):
     """ClassifierDistiller over adapted models, with labels optional and cached teacher logits.
 
     batch: {"inputs": Tensor or dict, "labels": [B] (NO_LABEL = none), "teacher_logits": [B, C]
-    (optional)}. Label-required terms are averaged over the labelled examples of the batch (and
-    skipped in a batch that has none); label-optional terms use their soft-only version on a batch
-    without labels. Returns the weighted terms plus "_labelled" (the labelled fraction).
+    (optional)}. Label-needing terms are averaged over the labelled examples of the batch (0, with
+    no gradient, in a batch that has none). Returns the weighted terms plus "_labelled" (the
+    labelled fraction of the batch).
     """
 
     def __init__(
@@ -139,17 +119,10 @@ class AnyModelDistiller(ClassifierDistiller):
         example_inputs: Any = None,
     ) -> None:
         super().__init__(student, teacher, objectives, example_inputs)
-        self.specs = list(objectives)
-        self.label_uses = [label_use(s.name) for s in self.specs]
-        free = [soft_only(s) if use == "optional" else None for s, use in zip(self.specs, self.label_uses)]
-        self.soft_terms = nn.ModuleList(
-            build_objective(s) if s is not None else nn.Identity() for s in free
-        )
+        self.label_terms = [bool(getattr(term, "needs_labels", True)) for term in self.terms]
 
     @torch.no_grad()
-    def _feature_shapes(self, example_inputs: Any):  # noqa: ANN202 - FeatureShapes
-        from kdkit.methods.classifier import FeatureShapes
-
+    def _feature_shapes(self, example_inputs: Any) -> FeatureShapes:
         student, teacher = self.student, self.teacher
         was_training = student.training
         student.eval()
@@ -169,7 +142,8 @@ class AnyModelDistiller(ClassifierDistiller):
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         inputs, labels = batch["inputs"], batch["labels"]
         labelled = labels != NO_LABEL
-        out = Outputs(student_logits=labels.new_zeros((), dtype=torch.float32), labels=labels)
+        out = Outputs(student_logits=labels.new_zeros((), dtype=torch.float32), labels=labels,
+                      step=int(getattr(self, "global_step", 0)))
         if self.uses_teacher:
             cached = batch.get("teacher_logits")
             if cached is not None and not self.teacher_layers:
@@ -183,17 +157,15 @@ class AnyModelDistiller(ClassifierDistiller):
         with FeatureHooks(self.student, self.student_layers) as hooks:
             out.student_logits = self.student(inputs)
             out.student_features = dict(hooks.features)
-        any_label = bool(labelled.any())
+        any_label, all_labels = bool(labelled.any()), bool(labelled.all())
         losses: dict[str, Tensor] = {}
-        for weight, term, soft, use in zip(self.weights, self.terms, self.soft_terms, self.label_uses):
-            if use == "required" and not any_label:
-                # same keys as a labelled batch, value 0 and no gradient: nothing to learn from here
+        for weight, term, uses_labels in zip(self.weights, self.terms, self.label_terms):
+            if uses_labels and not any_label:
+                # same keys as a labelled batch, value 0 and no gradient: nothing to learn here
                 placeholder = _labelled_only(out, torch.ones_like(labelled))
                 placeholder.labels = torch.zeros_like(labels)
                 terms = {name: 0.0 * value for name, value in term.terms(placeholder).items()}
-            elif use == "optional" and not any_label:
-                terms = soft.terms(out)
-            elif use == "required" and not bool(labelled.all()):
+            elif uses_labels and not all_labels:
                 terms = term.terms(_labelled_only(out, labelled))
             else:
                 terms = term.terms(out)
@@ -207,32 +179,21 @@ class AnyModelDistiller(ClassifierDistiller):
 
 
 def _labelled_only(out: Outputs, keep: Tensor) -> Outputs:
-    """The batch restricted to its labelled examples (for label-required terms)."""
+    """The batch restricted to its labelled examples (for label-needing terms)."""
     return Outputs(
         student_logits=out.student_logits[keep],
-        labels=out.labels[keep],
+        labels=out.labels[keep] if out.labels is not None else None,
         teacher_logits=out.teacher_logits[keep] if out.teacher_logits is not None else None,
         student_features={k: v[keep] for k, v in out.student_features.items()},
         teacher_features={k: v[keep] for k, v in out.teacher_features.items()},
+        step=out.step,
     )
 
 
-def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the labelled examples (labels != NO_LABEL); 0 if there are none."""
-    keep = labels != NO_LABEL
-    if not keep.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[keep], labels[keep])
-
-
 __all__ = [
-    "LABEL_USE",
     "AnyModelDistiller",
-    "Distiller",
     "LogitsAdapter",
-    "check_label_use",
-    "label_use",
-    "masked_cross_entropy",
+    "drop_label_terms",
+    "needs_labels",
     "resolve_objectives",
-    "soft_only",
 ]

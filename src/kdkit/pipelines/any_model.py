@@ -19,9 +19,9 @@ from torch import nn
 from kdkit.config.any_model import AnyModelRunConfig, FilesDataConfig, SourceModelConfig
 from kdkit.data.examples import Examples, as_examples, default_image_transform
 from kdkit.data.generic import check_columns, load_files
-from kdkit.front_door import _evaluate_examples, check_models_and_data, distill, predict
 from kdkit.methods.any_model import LogitsAdapter
 from kdkit.models.hf import load_model, load_tokenizer, select_encoder_layers
+from kdkit.pipelines.distill import _evaluate_examples, check_models_and_data, distill, predict
 from kdkit.pipelines.run_folder import resolve_run_dir
 
 Log = Callable[[str], None]
@@ -103,11 +103,13 @@ def run_any_model(
         student = build_student(run.model or cfg.student, teacher, cfg.train.seed)
         result = distill(
             teacher=teacher, student=student, data=train_set, method=run.method,
-            method_params=run.method_params, objectives=run.objectives or None, tokenizer=tokenizer,
+            method_params=dict(run.model_extra or {}),
+            objectives=[o.model_dump(exclude_unset=True) for o in run.objectives] or None,
+            tokenizer=tokenizer,
             run_dir=run_dir, student_name=run.name, report=False, log=log, **cfg.train.model_dump(),
         )
         models[run.name] = result.student
-        methods[run.name] = run.method or "+".join(o["name"] for o in run.objectives)
+        methods[run.name] = run.describe_method()
         histories[run.name] = run_dir / "students" / run.name / "metrics.jsonl"
         train_times[run.name] = result.train_time_s
     if eval_set is not None:

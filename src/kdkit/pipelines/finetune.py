@@ -75,8 +75,8 @@ def finetuned_teacher(
     tokenizer (loadable with `kdkit.models.hf.load_model(folder, task=task)`) and teacher.json
     (settings, evaluation on `eval_data` if given, training wall time).
     """
-    from kdkit.front_door import distill
     from kdkit.models.hf import load_model
+    from kdkit.pipelines.distill import distill
 
     key = teacher_key(str(source), task=task, num_labels=num_labels, settings=settings,
                       max_length=max_length, fingerprint=data_fingerprint(data, input_column, label_column))

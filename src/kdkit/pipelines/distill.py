@@ -49,11 +49,12 @@ from kdkit.eval import classifier_metrics, measure_latency, model_footprint
 from kdkit.methods.any_model import (
     AnyModelDistiller,
     LogitsAdapter,
-    check_label_use,
+    drop_label_terms,
     resolve_objectives,
 )
 from kdkit.models.hf import load_model, load_tokenizer
 from kdkit.pipelines.run_folder import resolve_run_dir
+from kdkit.registry import OBJECTIVES, load_builtins
 from kdkit.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ def distill(
     settings: every engine setting of `TrainConfig` (steps, batch_size, lr, weight_decay,
     schedule, warmup_steps, seed, mixed_precision, ...). Returns a `DistillResult`.
     """
+    load_builtins()
     cfg = _train_config(settings)
     specs = resolve_objectives(method, method_params, objectives)
     label = student_name or (method or "+".join(s.name for s in specs))
@@ -284,7 +286,7 @@ def distill(
     check_models_and_data(t_adapter, s_adapter, train_set, "data")
     if eval_set is not None:
         check_models_and_data(t_adapter, s_adapter, eval_set, "eval_data")
-    notes = check_label_use(specs, train_set.has_labels)
+    specs, notes = drop_label_terms(specs, train_set.has_labels)
     if train_set.has_labels and train_set.labelled < len(train_set):
         notes.append(
             f"{train_set.labelled:,} of {len(train_set):,} training examples are labelled; label terms "
@@ -360,9 +362,7 @@ def distill(
 
 
 def _needs_teacher(spec: Any) -> bool:
-    from kdkit.methods.classifier import build_objective
-
-    return bool(build_objective(spec).needs_teacher)
+    return bool(OBJECTIVES.get(spec.name).needs_teacher)
 
 
 def _describe_model(model: Any) -> dict[str, Any]:
