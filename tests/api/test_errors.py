@@ -83,10 +83,10 @@ def test_bad_engine_value(teacher, tmp_path):
 
 
 def test_unknown_method_and_parameter(teacher, tmp_path):
-    refuse(tmp_path, ValueError, r"'kdd' is not a classifier method \(known: at, dist", method="kdd", teacher=teacher,
-           student=make_student(), data=torch.randn(50, 12))
-    refuse(tmp_path, ValueError, r"method 'kd' has no parameter 'temp' \(its parameters: alpha, .*temperature", method_params={"temp": 2}, teacher=teacher, student=make_student(),
-           data=torch.randn(50, 12))
+    refuse(tmp_path, ValueError, r"'kdd' is not a classifier method \(known: at, dist", method="kdd",
+           teacher=teacher, student=make_student(), data=torch.randn(50, 12))
+    refuse(tmp_path, ValueError, r"method .kd. has no parameter .temp. \(its parameters: alpha, .*temp",
+           method_params={"temp": 2}, teacher=teacher, student=make_student(), data=torch.randn(50, 12))
     refuse(tmp_path, ValueError, "temperature", method_params={"temperature": -2}, teacher=teacher,
            student=make_student(), data=torch.randn(50, 12))
 
