@@ -72,8 +72,11 @@ class ClassifierRun:
         if self.cfg.data.labelled is not None:
             from kdkit.pipelines.label_scarce import split_labels
 
+            # a cached teacher was trained on exactly this training split: keep its logits beside it
+            cached = self.cfg.teacher.checkpoint is None
+            cache = teacher_cache_dir(self.cfg) / "train_logits.safetensors" if cached else None
             self.scarce = split_labels(self.full_set, self.teacher, self.cfg.data.labelled,
-                                       self.cfg.data.labelled_seed, log=self.log)
+                                       self.cfg.data.labelled_seed, log=self.log, cache=cache)
 
     def finished(self, out: Path) -> bool:
         return (out / "model.safetensors").is_file()

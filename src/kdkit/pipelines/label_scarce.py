@@ -13,9 +13,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdkit.data.examples import NO_LABEL, Examples
@@ -45,8 +47,10 @@ class LabelScarce:
 @torch.no_grad()
 def split_labels(
     train_set: TensorClassificationDataset, teacher: nn.Module, labelled: int, seed: int,
-    *, log: Callable[[str], None] = print, batch_size: int = 1000,
+    *, log: Callable[[str], None] = print, batch_size: int = 1000, cache: Path | None = None,
 ) -> LabelScarce:
+    """cache: a safetensors file for the teacher's logits on these images (read if it matches the
+    data's size, else computed and written) — a warm run then skips the teacher entirely."""
     n = len(train_set)
     if labelled >= n:
         raise ValueError(f"data.labelled={labelled} leaves no unlabelled images (the training split has {n})")
@@ -54,13 +58,22 @@ def split_labels(
     labels = torch.full_like(train_set.labels, NO_LABEL)
     labels[keep] = train_set.labels[keep]
     started = time.perf_counter()
-    was_training = teacher.training
-    teacher.eval()
-    logits = torch.cat([teacher(train_set.inputs[i:i + batch_size]).float()
-                        for i in range(0, n, batch_size)])
-    teacher.train(was_training)
+    logits = load_file(str(cache))["logits"] if cache is not None and cache.is_file() else None
+    if logits is not None and logits.shape[0] == n:
+        how = f"read from {cache}"
+    else:
+        was_training = teacher.training
+        teacher.eval()
+        logits = torch.cat([teacher(train_set.inputs[i:i + batch_size]).float()
+                            for i in range(0, n, batch_size)])
+        teacher.train(was_training)
+        how = f"computed in {time.perf_counter() - started:.1f} s"
+        if cache is not None:
+            partial = cache.with_suffix(".tmp")
+            save_file({"logits": logits.contiguous()}, str(partial))
+            partial.replace(cache)
     log(f"kdkit: label-scarce run: {labelled:,} labelled of {n:,} training images; teacher logits of "
-        f"all images cached in {time.perf_counter() - started:.1f} s")
+        f"all images {how}")
     few = TensorClassificationDataset(train_set.inputs[keep], train_set.labels[keep], train_set.classes)
     return LabelScarce(few, Examples(train_set.inputs, labels, teacher_logits=logits))
 
