@@ -65,6 +65,13 @@ def test_source_named_run_fine_tunes_once_and_reports(tmp_path, kdkit_cache):
     assert any("fine-tuned teacher loaded from cache" in m for m in messages)
     assert not any("fine-tuning" in m for m in messages)
 
+    from kdkit.api import evaluate
+
+    (run_dir / "metrics.json").unlink()
+    assert evaluate(run_dir) == run_dir  # `kdkit eval` re-evaluates from the saved students
+    again = {r["model"]: r for r in json.loads((run_dir / "metrics.json").read_text())["rows"]}
+    assert again["kd"]["accuracy"] == pytest.approx(rows["kd"]["accuracy"])
+
 
 def test_built_in_form_still_validates_as_before():
     cfg = parse_run_config({"kind": "classifier", "students": [{"name": "s", "method": "scratch"}]})

@@ -121,6 +121,50 @@ def run_any_model(
     return run_dir
 
 
+def evaluate_any_model_run(run_dir: str | Path, *, log: Log = print) -> Path:
+    """Re-evaluate a finished source-named run folder (`kdkit eval`): the teacher (from its source
+    or the fine-tuning cache) and every saved student on data.eval; rewrites the report."""
+    run_dir = Path(run_dir)
+    cfg = AnyModelRunConfig.model_validate(json.loads((run_dir / "config.json").read_text()))
+    if cfg.data.eval is None:
+        raise ValueError(f"{run_dir}: the run has no data.eval to evaluate on")
+    train_data = load_split(cfg.data, "train") if cfg.teacher.finetune is not None else None
+    teacher, tokenizer_source = build_teacher(cfg, train_data, None, log)
+    tokenizer = _tokenizer(cfg.data.tokenizer or tokenizer_source)
+    eval_set = as_examples(
+        load_split(cfg.data, "eval"), input_column=cfg.data.input_column, label_column=cfg.data.label_column,
+        tokenizer=tokenizer, max_length=cfg.data.max_length,
+        image_transform=default_image_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std),
+    )
+    if cfg.eval.subset is not None and cfg.eval.subset < len(eval_set):
+        eval_set = eval_set.take(range(cfg.eval.subset))
+    models: dict[str, nn.Module] = {"teacher": teacher}
+    methods = {"teacher": "teacher"}
+    histories: dict[str, Path] = {}
+    for run in cfg.students:
+        out = run_dir / "students" / run.name
+        spec = run.model or cfg.student
+        if (out / "model" / "config.json").is_file():
+            models[run.name] = load_model(out / "model", task=spec.task)
+        elif (out / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            student = build_student(spec, teacher, cfg.train.seed)
+            student.load_state_dict(load_file(str(out / "model.safetensors")))
+            models[run.name] = student
+        else:
+            log(f"kdkit: student {run.name} has no saved model; left out of the report")
+            continue
+        methods[run.name] = run.describe_method()
+        histories[run.name] = out / "metrics.jsonl"
+    _evaluate_examples(
+        models, eval_set, run_dir, reference="teacher", methods=methods, histories=histories,
+        config=cfg.model_dump(mode="json"), latency_repeats=cfg.eval.latency_repeats,
+        title=f"Classifier distillation: {cfg.name}", log=log,
+    )
+    return run_dir
+
+
 def _tokenizer(source: str | None) -> Any:
     if source is None:
         return None
@@ -138,4 +182,11 @@ def train_examples(cfg: AnyModelRunConfig, tokenizer: Any) -> Examples:
     )
 
 
-__all__ = ["build_student", "build_teacher", "load_split", "run_any_model", "train_examples"]
+__all__ = [
+    "build_student",
+    "build_teacher",
+    "evaluate_any_model_run",
+    "load_split",
+    "run_any_model",
+    "train_examples",
+]
