@@ -111,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             rows[name].append(row)
             print(f"seed {seed} {name}: accuracy {row['accuracy']:.4f} agreement {row['agreement']:.4f} "
                   f"train {result.train_time_s:.0f} s", flush=True)
-    body = markdown(rows, args, cfg, settings, cache_s, teacher_load_s, time.perf_counter() - started)
-    print(body)
-    if not args.no_doc:
-        write_doc(Path(args.doc), body)
+        # after every seed, so a run stopped early still leaves the seeds it finished
+        done = args.seeds[: args.seeds.index(seed) + 1]
+        wall = time.perf_counter() - started
+        body = markdown(rows, args, cfg, settings, cache_s, teacher_load_s, wall, done)
+        print(body, flush=True)
+        if not args.no_doc:
+            write_doc(Path(args.doc), body)
     return 0
 
 
@@ -128,7 +131,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def markdown(
     rows: dict[str, list[dict[str, Any]]], args: argparse.Namespace, cfg: Any, settings: dict[str, Any],
-    cache_s: float, teacher_s: float, wall_s: float,
+    cache_s: float, teacher_s: float, wall_s: float, seeds: list[int],
 ) -> str:
     def pct(name: str, key: str) -> str:
         mean, std = mean_std([float(r[key]) for r in rows[name]])
@@ -141,7 +144,7 @@ def markdown(
     command = "python benchmarks/text_classifier.py " + " ".join(sys.argv[1:])
     ft = cfg.teacher.finetune
     lines = [
-        f"Command: `{command.strip()}` — seeds {args.seeds}; total wall time {wall_s / 60:.1f} min "
+        f"Command: `{command.strip()}` — seeds {seeds}; total wall time {wall_s / 60:.1f} min "
         f"(teacher from cache in {teacher_s:.0f} s; its logits on the transfer set {cache_s:.0f} s, once).",
         "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} (1 thread), load "

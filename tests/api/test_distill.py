@@ -149,3 +149,11 @@ def test_import_kdkit_stays_light():
     code = "import sys, kdkit; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_the_callers_teacher_comes_back_as_it_was(teacher, tensors, tmp_path):
+    x, y, _, _ = tensors
+    teacher.train()
+    kdkit.distill(teacher=teacher, student=make_student(), data=(x, y), method="kd", output_dir=tmp_path,
+                  log=quiet, **{**FAST, "steps": 2})
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())

@@ -75,3 +75,10 @@ def test_layer_selected_student_starts_from_the_teachers_blocks():
         teacher.bert.encoder.layer[3].output.dense.weight.data_ptr()  # a copy, not shared
     assert len(teacher.bert.encoder.layer) == 4  # the teacher is untouched
     assert select_encoder_layers(teacher, 2).config.num_hidden_layers == 2
+
+
+def test_a_frozen_teachers_layer_selected_copy_still_trains():
+    teacher = tiny_bert(layers=4).requires_grad_(False)
+    student = select_encoder_layers(teacher, 2)
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())

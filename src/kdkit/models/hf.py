@@ -140,7 +140,7 @@ def select_encoder_layers(model: nn.Module, keep_layers: Sequence[int] | int | s
     pooler and head are copied unchanged; kept block i is a copy of block keep[i]. The config's
     `num_hidden_layers` (and per-layer lists) are updated, so `save_pretrained` output reloads.
     """
-    student = copy.deepcopy(model)
+    student = copy.deepcopy(model).requires_grad_(True)  # a frozen teacher's copy must still train
     prefix, layers = decoder_layers(student)
     kept = select_layers(len(layers), keep_layers)
     new_layers = nn.ModuleList([layers[i] for i in kept])

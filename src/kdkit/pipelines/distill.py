@@ -276,6 +276,11 @@ def distill(
         _as_model(teacher, "teacher", task=task, num_labels=num_labels) if teacher is not None else None
     )
     student_model = _as_model(student, "student", task=task, num_labels=num_labels)
+    # checks and the engine put the teacher in eval mode and freeze it; it goes back as it came
+    teacher_state = (
+        (teacher_model.training, [p.requires_grad for p in teacher_model.parameters()])
+        if teacher_model is not None else None
+    )
     tokenizer = tokenizer or _tokenizer_of(teacher_source) or _tokenizer_of(student_source)
     options = {"input_column": input_column, "label_column": label_column, "tokenizer": tokenizer,
                "max_length": max_length}
@@ -328,14 +333,25 @@ def distill(
     if report:
         (run_dir / "distill.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"kdkit: training {label} for {cfg.steps} steps of batch {cfg.batch_size}; run folder {run_dir}")
-    result = train(
-        distiller, train_set, cfg, out, collate_fn=lambda b: collate(b, train_set.pad_values),
-        description=f"student {label}", resume=resume,
-    )
+    try:
+        result = train(
+            distiller, train_set, cfg, out, collate_fn=lambda b: collate(b, train_set.pad_values),
+            description=f"student {label}", resume=resume,
+        )
+    finally:
+        if teacher_model is not None and teacher_state is not None:
+            teacher_model.train(teacher_state[0])
+            for parameter, flag in zip(teacher_model.parameters(), teacher_state[1]):
+                parameter.requires_grad_(flag)
     student_model = distiller.student.model.cpu()
     _save(student_model, out, tokenizer)
+    # training time over every session of this student (a resumed run counts its earlier ones)
+    history = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+        if (out / "metrics.jsonl").is_file() else []
+    trained_s = float(json.loads(history[-1]).get("elapsed_s", result.wall_time_s)) if history \
+        else result.wall_time_s
     (out / "train.json").write_text(json.dumps(
-        {"steps": result.steps, "wall_time_s": result.wall_time_s, "final_losses": result.final_losses,
+        {"steps": result.steps, "wall_time_s": trained_s, "final_losses": result.final_losses,
          "teacher_cache_s": cache_s}, indent=2) + "\n")
 
     rows: list[dict[str, Any]] = []
@@ -347,7 +363,7 @@ def distill(
             models, eval_set, run_dir, reference="teacher" if teacher_model is not None else None,
             methods={label: method or "objectives", "teacher": "teacher"},
             histories={label: out / "metrics.jsonl"},
-            train_times={label: result.wall_time_s},
+            train_times={label: trained_s},
             notes=notes, config=record, latency_repeats=latency_repeats,
             title=f"Distillation: {label}", log=log,
         )
@@ -358,7 +374,7 @@ def distill(
     elif report:
         write_report(run_dir, title=f"Distillation: {label}", rows=[], columns=COLUMNS,
                      histories={label: out / "metrics.jsonl"}, config=record, notes=notes, scatter=None)
-    return DistillResult(student_model, metrics, run_dir, rows, notes, result.wall_time_s, cache_s)
+    return DistillResult(student_model, metrics, run_dir, rows, notes, trained_s, cache_s)
 
 
 def _needs_teacher(spec: Any) -> bool:
