@@ -310,7 +310,9 @@ class TinyLMServer:
         for i, t in enumerate(ids):
             tokens.append(self._token(t))
             offsets.append(offset)
-            offset += len(self._text_of(t))
+            # Offsets index the text as sent: a BOS the tokenizer added is not in it, an "<eos>" is.
+            added_bos = i == 0 and t == self.tokenizer.bos_token_id
+            offset += 0 if added_bos else len(self._token(t))
             values.append(None if i == 0 else float(lp[i - 1, t]))
             tops.append(None if i == 0 or not k else self._top(lp[i - 1], k))
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}

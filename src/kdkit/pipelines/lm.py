@@ -539,10 +539,6 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-
-
-
-
 __all__ = [
     "LMData",
     "build_distiller",

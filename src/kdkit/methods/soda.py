@@ -1,0 +1,231 @@
+"""SODA — semi on-policy distillation from a text-only teacher, with a DPO loss.
+
+1. Collect the teacher's responses to the training prompts (durable store, paid for once).
+2. Sample the *base* student's responses to the same prompts once: a frozen snapshot, stored in
+   the same store under the teacher id "student:<name>" (so a crash never resamples it either).
+3. Optional SFT warm-up on the teacher's responses (default on).
+4. DPO with the teacher's response as *chosen* and the snapshot response as *rejected*, the
+   warmed-up student (frozen copy) as the reference; β and an optional NLL term on the chosen
+   text are options. No per-step rollouts and no discriminator: the student's own distribution
+   enters only through the one snapshot, hence "semi on-policy".
+
+Batches hold each pair as two rows: rows [0, B) are the chosen texts, rows [B, 2B) the rejected
+ones of the same prompts (`PairCollator`), so one forward pass scores both.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdkit.engine.distiller import Distiller
+from kdkit.losses.preference import dpo_loss
+from kdkit.methods.blackbox import completion_log_probs, fine_tune, stored_samples
+from kdkit.samplers.collate import build_lm_batch
+from kdkit.teachers.base import Prompt, SamplingParams, TextTeacher
+from kdkit.teachers.local import HFTeacher
+from kdkit.teachers.store import ResponseStore, collect
+
+
+class PairCollator:
+    """`{"prompt", "chosen", "rejected"}` samples -> one LM batch of 2B rows (chosen, then rejected).
+
+    Each completion is tokenized without special tokens and ends in EOS. Adds "pairs": B.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int | None = None) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError(
+                "the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its EOS token)"
+            )
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def _completion(self, text: str, prompt_len: int) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return ids[: max(self.max_length - prompt_len, 1)] if self.max_length else ids
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+        prompts = [self.tokenizer(s["prompt"])["input_ids"] for s in samples]
+        chosen = [self._completion(s["chosen"], len(p)) for s, p in zip(samples, prompts)]
+        rejected = [self._completion(s["rejected"], len(p)) for s, p in zip(samples, prompts)]
+        batch = build_lm_batch(prompts + prompts, chosen + rejected, self.tokenizer.pad_token_id)
+        batch["pairs"] = torch.tensor(len(samples))
+        return batch
+
+
+class DPODistiller(Distiller):
+    """DPO on (chosen, rejected) pairs against a frozen reference model (held in the teacher slot).
+
+    beta: the DPO temperature β. nll_weight: weight of the mean NLL of the chosen tokens (0 = off).
+    label_smoothing: conservative DPO's ε. Returns {"dpo", "nll"?} plus diagnostics: reward
+    accuracy (share of pairs with a positive margin), mean margin and chosen/rejected rewards.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        reference: nn.Module,
+        *,
+        beta: float = 0.1,
+        nll_weight: float = 0.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(student, reference)
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        if nll_weight < 0:
+            raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
+        self.beta, self.nll_weight, self.label_smoothing = beta, nll_weight, label_smoothing
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        pairs = int(batch["pairs"])
+        token_logps, mask = completion_log_probs(self.student, batch)
+        with torch.no_grad():
+            ref_logps, _ = completion_log_probs(self.teacher, batch)
+        policy, reference = token_logps.sum(-1), ref_logps.sum(-1)  # [2B] summed nats
+        out = dpo_loss(
+            policy[:pairs],
+            policy[pairs:],
+            reference[:pairs],
+            reference[pairs:],
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+        )
+        terms = {"dpo": out.loss}
+        if self.nll_weight > 0:
+            chosen_tokens = mask[:pairs].sum().clamp_min(1)
+            terms["nll"] = self.nll_weight * (-token_logps[:pairs].sum() / chosen_tokens)
+        return terms | {
+            "_reward_accuracy": (out.margins > 0).float().mean(),
+            "_margin": out.margins.mean(),
+            "_chosen_reward": out.chosen_rewards.mean(),
+            "_rejected_reward": out.rejected_rewards.mean(),
+        }
+
+
+@dataclass
+class SODASettings:
+    """Options of SODA (see the module docstring).
+
+    warmup: SFT on the teacher's responses before DPO (default on); warmup_steps its length.
+    beta, nll_weight, label_smoothing: the DPO loss. dpo_steps: DPO optimizer steps.
+    student_params: how the base student's snapshot is sampled.
+    """
+
+    warmup: bool = True
+    warmup_steps: int = 200
+    warmup_lr: float = 3e-3
+    dpo_steps: int = 100
+    dpo_lr: float = 5e-4
+    beta: float = 0.1
+    nll_weight: float = 0.0
+    label_smoothing: float = 0.0
+    batch_size: int = 32
+    seed: int = 0
+    student_params: SamplingParams = SamplingParams(temperature=1.0, max_tokens=64)
+
+
+def snapshot_id(student_name: str) -> str:
+    """The store's teacher id of the base student's frozen snapshot."""
+    return f"student:{student_name}"
+
+
+def run_soda(
+    student: nn.Module,
+    tokenizer: Any,
+    teacher: TextTeacher,
+    store: ResponseStore,
+    prompts: Sequence[Prompt],
+    teacher_params: SamplingParams,
+    run_dir: str | Path,
+    *,
+    student_name: str = "student",
+    settings: SODASettings | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run SODA end to end; `student` is trained in place. Returns a JSON-safe summary.
+
+    Resumable: the teacher's and the snapshot's responses come from the store (only missing
+    ones are requested), and each training stage resumes from its checkpoints in `run_dir`.
+    """
+    from kdkit.config import TrainConfig
+
+    s = settings or SODASettings()
+    run_dir = Path(run_dir)
+    teacher_report = collect(
+        teacher, store, prompts, teacher_params, progress=progress, description="teacher"
+    )
+    # The snapshot is taken from the *base* student, before any warm-up.
+    base = HFTeacher(student, tokenizer, teacher_id=snapshot_id(student_name), batch_size=s.batch_size)
+    snapshot_report = collect(
+        base, store, prompts, s.student_params, progress=progress, description="snapshot"
+    )
+    chosen = stored_samples(store, teacher.teacher_id, prompts, teacher_params)
+    rejected = stored_samples(store, base.teacher_id, prompts, s.student_params)
+    pairs = [
+        {"prompt": c["prompt"], "chosen": c["completion"], "rejected": r["completion"]}
+        for c, r in zip(chosen, rejected)
+    ]
+    identical = sum(p["chosen"] == p["rejected"] for p in pairs)
+    pairs = [p for p in pairs if p["chosen"] != p["rejected"]]  # no preference between equal texts
+    if not pairs:
+        raise ValueError(
+            f"all {identical} teacher responses equal the student's snapshot: DPO has no preference to learn"
+        )
+
+    def config(steps: int, lr: float) -> TrainConfig:
+        return TrainConfig(
+            steps=steps,
+            batch_size=min(s.batch_size, max(len(pairs), 1)),
+            lr=lr,
+            warmup_steps=min(10, steps // 10),
+            seed=s.seed,
+            checkpoint_every=max(steps // 2, 1),
+            log_every=max(steps // 10, 1),
+            mixed_precision="no",
+            progress=progress,
+        )
+
+    warmup_result = None
+    if s.warmup and s.warmup_steps > 0:
+        warmup_result = fine_tune(
+            student,
+            tokenizer,
+            chosen,
+            config(s.warmup_steps, s.warmup_lr),
+            run_dir / "warmup",
+            description="warm-up",
+        )
+    reference = copy.deepcopy(student).eval()
+    from kdkit.engine import train
+
+    distiller = DPODistiller(
+        student, reference, beta=s.beta, nll_weight=s.nll_weight, label_smoothing=s.label_smoothing
+    )
+    dpo_result = train(
+        distiller,
+        pairs,
+        config(s.dpo_steps, s.dpo_lr),
+        run_dir / "dpo",
+        collate_fn=PairCollator(tokenizer),
+        resume=True,
+        description="dpo",
+    )
+    return {
+        "teacher_collection": teacher_report.to_json(),
+        "snapshot_collection": snapshot_report.to_json(),
+        "pairs": len(pairs),
+        "identical_pairs_dropped": identical,
+        "warmup_final": warmup_result.final_losses if warmup_result else None,
+        "dpo_final": dpo_result.final_losses,
+        "settings": asdict(s) | {"student_params": s.student_params.to_json()},
+    }
+
+
+__all__ = ["DPODistiller", "PairCollator", "SODASettings", "run_soda", "snapshot_id"]
