@@ -1,7 +1,7 @@
 """The Python API behind the CLI: run a config, the demo, re-evaluate a run, list registries.
 
-import kdkit.api as kd
-run_dir = kd.run("configs/fashion_mnist_benchmark.yaml", ["train.steps=500"])
+    import kdkit.api as kd
+    run_dir = kd.run("configs/fashion_mnist_benchmark.yaml", ["train.steps=500"])
 """
 
 from __future__ import annotations
@@ -41,10 +41,7 @@ def run_config(cfg: BaseModel, *, resume: bool = False, output_dir: Path | None 
 
 
 def run(
-    config_path: str | Path,
-    overrides: list[str] | None = None,
-    *,
-    resume: bool = False,
+    config_path: str | Path, overrides: list[str] | None = None, *, resume: bool = False,
     output_dir: Path | None = None,
 ) -> Path:
     """Validate the YAML config (+ overrides) before any work, then run it."""

@@ -81,13 +81,8 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((python[0], tuple(python[1]), python[2]))
     numpy = state["numpy"]
     np.random.set_state(
-        (
-            numpy["name"],
-            numpy["keys"].numpy().astype(np.uint32),
-            numpy["pos"],
-            numpy["has_gauss"],
-            numpy["cached_gaussian"],
-        )
+        (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+         numpy["cached_gaussian"])
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

@@ -20,7 +20,7 @@ def is_diagnostic(name: str) -> bool:
 
 def log_name(name: str) -> str:
     """The history key of a term: diagnostics "_gen_s" -> "diag/gen_s", loss terms unchanged."""
-    return f"diag/{name[len(DIAGNOSTIC_PREFIX) :]}" if is_diagnostic(name) else name
+    return f"diag/{name[len(DIAGNOSTIC_PREFIX):]}" if is_diagnostic(name) else name
 
 
 def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:

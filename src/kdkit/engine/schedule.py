@@ -25,9 +25,8 @@ def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: s
     if schedule == "cosine":
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    raise ConfigError(
-        f"config error at train.schedule: {schedule!r} is not a schedule (known: cosine, constant)"
-    )
+    raise ConfigError(f"config error at train.schedule: "
+                      f"{schedule!r} is not a schedule (known: cosine, constant)")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -44,8 +43,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Lambd
     """A LambdaLR stepping once per optimizer step; its state_dict holds only numbers."""
 
     def factor(step: int) -> float:
-        return lr_multiplier(
-            step, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule
-        )
+        return lr_multiplier(step, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+                             schedule=cfg.schedule)
 
     return LambdaLR(optimizer, factor)

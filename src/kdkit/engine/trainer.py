@@ -66,7 +66,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def resolve_mixed_precision(setting: str) -> str:
-    """ "auto" -> "bf16" on a CUDA device that supports it, else "no"; other values unchanged."""
+    """"auto" -> "bf16" on a CUDA device that supports it, else "no"; other values unchanged."""
     if setting != "auto":
         return setting
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -169,11 +169,7 @@ def train(
             )
         sampler = EpochSampler(len(dataset), cfg.seed)
         loader = build_loader(
-            dataset,
-            sampler,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            num_workers=cfg.num_workers,
+            dataset, sampler, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
             collate_fn=collate_fn,
         )
         optimizer = build_optimizer(distiller, cfg)
@@ -186,17 +182,11 @@ def train(
         )
         metrics = MetricsWriter(run_dir, enabled=accelerator.is_main_process, purge_after=resumed_from)
         bar = tqdm(
-            total=cfg.steps,
-            initial=state.step,
-            desc=description,
-            dynamic_ncols=True,
+            total=cfg.steps, initial=state.step, desc=description, dynamic_ncols=True,
             disable=not (cfg.progress and accelerator.is_local_main_process),
         )
         batches = endless_batches(
-            loader,
-            sampler,
-            state.position,
-            samples_per_batch=samples_per_batch,
+            loader, sampler, state.position, samples_per_batch=samples_per_batch,
             samples_per_epoch=samples_per_epoch,
         )
         last_record: dict[str, Any] | None = None
@@ -223,32 +213,16 @@ def train(
                 state.step += 1
 
                 bar.update(1)
-                bar.set_postfix(
-                    {k: f"{v:.4g}" for k, v in shown.items() if not k.startswith("diag/")}, refresh=False
-                )
+                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if not k.startswith("diag/")},
+                                refresh=False)
                 now = time.perf_counter()
                 if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                    last_record = _log(
-                        accelerator,
-                        metrics,
-                        state,
-                        lr,
-                        state.elapsed_s + now - session_start,
-                        now - window_start,
-                    )
+                    last_record = _log(accelerator, metrics, state, lr,
+                                       state.elapsed_s + now - session_start, now - window_start)
                     window_start = now
                 if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-                    _save(
-                        accelerator,
-                        run_dir,
-                        cfg,
-                        distiller,
-                        optimizer,
-                        scheduler,
-                        state,
-                        samples_per_batch,
-                        state.elapsed_s + time.perf_counter() - session_start,
-                    )
+                    _save(accelerator, run_dir, cfg, distiller, optimizer, scheduler, state,
+                          samples_per_batch, state.elapsed_s + time.perf_counter() - session_start)
         finally:
             bar.close()
             metrics.close()
@@ -305,10 +279,8 @@ def _start_or_resume(
         logger.warning(
             "kdkit: resuming with %d processes × batch %d, the checkpoint used %d samples per micro-batch "
             "over %d processes; the run continues but will not match an uninterrupted one exactly",
-            accelerator.num_processes,
-            samples_per_batch // accelerator.num_processes,
-            saved["samples_per_batch"],
-            saved["num_processes"],
+            accelerator.num_processes, samples_per_batch // accelerator.num_processes,
+            saved["samples_per_batch"], saved["num_processes"],
         )
     if rng is None:
         logger.warning("kdkit: %s has no RNG state for process %d", latest, accelerator.process_index)
@@ -326,22 +298,13 @@ def _start_or_resume(
 
 
 def _log(
-    accelerator: Accelerator,
-    metrics: MetricsWriter,
-    state: _Progress,
-    lr: float,
-    elapsed_s: float,
+    accelerator: Accelerator, metrics: MetricsWriter, state: _Progress, lr: float, elapsed_s: float,
     window_s: float,
 ) -> dict[str, Any]:
     """Average the window over every process, write one history line, start a new window."""
     means, examples = merge_windows(gather_object([state.window.to_dict()]))
-    record = {
-        "step": state.step,
-        **means,
-        "lr": lr,
-        "elapsed_s": round(elapsed_s, 3),
-        "examples_per_s": round(examples / max(window_s, 1e-9), 2),
-    }
+    record = {"step": state.step, **means, "lr": lr, "elapsed_s": round(elapsed_s, 3),
+              "examples_per_s": round(examples / max(window_s, 1e-9), 2)}
     metrics.write(record)
     state.window = LossWindow()
     return record

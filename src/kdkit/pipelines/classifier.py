@@ -313,6 +313,8 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+
+
 def _save_teacher_copy(cfg: ClassifierRunConfig, teacher: nn.Module, run_dir: Path) -> None:
     """Keep the teacher beside the students, so the run folder can be re-evaluated on its own."""
     folder = run_dir / "teacher"
@@ -328,6 +330,8 @@ def _save_model(model: nn.Module, path: Path) -> None:
     partial = path.with_suffix(".tmp")
     save_file(state, str(partial))
     partial.replace(path)
+
+
 
 
 def _describe(entry: dict[str, Any]) -> str:

@@ -539,6 +539,10 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+
+
+
+
 __all__ = [
     "LMData",
     "build_distiller",
