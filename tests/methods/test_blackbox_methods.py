@@ -136,3 +136,22 @@ def test_stored_samples_name_the_missing_prompt(tmp_path, tiny_lm) -> None:
         assert stored_samples(store, "t", ["1+1="], params)[0]["prompt"] == "1+1="
         with pytest.raises(KeyError, match="2\\+2="):
             stored_samples(store, "t", ["1+1=", "2+2="], params)
+
+
+def test_on_policy_baseline_resamples_the_rejected_rows_every_step(tiny_lm) -> None:
+    from kdkit.samplers.generation import GenerationSettings
+
+    model, tok = tiny_lm
+    settings = GenerationSettings(temperature=1.0, max_new_tokens=5, eos_token_id=2, pad_token_id=0)
+    distiller = DPODistiller(copy.deepcopy(model), copy.deepcopy(model), resample=settings)
+    batch = PairCollator(tok)(PAIRS)
+    fresh, seconds = distiller._resampled(batch, 2)
+    assert seconds > 0 and int(fresh["pairs"]) == 2
+    assert torch.equal(
+        fresh["labels"][:2][fresh["labels"][:2] != -100], batch["labels"][:2][batch["labels"][:2] != -100]
+    )
+    rejected = [tok.decode(r[r != -100].tolist()) for r in fresh["labels"][2:]]
+    assert rejected != [p["rejected"] + "<eos>" for p in PAIRS]  # the student's own samples now
+    with torch.no_grad():
+        terms = distiller(batch)
+    assert float(terms["_gen_s"]) > 0 and float(terms["dpo"]) == pytest.approx(math.log(2), abs=1e-5)

@@ -16,7 +16,8 @@ ones of the same prompts (`PairCollator`), so one forward pass scores both.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdkit.data.padding import IGNORE_INDEX
 from kdkit.engine.distiller import Distiller
 from kdkit.losses.preference import dpo_loss
 from kdkit.methods.blackbox import completion_log_probs, fine_tune, stored_samples
 from kdkit.samplers.collate import build_lm_batch
+from kdkit.samplers.generation import GenerationSettings, generate_batch
 from kdkit.teachers.base import Prompt, SamplingParams, TextTeacher
 from kdkit.teachers.local import HFTeacher
 from kdkit.teachers.store import ResponseStore, collect
@@ -63,8 +66,11 @@ class DPODistiller(Distiller):
     """DPO on (chosen, rejected) pairs against a frozen reference model (held in the teacher slot).
 
     beta: the DPO temperature β. nll_weight: weight of the mean NLL of the chosen tokens (0 = off).
-    label_smoothing: conservative DPO's ε. Returns {"dpo", "nll"?} plus diagnostics: reward
-    accuracy (share of pairs with a positive margin), mean margin and chosen/rejected rewards.
+    label_smoothing: conservative DPO's ε. resample: None (SODA: the batch's rejected rows are the
+    frozen snapshot) or generation settings to replace them every step by fresh samples of the
+    current student (the fully on-policy baseline SODA is measured against; slower).
+    Returns {"dpo", "nll"?} plus diagnostics: reward accuracy (share of pairs with a positive
+    margin), mean margin, chosen/rejected rewards and the step's generation seconds.
     """
 
     def __init__(
@@ -75,8 +81,10 @@ class DPODistiller(Distiller):
         beta: float = 0.1,
         nll_weight: float = 0.0,
         label_smoothing: float = 0.0,
+        resample: GenerationSettings | None = None,
     ) -> None:
         super().__init__(student, reference)
+        self.resample = resample
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if nll_weight < 0:
@@ -85,6 +93,9 @@ class DPODistiller(Distiller):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         pairs = int(batch["pairs"])
+        generation_s = 0.0
+        if self.resample is not None:
+            batch, generation_s = self._resampled(batch, pairs)
         token_logps, mask = completion_log_probs(self.student, batch)
         with torch.no_grad():
             ref_logps, _ = completion_log_probs(self.teacher, batch)
@@ -106,7 +117,21 @@ class DPODistiller(Distiller):
             "_margin": out.margins.mean(),
             "_chosen_reward": out.chosen_rewards.mean(),
             "_rejected_reward": out.rejected_rewards.mean(),
+            "_gen_s": torch.tensor(generation_s),
         }
+
+    def _resampled(self, batch: dict[str, Tensor], pairs: int) -> tuple[dict[str, Tensor], float]:
+        """The batch with its rejected rows replaced by the current student's samples."""
+        prompt_ids, prompt_mask = batch["prompt_ids"][:pairs], batch["prompt_attention_mask"][:pairs]
+        fresh, info = generate_batch(self.student, prompt_ids, prompt_mask, self.resample)
+        labels = batch["labels"][:pairs]
+        prompts = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask)]
+        chosen = [row[row != IGNORE_INDEX].tolist() for row in labels]
+        rejected = [row[row != IGNORE_INDEX].tolist() for row in fresh["labels"]]
+        pad = self.resample.pad_token_id if self.resample.pad_token_id is not None else 0
+        rebuilt = build_lm_batch(prompts + prompts, chosen + rejected, pad)
+        rebuilt = {k: v.to(labels.device) for k, v in rebuilt.items()}
+        return rebuilt | {"pairs": batch["pairs"]}, float(info["generation_s"])
 
 
 @dataclass
@@ -129,6 +154,7 @@ class SODASettings:
     batch_size: int = 32
     seed: int = 0
     student_params: SamplingParams = SamplingParams(temperature=1.0, max_tokens=64)
+    on_policy: bool = False  # the baseline: fresh student samples as rejected at every DPO step
 
 
 def snapshot_id(student_name: str) -> str:
@@ -148,8 +174,12 @@ def run_soda(
     student_name: str = "student",
     settings: SODASettings | None = None,
     progress: bool = False,
+    on_warmed_up: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Run SODA end to end; `student` is trained in place. Returns a JSON-safe summary.
+
+    on_warmed_up(student) is called after the warm-up, before DPO (e.g. to evaluate or copy the
+    warmed-up student, which is sequence-level KD on the same teacher responses).
 
     Resumable: the teacher's and the snapshot's responses come from the store (only missing
     ones are requested), and each training stage resumes from its checkpoints in `run_dir`.
@@ -202,12 +232,30 @@ def run_soda(
             run_dir / "warmup",
             description="warm-up",
         )
+    if on_warmed_up is not None:
+        on_warmed_up(student)
     reference = copy.deepcopy(student).eval()
     from kdkit.engine import train
 
+    resample = None
+    if s.on_policy:
+        params = s.student_params
+        resample = GenerationSettings(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_new_tokens=params.max_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     distiller = DPODistiller(
-        student, reference, beta=s.beta, nll_weight=s.nll_weight, label_smoothing=s.label_smoothing
+        student,
+        reference,
+        beta=s.beta,
+        nll_weight=s.nll_weight,
+        label_smoothing=s.label_smoothing,
+        resample=resample,
     )
+    started = time.perf_counter()
     dpo_result = train(
         distiller,
         pairs,
@@ -224,6 +272,7 @@ def run_soda(
         "identical_pairs_dropped": identical,
         "warmup_final": warmup_result.final_losses if warmup_result else None,
         "dpo_final": dpo_result.final_losses,
+        "dpo_seconds": time.perf_counter() - started,
         "settings": asdict(s) | {"student_params": s.student_params.to_json()},
     }
 
