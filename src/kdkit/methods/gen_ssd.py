@@ -40,6 +40,9 @@ class GenSSDSettings:
     temperature / top_p: the teacher's sampling of candidates. cold_start_prompts: prompts whose
     full teacher responses fine-tune the student first (cold_start_steps steps; 0 = none).
     finetune_on_cold_start: the final fine-tune also sees the cold-start responses (already paid).
+    max_requests: a teacher-request budget for the whole run (cold start included): selection
+    takes the prompts in groups of `batch_size` and stops starting groups once it is spent
+    (None = select on every prompt).
     """
 
     k: int = 4
@@ -54,6 +57,7 @@ class GenSSDSettings:
     lr: float = 3e-3
     batch_size: int = 32
     finetune_on_cold_start: bool = True
+    max_requests: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,10 +102,12 @@ def select_paths(
     *,
     checker: Callable[[str, str], bool] | None = None,
     progress: bool = False,
+    counter: dict[str, int] | None = None,
 ) -> list[ReasoningPath]:
     """Grow one path per prompt chunk by chunk (all active paths' proposals requested together).
 
     checker(prompt, path_text) -> bool filters finished paths (status "wrong" when it says no).
+    counter: if given, counter["requests"] is increased by the teacher requests sent.
     """
     params = settings.chunk_params()
     scorer = HFTeacher(
@@ -113,9 +119,11 @@ def select_paths(
         if not active:
             break
         contexts = [path.prompt + path.text for path in active]
-        collect(
+        report = collect(
             teacher, store, contexts, params, n=settings.k, progress=progress, description=f"chunk {chunk}"
         )
+        if counter is not None:
+            counter["requests"] = counter.get("requests", 0) + report.requested
         stored = _stored_or_none(store, teacher, contexts, params, settings.k)
         for path, context, candidates in zip(active, contexts, stored):
             if candidates is None:  # the teacher failed on this context: leave the path unfinished
@@ -228,9 +236,23 @@ def run_gen_ssd(
             run_dir / "cold_start",
             description="cold start",
         )
-    paths = select_paths(
-        teacher, student, tokenizer, store, grow_prompts, s, checker=checker, progress=progress
-    )
+    counter = {"requests": cold.requested if cold else 0}
+    paths: list[ReasoningPath] = []
+    group = max(s.batch_size, 1)
+    for start in range(0, len(grow_prompts), group):
+        if s.max_requests is not None and counter["requests"] >= s.max_requests:
+            break
+        paths += select_paths(
+            teacher,
+            student,
+            tokenizer,
+            store,
+            grow_prompts[start : start + group],
+            s,
+            checker=checker,
+            progress=progress,
+            counter=counter,
+        )
     selected = [{"prompt": p.prompt, "completion": p.text} for p in paths if p.status == "finished"]
     samples = selected + (cold_samples if s.finetune_on_cold_start else [])
     result = fine_tune(
@@ -241,9 +263,16 @@ def run_gen_ssd(
         run_dir / "finetune",
         description="fine-tune",
     )
+    report = path_report(paths, tokenizer)
+    if cold_samples:  # the length of a standard KD path, for comparison with the selected ones
+        lengths = [
+            len(tokenizer(c["completion"], add_special_tokens=False)["input_ids"]) for c in cold_samples
+        ]
+        report["teacher_full_mean_tokens"] = statistics.fmean(lengths)
     return {
         "cold_start_collection": cold.to_json() if cold else None,
-        "selection": path_report(paths, tokenizer),
+        "teacher_requests": counter["requests"],
+        "selection": report,
         "finetune_samples": len(samples),
         "finetune_final": result.final_losses,
         "settings": asdict(s),
