@@ -155,3 +155,38 @@ def test_on_policy_baseline_resamples_the_rejected_rows_every_step(tiny_lm) -> N
     with torch.no_grad():
         terms = distiller(batch)
     assert float(terms["_gen_s"]) > 0 and float(terms["dpo"]) == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_gen_ssd_run_stays_near_its_request_budget_and_reports_paths(tiny_lm, server, tmp_path) -> None:
+    from kdkit.methods.gen_ssd import run_gen_ssd
+
+    _, tok = tiny_lm
+    student, _ = tiny_arithmetic_lm(seed=3)
+    settings = GenSSDSettings(
+        k=2,
+        chunk_tokens=4,
+        threshold=1e9,
+        max_chunks=2,
+        cold_start_prompts=4,
+        cold_start_steps=2,
+        finetune_steps=2,
+        batch_size=4,
+        max_requests=12,
+    )
+    prompts = [f"{i}+{i + 3}=" for i in range(40)]
+    with ResponseStore(tmp_path / "r.sqlite") as store:
+        summary = run_gen_ssd(
+            student,
+            tok,
+            OpenAITeacher(server.url, "tiny"),
+            store,
+            prompts,
+            SamplingParams(max_tokens=6),
+            tmp_path / "run",
+            settings=settings,
+        )
+    assert summary["teacher_requests"] == len(server.events)
+    assert 12 <= len(server.events) <= 12 + settings.max_chunks  # cold start 4 + selection, small overshoot
+    selection = summary["selection"]
+    assert selection["paths"] < 36 and selection["finished"] + selection["unfinished"] == selection["paths"]
+    assert selection["teacher_full_mean_tokens"] > 0

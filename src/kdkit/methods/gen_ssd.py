@@ -238,10 +238,17 @@ def run_gen_ssd(
         )
     counter = {"requests": cold.requested if cold else 0}
     paths: list[ReasoningPath] = []
-    group = max(s.batch_size, 1)
-    for start in range(0, len(grow_prompts), group):
-        if s.max_requests is not None and counter["requests"] >= s.max_requests:
-            break
+    start = 0
+    while start < len(grow_prompts):
+        group = max(s.batch_size, 1)
+        if s.max_requests is not None:
+            remaining = s.max_requests - counter["requests"]
+            if remaining <= 0:
+                break
+            # Size the group by the chunks a path has taken so far (max_chunks before any), so the
+            # budget is overshot by at most about one group's last chunks.
+            chunks = statistics.fmean([p.chunks for p in paths]) if paths else s.max_chunks
+            group = max(1, min(group, int(remaining // max(chunks, 1.0))))
         paths += select_paths(
             teacher,
             student,
@@ -253,6 +260,7 @@ def run_gen_ssd(
             progress=progress,
             counter=counter,
         )
+        start += group
     selected = [{"prompt": p.prompt, "completion": p.text} for p in paths if p.status == "finished"]
     samples = selected + (cold_samples if s.finetune_on_cold_start else [])
     result = fine_tune(
