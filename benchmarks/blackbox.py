@@ -297,7 +297,8 @@ def main() -> None:
 
     from tests.teachers.server import TinyLMServer
 
-    from kdkit.tasks.arithmetic import get_arithmetic_teacher, make_problems
+    from kdkit.pipelines.teachers import get_arithmetic_teacher
+    from kdkit.tasks.arithmetic import make_problems
 
     teacher_model, tok, folder = get_arithmetic_teacher()
     problems = make_problems(args.eval_problems, (1, 4), seed=12345)

@@ -190,3 +190,51 @@ def test_gen_ssd_run_stays_near_its_request_budget_and_reports_paths(tiny_lm, se
     selection = summary["selection"]
     assert selection["paths"] < 36 and selection["finished"] + selection["unfinished"] == selection["paths"]
     assert selection["teacher_full_mean_tokens"] > 0
+
+
+def test_dpo_objective_in_the_core_distiller_matches_the_soda_distiller(tiny_lm) -> None:
+    from kdkit.methods import LMDistiller
+    from kdkit.objectives.lm import DPOObjective
+    from kdkit.signals import TokenLogprobsSignal
+
+    model, tok = tiny_lm
+    student, reference = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():  # make the policy differ from the reference
+        for parameter in student.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    batch = PairCollator(tok)(PAIRS)
+    params = DPOObjective.Params(beta=0.3, nll_weight=0.5)
+    core = LMDistiller(student, reference, signal=TokenLogprobsSignal(), objective=DPOObjective(params))
+    own = DPODistiller(student, reference, beta=0.3, nll_weight=0.5)
+    with torch.no_grad():
+        core_terms, own_terms = core(dict(batch)), own(dict(batch))
+    assert float(core_terms["kd"]) == pytest.approx(float(own_terms["dpo"] + own_terms["nll"]), rel=1e-5)
+    assert float(core_terms["_dpo"]) == pytest.approx(float(own_terms["dpo"]), rel=1e-5)
+    with pytest.raises(ValueError, match="PairCollator"):
+        core(PromptCompletionCollator(tok)([{"prompt": "1+1=", "completion": "2"}]))
+
+
+def test_text_methods_are_registered_with_checked_parameters(tiny_lm, tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from kdkit.registry import METHODS, load_builtins
+
+    load_builtins()
+    for name in ("text_seqkd", "soda", "gen_ssd"):
+        assert METHODS.get(name).kind == "text"
+    with pytest.raises(ValidationError, match="threshold"):
+        METHODS.get("gen_ssd").Params(threshold=0.5)
+    model, tok = tiny_lm
+    method = METHODS.get("text_seqkd")
+    params = method.Params(steps=2, batch_size=2, teacher_max_tokens=4)
+    with ResponseStore(tmp_path / "r.sqlite") as store:
+        summary = method.run(
+            params,
+            student=copy.deepcopy(model),
+            tokenizer=tok,
+            teacher=HFTeacher(model, tok, teacher_id="t"),
+            store=store,
+            prompts=["1+1=", "2+2=", "3+3="],
+            run_dir=tmp_path / "run",
+        )
+    assert summary["samples"] == 3 and summary["collection"]["stored"] == 3

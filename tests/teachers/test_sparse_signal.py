@@ -41,3 +41,24 @@ def test_unknown_served_tokens_are_a_tokenizer_mismatch(tiny_lm) -> None:
     assert token_id(tok, "token_id:7") == 7 and token_id(tok, "+") == tok.convert_tokens_to_ids("+")
     with pytest.raises(ValueError, match="tokenizer differs"):
         token_id(tok, "Ġhello")
+
+
+def test_served_signal_is_registered_and_gives_a_sparse_target(tiny_lm) -> None:
+    from kdkit.registry import TEACHER_SIGNALS
+    from kdkit.settings import LMContext
+
+    model, tok = tiny_lm
+    entry = TEACHER_SIGNALS.get("served")
+    signal = entry(entry.Params(top_k=3), LMContext.from_tokenizer(tok), teacher=HFTeacher(model, tok))
+    assert not signal.needs_teacher_model and signal.provides == "sparse"
+    batch = PromptCompletionCollator(tok)(SAMPLES)
+    target = signal(batch, teacher=None)
+    assert target.kinds() == ("sparse",) and target.sparse.ids.shape == (*batch["labels"][:, 1:].shape, 3)
+    with torch.no_grad():
+        lp = (
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            .logits[:, :-1]
+            .log_softmax(-1)
+        )
+    mask = batch["labels"][:, 1:] != -100
+    assert torch.allclose(target.sparse.logprobs[mask], lp.topk(3, dim=-1).values[mask], atol=1e-4)

@@ -1,7 +1,9 @@
 """Named methods (`METHODS`): one small file each, choosing one entry per axis with defaults.
 
 Classifier methods: scratch, kd, dkd, fitnet, at, dist. LM methods: supervised_kd, seqkd,
-on_policy, gkd, sampled_token, minillm. Importing this package registers them all.
+on_policy, gkd, sampled_token, minillm. Text-teacher methods (kind "text": the teacher is reached
+only as text, through `kdkit.teachers`): text_seqkd, soda, gen_ssd. Importing this package
+registers them all.
 """
 
 from kdkit.methods import (
@@ -9,6 +11,7 @@ from kdkit.methods import (
     dist,
     dkd,
     fitnet,
+    gen_ssd,
     gkd,
     kd,
     minillm,
@@ -16,7 +19,9 @@ from kdkit.methods import (
     sampled_token,
     scratch,
     seqkd,
+    soda,
     supervised_kd,
+    text_seqkd,
 )
 from kdkit.methods.base import (
     ClassifierMethod,
@@ -41,6 +46,7 @@ __all__ = [
     "dist",
     "dkd",
     "fitnet",
+    "gen_ssd",
     "gkd",
     "kd",
     "lm_method",
@@ -49,5 +55,7 @@ __all__ = [
     "sampled_token",
     "scratch",
     "seqkd",
+    "soda",
     "supervised_kd",
+    "text_seqkd",
 ]

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
-from kdkit.data.padding import IGNORE_INDEX
 from kdkit.engine.distiller import Distiller
+from kdkit.losses.tokens import IGNORE_INDEX
+from kdkit.methods.base import Method
+from kdkit.settings import ParamsModel
 from kdkit.teachers.base import Prompt, SamplingParams
 from kdkit.teachers.store import ResponseStore
 
@@ -96,4 +99,71 @@ def fine_tune(
     )
 
 
-__all__ = ["CompletionCEDistiller", "completion_log_probs", "fine_tune", "stored_samples"]
+# ---------------------------------------------------------------------- the method kind "text"
+
+
+class TeacherSamplingParams(ParamsModel):
+    """How the text teacher samples its responses (part of the response-store key)."""
+
+    teacher_temperature: float = Field(1.0, ge=0.0)
+    teacher_top_p: float = Field(1.0, gt=0.0, le=1.0)
+    teacher_max_tokens: PositiveInt = 256
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.teacher_temperature, top_p=self.teacher_top_p, max_tokens=self.teacher_max_tokens
+        )
+
+
+class TextMethod(Method):
+    """A method that needs only the teacher's text (an API, a server, a local generator).
+
+    Its stages (collect into the durable store, fine-tune, ...) run through `run`; the teacher is
+    a `kdkit.teachers.TextTeacher`, never a loaded model.
+    """
+
+    kind = "text"
+
+    @classmethod
+    def run(
+        cls,
+        params: Any,
+        *,
+        student: nn.Module,
+        tokenizer: Any,
+        teacher: Any,
+        store: ResponseStore,
+        prompts: Sequence[str],
+        run_dir: str | Path,
+        checker: Any = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def train_config(steps: int, *, lr: float, batch_size: int, samples: int, seed: int, progress: bool) -> Any:
+    """The `TrainConfig` of one fine-tuning stage (warm-up 10% up to 10 steps, checkpoints at half)."""
+    from kdkit.engine.settings import TrainConfig
+
+    return TrainConfig(
+        steps=steps,
+        batch_size=max(1, min(batch_size, samples)),
+        lr=lr,
+        warmup_steps=min(10, steps // 10),
+        seed=seed,
+        checkpoint_every=max(steps // 2, 1),
+        log_every=max(steps // 10, 1),
+        mixed_precision="no",
+        progress=progress,
+    )
+
+
+__all__ = [
+    "CompletionCEDistiller",
+    "TeacherSamplingParams",
+    "TextMethod",
+    "completion_log_probs",
+    "fine_tune",
+    "stored_samples",
+    "train_config",
+]

@@ -15,6 +15,7 @@ paths' lengths and the student perplexities of selected against unselected candi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -22,9 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 
-from kdkit.methods.blackbox import fine_tune, stored_samples
+from kdkit.methods.blackbox import TeacherSamplingParams, TextMethod, fine_tune, stored_samples
+from kdkit.registry import METHODS
 from kdkit.teachers.base import SamplingParams, TextTeacher
 from kdkit.teachers.local import HFTeacher
 from kdkit.teachers.store import ResponseStore, collect
@@ -202,7 +205,7 @@ def run_gen_ssd(
     The first `cold_start_prompts` prompts get full teacher responses (`teacher_params`) for the
     cold start; the remaining prompts are grown by selection. Returns a JSON-safe summary.
     """
-    from kdkit.config import TrainConfig
+    from kdkit.engine.settings import TrainConfig
 
     s = settings or GenSSDSettings()
     run_dir = Path(run_dir)
@@ -287,4 +290,75 @@ def run_gen_ssd(
     }
 
 
-__all__ = ["GenSSDSettings", "candidate_perplexities", "path_report", "run_gen_ssd", "select_paths"]
+# ---------------------------------------------------------------------- the registered method
+
+
+class GenSSDParams(TeacherSamplingParams):
+    """Gen-SSD's options (see `GenSSDSettings`); teacher_* sample the cold-start responses and the
+    candidate chunks."""
+
+    k: PositiveInt = 4
+    chunk_tokens: PositiveInt = 32
+    threshold: float = Field(2.0, gt=1.0)
+    max_chunks: PositiveInt = 16
+    cold_start_prompts: int = Field(64, ge=0)
+    cold_start_steps: int = Field(100, ge=0)
+    finetune_steps: PositiveInt = 200
+    lr: PositiveFloat = 3e-3
+    batch_size: PositiveInt = 32
+    finetune_on_cold_start: bool = True
+    max_requests: PositiveInt | None = None
+    seed: int = 0
+
+
+@METHODS.register(
+    "gen_ssd",
+    "Gen-SSD: the student keeps the lowest-perplexity of k teacher chunks, prunes above a threshold",
+)
+class GenSSD(TextMethod):
+    Params = GenSSDParams
+
+    @classmethod
+    def run(
+        cls,
+        params: Any,
+        *,
+        student,
+        tokenizer,
+        teacher,
+        store,
+        prompts,
+        run_dir,
+        checker=None,
+        progress=False,
+    ):  # type: ignore[no-untyped-def]
+        fields = {f.name for f in dataclasses.fields(GenSSDSettings)}
+        values = params.model_dump()
+        settings = GenSSDSettings(
+            **{k: v for k, v in values.items() if k in fields},
+            temperature=params.teacher_temperature,
+            top_p=params.teacher_top_p,
+        )
+        return run_gen_ssd(
+            student,
+            tokenizer,
+            teacher,
+            store,
+            prompts,
+            params.sampling(),
+            run_dir,
+            settings=settings,
+            checker=checker,
+            progress=progress,
+        )
+
+
+__all__ = [
+    "GenSSD",
+    "GenSSDParams",
+    "GenSSDSettings",
+    "candidate_perplexities",
+    "path_report",
+    "run_gen_ssd",
+    "select_paths",
+]

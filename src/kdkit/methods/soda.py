@@ -23,12 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from kdkit.data.padding import IGNORE_INDEX
 from kdkit.engine.distiller import Distiller
 from kdkit.losses.preference import dpo_loss
-from kdkit.methods.blackbox import completion_log_probs, fine_tune, stored_samples
+from kdkit.losses.tokens import IGNORE_INDEX
+from kdkit.methods.blackbox import (
+    TeacherSamplingParams,
+    TextMethod,
+    completion_log_probs,
+    fine_tune,
+    stored_samples,
+)
+from kdkit.registry import METHODS
 from kdkit.samplers.collate import build_lm_batch
 from kdkit.samplers.generation import GenerationSettings, generate_batch
 from kdkit.teachers.base import Prompt, SamplingParams, TextTeacher
@@ -184,7 +192,7 @@ def run_soda(
     Resumable: the teacher's and the snapshot's responses come from the store (only missing
     ones are requested), and each training stage resumes from its checkpoints in `run_dir`.
     """
-    from kdkit.config import TrainConfig
+    from kdkit.engine.settings import TrainConfig
 
     s = settings or SODASettings()
     run_dir = Path(run_dir)
@@ -277,4 +285,77 @@ def run_soda(
     }
 
 
-__all__ = ["DPODistiller", "PairCollator", "SODASettings", "run_soda", "snapshot_id"]
+# ---------------------------------------------------------------------- the registered method
+
+
+class SODAParams(TeacherSamplingParams):
+    """SODA's options (see `SODASettings`); student_* set how the base student's snapshot is sampled;
+    student_name names the snapshot in the store (give each distinct base student its own)."""
+
+    warmup: bool = True
+    warmup_steps: PositiveInt = 200
+    warmup_lr: PositiveFloat = 3e-3
+    dpo_steps: PositiveInt = 100
+    dpo_lr: PositiveFloat = 5e-4
+    beta: PositiveFloat = 0.1
+    nll_weight: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    batch_size: PositiveInt = 32
+    seed: int = 0
+    student_temperature: float = Field(1.0, ge=0.0)
+    student_max_tokens: PositiveInt = 256
+    student_name: str = "student"
+    on_policy: bool = False
+
+
+@METHODS.register(
+    "soda",
+    "SODA: teacher text chosen vs a frozen snapshot of the base student rejected, DPO after SFT warm-up",
+)
+class SODA(TextMethod):
+    Params = SODAParams
+
+    @classmethod
+    def run(
+        cls,
+        params: Any,
+        *,
+        student,
+        tokenizer,
+        teacher,
+        store,
+        prompts,
+        run_dir,
+        checker=None,
+        progress=False,
+    ):  # type: ignore[no-untyped-def]
+        p = params
+        settings = SODASettings(
+            warmup=p.warmup,
+            warmup_steps=p.warmup_steps,
+            warmup_lr=p.warmup_lr,
+            dpo_steps=p.dpo_steps,
+            dpo_lr=p.dpo_lr,
+            beta=p.beta,
+            nll_weight=p.nll_weight,
+            label_smoothing=p.label_smoothing,
+            batch_size=p.batch_size,
+            seed=p.seed,
+            student_params=SamplingParams(temperature=p.student_temperature, max_tokens=p.student_max_tokens),
+            on_policy=p.on_policy,
+        )
+        return run_soda(
+            student,
+            tokenizer,
+            teacher,
+            store,
+            prompts,
+            p.sampling(),
+            run_dir,
+            student_name=p.student_name,
+            settings=settings,
+            progress=progress,
+        )
+
+
+__all__ = ["SODA", "DPODistiller", "PairCollator", "SODAParams", "SODASettings", "run_soda", "snapshot_id"]

@@ -3,12 +3,14 @@
 from kdkit.signals.base import LMHead, SparseTarget, TeacherSignal, TeacherTarget
 from kdkit.signals.hidden import HiddenSignal, lm_head
 from kdkit.signals.logits import LogitsSignal
+from kdkit.signals.served import ServedSignal
 from kdkit.signals.token_logprobs import TokenLogprobsSignal
 
 __all__ = [
     "HiddenSignal",
     "LMHead",
     "LogitsSignal",
+    "ServedSignal",
     "SparseTarget",
     "TeacherSignal",
     "TeacherTarget",

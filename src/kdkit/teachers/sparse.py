@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdkit.data.padding import IGNORE_INDEX
+from kdkit.losses.tokens import IGNORE_INDEX
 from kdkit.teachers.base import TextTeacher
 
 LOGIT_FLOOR = -1e30  # as kdkit.losses.divergences.LOGIT_FLOOR
