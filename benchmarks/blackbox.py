@@ -146,6 +146,8 @@ def run_seed(
         flush=True,
     )
 
+    if args.skip_gen_ssd:
+        return out
     # ---- Gen-SSD: cold start + selection until the same number of requests is spent
     student = copy.deepcopy(base)
     settings = GenSSDSettings(
@@ -201,7 +203,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for method in ("seqkd", "soda", "on_policy_dpo", "gen_ssd"):
-        entries = [r[method] for r in runs]
+        entries = [r[method] for r in runs if method in r]
+        if not entries:
+            continue
         digits = sorted(entries[0]["exact_match"], key=int)
         out[method] = {
             "exact_match": {d: stat([e["exact_match"][d] for e in entries]) for d in digits},
@@ -225,12 +229,15 @@ def render(data: dict[str, Any]) -> str:
         "|---|---:|---:|" + "---:|" * (len(digits) + 1),
     ]
     pct = lambda x: f"{100 * x['mean']:.1f}% ± {100 * x['std']:.1f}"  # noqa: E731
-    for name, label in (
+    methods = (
         ("seqkd", "seqkd"),
         ("soda", "SODA"),
         ("on_policy_dpo", "on-policy DPO"),
         ("gen_ssd", "Gen-SSD"),
-    ):
+    )
+    for name, label in methods:
+        if name not in s:
+            continue
         m = s[name]
         tokens = f"{m['teacher_tokens']['mean']:.0f}" if "teacher_tokens" in m else "same as SODA"
         cells = " | ".join(pct(m["exact_match"][d]) for d in digits)
@@ -246,6 +253,8 @@ def render(data: dict[str, Any]) -> str:
         f"| on-policy DPO (student sampled every step) | {onp['dpo_seconds']['mean']:.1f} ± "
         f"{onp['dpo_seconds']['std']:.1f} | {onp['teacher_calls']['mean']:.0f} |",
     ]
+    if "gen_ssd" not in s:
+        return "\n".join(lines)
     sel = [r["gen_ssd"]["selection"] for r in data["runs"]]
     lines += [
         "",
@@ -283,6 +292,12 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=1.5)
     parser.add_argument("--temperature", type=float, default=1.0, help="teacher sampling temperature")
     parser.add_argument("--eval-problems", type=int, default=400)
+    parser.add_argument(
+        "--skip-gen-ssd", action="store_true", help="seqkd, SODA and the on-policy baseline only"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="the JSON file to write (default docs/benchmarks/blackbox.json)"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--render", type=Path)
     args = parser.parse_args()
@@ -314,14 +329,14 @@ def main() -> None:
         for seed in args.seeds:
             runs.append(run_seed(seed, args, server, Path(tmp), problems))
     data = {
-        "args": {k: v for k, v in vars(args).items() if k != "render"},
+        "args": {k: v for k, v in vars(args).items() if k not in ("render", "out")},
         "teacher": {"folder": folder.name, "exact_match": teacher_em},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
         "wall_seconds": time.perf_counter() - started,
         "runs": runs,
         "summary": summarise(runs),
     }
-    path = OUT / ("blackbox_quick.json" if args.quick else "blackbox.json")
+    path = args.out or OUT / ("blackbox_quick.json" if args.quick else "blackbox.json")
     path.write_text(json.dumps(data, indent=2))
     print(render(data))
     print(f"wrote {path} in {data['wall_seconds']:.0f} s")
