@@ -200,6 +200,10 @@ class TinyLMServer:
     ) -> None:
         if event["outcome"] == "?":
             event["outcome"] = f"http_{status}"
+        # Recorded before the client can read the response (a test reading the counters right after
+        # its request returns must see it); undone if the client is gone.
+        with self._lock:
+            event["status"] = status if event["outcome"] != "malformed" else "malformed"
         try:
             handler.send_response(status)
             handler.send_header("Content-Type", "application/json")
@@ -210,10 +214,8 @@ class TinyLMServer:
             handler.wfile.write(data)
             handler.wfile.flush()
         except OSError:
-            event["outcome"] = "client_gone"
-            return
-        with self._lock:
-            event["status"] = status if event["outcome"] != "malformed" else "malformed"
+            with self._lock:
+                event["outcome"], event["status"] = "client_gone", None
 
     # ------------------------------------------------------------------ the model
 

@@ -44,8 +44,10 @@ def test_unknown_served_tokens_are_a_tokenizer_mismatch(tiny_lm) -> None:
 
 
 def test_served_signal_is_registered_and_gives_a_sparse_target(tiny_lm) -> None:
-    from kdkit.registry import TEACHER_SIGNALS
+    from kdkit.registry import TEACHER_SIGNALS, load_builtins
     from kdkit.settings import LMContext
+
+    load_builtins()
 
     model, tok = tiny_lm
     entry = TEACHER_SIGNALS.get("served")
