@@ -288,10 +288,12 @@ def train_causal_lm(
     run_dir: Path,
     *,
     progress: bool = True,
+    collate_fn: Any | None = None,
 ) -> None:
     """Cross-entropy on completion tokens with kdkit's engine (AdamW, cosine schedule, warmup).
 
-    An interrupted run resumes from its last checkpoint in `run_dir`.
+    An interrupted run resumes from its last checkpoint in `run_dir`. `collate_fn` defaults to
+    `PromptCompletionCollator(tokenizer)` (completion + EOS trained on).
     """
     from kdkit.config import TrainConfig
     from kdkit.engine import train
@@ -313,4 +315,5 @@ def train_causal_lm(
         mixed_precision="no",
         progress=progress,
     )
-    train(trainer, list(samples), cfg, run_dir, collate_fn=PromptCompletionCollator(tokenizer), resume=True)
+    collate_fn = collate_fn or PromptCompletionCollator(tokenizer)
+    train(trainer, list(samples), cfg, run_dir, collate_fn=collate_fn, resume=True)
