@@ -94,14 +94,16 @@ def test_teacher_log_likelihood_reward_matches_a_direct_computation() -> None:
     tokenizer = arithmetic_tokenizer()
     teacher = _tiny(tokenizer, seed=5)
     problems = make_problems(3, (1, 3), seed=0)
-    batch = PromptCompletionCollator(tokenizer)([{"prompt": p.prompt, "completion": p.completion} for p in problems])
+    samples = [{"prompt": p.prompt, "completion": p.completion} for p in problems]
+    batch = PromptCompletionCollator(tokenizer)(samples)
     inputs = RewardInputs([p.prompt for p in problems], [p.completion for p in problems], batch, teacher)
     reward = TeacherLogLikelihoodReward(mean=False)
     tokens = reward.token_rewards(inputs)
     with torch.no_grad():
         for i, p in enumerate(problems):
             prompt = tokenizer(p.prompt)["input_ids"]
-            full = prompt + tokenizer(p.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            completion = tokenizer(p.completion, add_special_tokens=False)["input_ids"]
+            full = prompt + completion + [tokenizer.eos_token_id]
             lp = torch.log_softmax(teacher(input_ids=torch.tensor([full])).logits[0, :-1], -1)
             direct = lp[torch.arange(len(full) - 1), torch.tensor(full[1:])][len(prompt) - 1 :].sum()
             assert_close(reward(inputs)[i], direct, atol=1e-5, rtol=1e-5)

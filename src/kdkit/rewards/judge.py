@@ -87,7 +87,9 @@ class JudgeReward:
             for i, ids in enumerate(encoded):
                 input_ids[i, : len(ids)] = torch.tensor(ids)
             attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-            logits = self.judge(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            logits = self.judge(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+            ).logits
             last = logits[torch.arange(len(encoded), device=device), (lengths - 1).to(device)]  # [n, V]
             rows.append(torch.log_softmax(last.float(), dim=-1))
         return torch.cat(rows)

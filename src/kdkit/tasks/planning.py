@@ -104,7 +104,8 @@ def expert_plan(scenario: Scenario) -> str | None:
             return "".join(reversed(moves))
         for move, (dr, dc) in MOVES.items():
             nxt = (cell[0] + dr, cell[1] + dc)
-            if 0 <= nxt[0] < n and 0 <= nxt[1] < n and scenario.grid[nxt[0]][nxt[1]] != "#" and nxt not in previous:
+            inside = 0 <= nxt[0] < n and 0 <= nxt[1] < n
+            if inside and scenario.grid[nxt[0]][nxt[1]] != "#" and nxt not in previous:
                 previous[nxt] = (cell, move)
                 queue.append(nxt)
     return None
@@ -180,7 +181,9 @@ def check_text(prompt: str, completion: str) -> float:
     return float(execute(parse_prompt(prompt), completion).success)
 
 
-def planning_dataset(n: int, difficulties: Sequence[str] = TRAIN_DIFFICULTIES, seed: int = 0) -> list[dict[str, Any]]:
+def planning_dataset(
+    n: int, difficulties: Sequence[str] = TRAIN_DIFFICULTIES, seed: int = 0
+) -> list[dict[str, Any]]:
     """`{"prompt", "completion", "difficulty_id"}` samples with the expert's plans."""
     names = list(DIFFICULTIES)
     return [
