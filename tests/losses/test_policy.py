@@ -87,8 +87,9 @@ def test_clipped_objective_asymmetric_clip_and_sequence_normalisation() -> None:
     mask = torch.tensor([[True, False, False], [True, True, True]])
     adv = torch.tensor([1.0, 1.0])
     # ε_high = 0.6: ρ = 1.5 is now inside the clip
-    loss, _ = clipped_policy_loss(log_probs, old, adv, mask, clip_eps=0.2, clip_eps_high=0.6,
-                                  normalisation="sequence")
+    loss, _ = clipped_policy_loss(
+        log_probs, old, adv, mask, clip_eps=0.2, clip_eps_high=0.6, normalisation="sequence"
+    )
     loss.backward()
     # sequence mean: row 0 has one token (weight 1/2), row 1 three tokens (1/6 each)
     expected = torch.tensor([[-1.5 / 2, 0.0, 0.0], [-1 / 6, -1 / 6, -1 / 6]])
@@ -114,8 +115,9 @@ def test_kl_penalty_is_k3_with_its_gradient() -> None:
     ref = torch.tensor([[-1.5, -1.0]])
     mask = torch.ones(1, 2, dtype=torch.bool)
     zero_adv = torch.zeros(1)
-    loss, info = clipped_policy_loss(log_probs, log_probs.detach(), zero_adv, mask, ref_log_probs=ref,
-                                     kl_coef=0.1)
+    loss, info = clipped_policy_loss(
+        log_probs, log_probs.detach(), zero_adv, mask, ref_log_probs=ref, kl_coef=0.1
+    )
     loss.backward()
     delta = ref - log_probs.detach()
     assert_close(loss, 0.1 * (delta.exp() - delta - 1).mean())

@@ -21,8 +21,9 @@ from kdkit.tasks.arithmetic_judge import (
 
 
 def _tiny(tokenizer, seed: int = 0):
-    return build_arithmetic_lm(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
-                               seed=seed).eval()
+    return build_arithmetic_lm(
+        tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, seed=seed
+    ).eval()
 
 
 def test_judge_reward_equals_the_judges_next_token_probability_computed_directly() -> None:
