@@ -1,0 +1,340 @@
+"""Rewards instead of labels: off-policy KD, on-policy GKD, REINFORCE with log p_T, GRPO with the task's
+checker and GRPO with a judge's verdict, at equal student sampling budget, on arithmetic and planning.
+
+Every variant starts from the same label-free student (the cached teacher with its MLPs pruned to a
+quarter width, all layers kept) and trains for the same number of optimizer steps on the same
+number of sequences per step (32): dataset completions (off-policy KD) or the student's own samples
+(32 prompts × 1 for GKD λ=1 and REINFORCE; 8 prompts × G=4 for GRPO). Only "offpolicy_kd" reads the
+dataset's expert completions and only "grpo_task" reads the task's answers (through its checker);
+the judge-reward student sees neither: its reward is a judge LM's p("Y") after the template
+"{prompt}{completion}?", the judge trained from scratch on labelled worked solutions
+(`kdkit.tasks.arithmetic_judge`). The judge's agreement with the checker on the student's own
+samples is measured on the side (never fed to training).
+
+    .venv/bin/python benchmarks/rewards.py                     # both tasks, 3 seeds
+    .venv/bin/python benchmarks/rewards.py --task planning --seeds 0 1 2
+    .venv/bin/python benchmarks/rewards.py --quick             # smoke run
+    .venv/bin/python benchmarks/rewards.py --render docs/benchmarks/rewards.json
+
+Writes docs/benchmarks/rewards[_quick].json (each task's part is merged into an existing file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "benchmarks"
+VARIANTS = ("offpolicy_kd", "gkd_onpolicy", "reinforce_logpT", "grpo_task", "grpo_judge")
+
+
+class AuditedReward:
+    """Wraps a reward; also runs the task's checker on the same samples to measure agreement.
+
+    Only the wrapped reward's values reach training; the checker's verdicts are kept for the audit.
+    """
+
+    def __init__(self, reward: Any, checker: Any) -> None:
+        self.reward, self.checker = reward, checker
+        self.agree = self.total = 0
+        self.checker_sum = 0.0
+
+    def __call__(self, inputs: Any) -> torch.Tensor:
+        values = self.reward(inputs)
+        truth = self.checker(inputs)
+        if values is not truth:
+            self.agree += int(((values > 0.5).float() == truth).sum())
+        else:
+            self.agree += len(truth)
+        self.total += len(truth)
+        self.checker_sum += float(truth.sum())
+        return values
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.total, 1)
+        return {"judge_checker_agreement": self.agree / n, "train_success": self.checker_sum / n}
+
+
+def _history_sum(path: Path, key: str) -> float:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    total, previous = 0.0, 0
+    for record in records:
+        total += record.get(key, 0.0) * (record["step"] - previous)
+        previous = record["step"]
+    return total
+
+
+def task_setup(task: str, quick: bool) -> dict[str, Any]:
+    """Teacher, tokenizer, training samples, evaluation function and generation length of a task."""
+    from kdkit.samplers.collate import PromptCompletionCollator
+
+    if task == "arithmetic":
+        from kdkit.tasks.arithmetic import arithmetic_dataset, exact_match_by_length, get_arithmetic_teacher
+        from kdkit.tasks.arithmetic import make_problems as make
+
+        teacher, tokenizer, folder = get_arithmetic_teacher()
+        problems = make(120 if quick else 400, (1, 4), seed=12345)
+
+        def evaluate(model: Any) -> dict[str, float]:
+            scores = exact_match_by_length(model, tokenizer, problems, batch_size=128)
+            return {f"em_{d}": v for d, v in scores.items()}
+
+        def train_samples(seed: int) -> list[dict[str, Any]]:
+            return arithmetic_dataset(4000, (1, 3), seed=seed)
+
+        max_new_tokens = 40  # a 4-digit solution is 42 characters: the student trains on 1-3 digits (32)
+    else:
+        from kdkit.tasks.planning import (
+            DIFFICULTIES,
+            get_planning_teacher,
+            make_scenarios,
+            plan_metrics,
+            planning_dataset,
+        )
+
+        teacher, tokenizer, folder = get_planning_teacher()
+        scenarios = make_scenarios(80 if quick else 400, tuple(DIFFICULTIES), seed=12345)
+
+        def evaluate(model: Any) -> dict[str, float]:
+            rows = plan_metrics(model, tokenizer, scenarios)
+            return {f"{k}_{d}": v for d, row in rows.items() for k, v in row.items()}
+
+        def train_samples(seed: int) -> list[dict[str, Any]]:
+            return planning_dataset(4000, seed=seed + 1000)
+
+        max_new_tokens = 24
+    collate = PromptCompletionCollator(tokenizer)
+    return {
+        "teacher": teacher,
+        "tokenizer": tokenizer,
+        "folder": folder,
+        "evaluate": evaluate,
+        "train_samples": train_samples,
+        "collate": collate,
+        "max_new_tokens": max_new_tokens,
+    }
+
+
+def build_variant(
+    name: str, task: str, student: Any, setup: dict[str, Any], judge: Any
+) -> tuple[Any, int, Any]:
+    """(distiller, prompts per step, audit or None) of one variant."""
+    from kdkit.methods.lm import LMDistiller
+    from kdkit.methods.policy_gradient import PolicyGradientDistiller
+    from kdkit.rewards import CheckerReward, JudgeReward
+    from kdkit.samplers import DatasetSampler, GenerationSettings, StudentSampler
+
+    teacher, tokenizer = setup["teacher"], setup["tokenizer"]
+    generation = GenerationSettings(
+        temperature=1.0,
+        max_new_tokens=setup["max_new_tokens"],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if name == "offpolicy_kd":
+        return LMDistiller(student, teacher, sampler=DatasetSampler(), divergence="fkl"), 32, None
+    if name == "gkd_onpolicy":  # GKD with λ = 1: the student's own samples only, JSD(β=0.5)
+        sampler = StudentSampler(generation)
+        distiller = LMDistiller(
+            student, teacher, sampler=sampler, divergence="jsd", divergence_kwargs={"beta": 0.5}
+        )
+        return distiller, 32, None
+    if name == "reinforce_logpT":
+        distiller = PolicyGradientDistiller(
+            student, teacher, estimator="reinforce", group_size=1, tokenizer=tokenizer, generation=generation
+        )
+        return distiller, 32, None
+    checker = CheckerReward(task)
+    if name == "grpo_task":
+        reward = AuditedReward(checker, checker)
+    elif name == "grpo_judge":
+        judge_model, judge_tokenizer = judge
+        judge_reward = JudgeReward(
+            judge_model, judge_tokenizer, template="{prompt}{completion}?", yes="Y", no="N", output="prob"
+        )
+        reward = AuditedReward(judge_reward, checker)
+    else:
+        raise ValueError(name)
+    distiller = PolicyGradientDistiller(
+        student, teacher, reward=reward, tokenizer=tokenizer, group_size=4, generation=generation
+    )
+    return distiller, 8, reward
+
+
+def run_task(task: str, seeds: list[int], steps: int, quick: bool, work: Path) -> dict[str, Any]:
+    from kdkit.config import TrainConfig
+    from kdkit.engine import train
+    from kdkit.models.lm import derive_student
+
+    setup = task_setup(task, quick)
+    teacher, evaluate = setup["teacher"], setup["evaluate"]
+    judge = None
+    variants = list(VARIANTS)
+    judge_info: dict[str, Any] = {}
+    if task == "arithmetic":
+        from kdkit.tasks.arithmetic_judge import ArithmeticJudgeConfig, get_arithmetic_judge
+
+        # --quick: a barely trained judge (its own cache entry), to exercise the code path only
+        judge_cfg = ArithmeticJudgeConfig(steps=20) if quick else ArithmeticJudgeConfig()
+        judge_model, judge_tokenizer, judge_folder = get_arithmetic_judge(judge_cfg, progress=False)
+        judge = (judge_model, judge_tokenizer)
+        judge_info = json.loads((judge_folder / "kdkit_judge.json").read_text())
+    else:
+        variants.remove("grpo_judge")  # no judge for planning: the task reward only
+
+    def initial_student() -> Any:
+        torch.manual_seed(0)
+        return derive_student(teacher, keep_layers=3, intermediate_size=48).train()
+
+    reference = {"teacher": evaluate(teacher), "student_init": evaluate(initial_student())}
+    print(
+        f"[{task}] teacher {reference['teacher']}\n[{task}] initial student {reference['student_init']}",
+        flush=True,
+    )
+    runs = []
+    for seed in seeds:
+        samples = setup["train_samples"](seed)
+        for name in variants:
+            student = initial_student()
+            torch.manual_seed(seed)
+            distiller, prompts, audit = build_variant(name, task, student, setup, judge)
+            cfg = TrainConfig(
+                steps=steps,
+                batch_size=prompts,
+                lr=1e-3,
+                warmup_steps=max(steps // 10, 1),
+                schedule="constant",
+                weight_decay=0.0,
+                seed=seed,
+                log_every=1,
+                checkpoint_every=steps,
+                mixed_precision="no",
+                progress=False,
+            )
+            result = train(
+                distiller, samples, cfg, work / f"{task}-{name}-{seed}", collate_fn=setup["collate"]
+            )
+            scores = evaluate(distiller.student.eval())
+            gen_s = _history_sum(result.history_path, "diag/gen_s")
+            reward_s = _history_sum(result.history_path, "diag/reward_s")
+            run = {
+                "task": task,
+                "variant": name,
+                "seed": seed,
+                "wall_s": result.wall_time_s,
+                "generation_s": gen_s,
+                "reward_s": reward_s,
+                "scores": scores,
+            }
+            if audit is not None:
+                run |= audit.summary()
+            runs.append(run)
+            print(
+                f"[{task}] {name:<16} seed {seed}: {result.wall_time_s:6.1f} s (sampling {gen_s:5.1f} s) "
+                f"{ {k: round(v, 3) for k, v in scores.items()} }"
+                + (f" audit {audit.summary()}" if audit else ""),
+                flush=True,
+            )
+    return {"reference": reference, "runs": runs, "judge": judge_info, "teacher_folder": str(setup["folder"])}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}%"
+    return f"{100 * statistics.mean(values):.1f}% ± {100 * statistics.pstdev(values):.1f}"
+
+
+def render_tables(result: dict[str, Any]) -> str:
+    lines = []
+    for task, part in result.get("tasks", {}).items():
+        runs = part["runs"]
+        keys = list(part["reference"]["teacher"])
+        if task == "planning":
+            keys = [k for k in keys if k.split("_")[0] in ("success", "collision", "off")]
+        lines.append(f"### {task}\n")
+        header = ["variant", *keys, "wall s", "sampling share", "train success", "judge=checker"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for ref in ("teacher", "student_init"):
+            row = part["reference"][ref]
+            lines.append(
+                "| " + " | ".join([ref, *(f"{100 * row[k]:.1f}%" for k in keys), "—", "—", "—", "—"]) + " |"
+            )
+        for variant in VARIANTS:
+            chosen = [r for r in runs if r["variant"] == variant]
+            if not chosen:
+                continue
+            cells = [f"{variant} (n={len(chosen)})"]
+            cells += [_mean_std([r["scores"][k] for r in chosen]) for k in keys]
+            wall = [r["wall_s"] for r in chosen]
+            cells.append(f"{statistics.mean(wall):.0f} ± {statistics.pstdev(wall):.0f}")
+            share = [r["generation_s"] / r["wall_s"] for r in chosen]
+            cells.append(f"{100 * statistics.mean(share):.0f}%")
+            cells.append(
+                _mean_std([r["train_success"] for r in chosen]) if "train_success" in chosen[0] else "—"
+            )
+            agreement = [r["judge_checker_agreement"] for r in chosen if variant == "grpo_judge"]
+            cells.append(_mean_std(agreement) if agreement else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=("arithmetic", "planning", "both"), default="both")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--render", type=Path)
+    args = parser.parse_args(argv)
+    if args.render is not None:
+        print(render_tables(json.loads(args.render.read_text())))
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    steps = args.steps or (4 if args.quick else 100)
+    path = OUT / ("rewards_quick.json" if args.quick else "rewards.json")
+    result: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"tasks": {}}
+    tasks = ["arithmetic", "planning"] if args.task == "both" else [args.task]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kdkit-rewards-") as tmp:
+        for task in tasks:
+            part = run_task(task, seeds, steps, args.quick, Path(tmp))
+            part |= {
+                "seeds": seeds,
+                "steps": steps,
+                "sequences_per_step": 32,
+                "command": "benchmarks/rewards.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "machine": {
+                    "cpu_count": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "torch": torch.__version__,
+                    "load_average": list(os.getloadavg()),
+                },
+                "total_s": time.perf_counter() - started,
+            }
+            result["tasks"][task] = part
+            path.write_text(json.dumps(result, indent=2))
+    print(render_tables(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
