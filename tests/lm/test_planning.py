@@ -39,7 +39,11 @@ def test_generated_scenarios_are_solvable_and_round_trip_through_text(difficulty
         assert check_text(scenario.prompt, scenario.completion) == 1.0
         parsed = parse_prompt(scenario.prompt)
         assert (parsed.grid, parsed.start, parsed.goal, parsed.difficulty) == (
-            scenario.grid, scenario.start, scenario.goal, scenario.difficulty)
+            scenario.grid,
+            scenario.start,
+            scenario.goal,
+            scenario.difficulty,
+        )
         assert scenario.grid[scenario.start[0]][scenario.start[1]] == "."
 
 
@@ -59,3 +63,19 @@ def test_plan_metrics_of_an_untrained_policy_are_rates_by_difficulty() -> None:
     for row in metrics.values():
         assert all(0.0 <= v <= 1.0 for v in row.values())
         assert row["success"] + row["collision"] + row["off_grid"] + row["invalid"] <= 1.0 + 1e-9
+
+
+def test_planning_teacher_is_trained_once_then_cached(kdkit_cache, monkeypatch) -> None:
+    import json
+
+    from kdkit.tasks import arithmetic
+    from kdkit.tasks.planning import PlanningTeacherConfig, get_planning_teacher
+
+    config = PlanningTeacherConfig(
+        hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, steps=2, batch_size=4
+    )
+    _, _, folder = get_planning_teacher(config, progress=False)
+    info = json.loads((folder / "kdkit_teacher.json").read_text())
+    assert set(info["metrics_by_difficulty"]) == set(DIFFICULTIES)
+    monkeypatch.setattr(arithmetic, "train_causal_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert get_planning_teacher(config)[2] == folder

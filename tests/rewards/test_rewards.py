@@ -111,3 +111,40 @@ def test_teacher_log_likelihood_reward_matches_a_direct_computation() -> None:
             assert_close(tokens[i].sum(), direct, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="teacher"):
         reward(RewardInputs(inputs.prompts, inputs.completions, batch, None))
+
+
+def test_judge_is_trained_once_then_loaded_from_cache_with_its_accuracy(kdkit_cache, monkeypatch) -> None:
+    import json
+
+    from kdkit.tasks import arithmetic
+    from kdkit.tasks.arithmetic_judge import ArithmeticJudgeConfig, get_arithmetic_judge
+
+    config = ArithmeticJudgeConfig(
+        digits=(1, 2), hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, steps=2, batch_size=4
+    )
+    judge, tokenizer, folder = get_arithmetic_judge(config, progress=False)
+    assert folder.parent == kdkit_cache / "judges"
+    info = json.loads((folder / "kdkit_judge.json").read_text())
+    assert {"all", "correct", "incorrect", "digits_1", "digits_3"} <= set(info["accuracy"])
+    assert all(0.0 <= v <= 1.0 for v in info["accuracy"].values())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached judge was retrained")
+
+    monkeypatch.setattr(arithmetic, "train_causal_lm", no_training)
+    again, _, folder2 = get_arithmetic_judge(config)
+    assert folder2 == folder
+    for name, tensor in judge.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    reward = JudgeReward(again, tokenizer)
+    assert reward(RewardInputs(["1+2="], ["1+2+0=03|=3"])).shape == (1,)
+
+
+def test_generative_aux_trains_right_solutions_in_full_with_the_same_tokens() -> None:
+    plain = judge_samples(50, (1, 3), seed=4)
+    aux = judge_samples(50, (1, 3), seed=4, generative_aux=True)
+    for a, b in zip(plain, aux):
+        assert a["prompt"] + a["completion"] == b["prompt"] + b["completion"]
+        assert (b["completion"] == "N") == (a["label"] == 0)
+        if a["label"]:
+            assert b["prompt"].endswith("=") and b["completion"].endswith("?Y")

@@ -32,7 +32,7 @@ from kdkit.tasks.text_tokenizer import char_tokenizer
 
 log = logging.getLogger(__name__)
 
-JUDGE_FORMAT_VERSION = 1
+JUDGE_FORMAT_VERSION = 2
 JUDGE_TEMPLATE = "{prompt}{completion}?"
 YES, NO = "Y", "N"
 CORRUPTIONS = ("step_sum", "carry", "operand", "answer", "truncated")
@@ -120,11 +120,17 @@ def corrupt(problem: Problem, kind: str, rng: random.Random) -> str:
     raise ValueError(f"unknown corruption {kind!r} (known: {', '.join(CORRUPTIONS)})")
 
 
-def judge_samples(n: int, digits: tuple[int, int], seed: int) -> list[dict[str, Any]]:
+def judge_samples(
+    n: int, digits: tuple[int, int], seed: int, *, generative_aux: bool = False
+) -> list[dict[str, Any]]:
     """n `{"prompt", "completion", "label"}` samples: prompt = the filled template, completion = "Y"/"N".
 
     Half right solutions, half corrupted (kinds uniformly); the label is the checker's verdict (a
     corruption that happens to land on the right sum is labelled "Y").
+    generative_aux: right solutions are trained on in full (prompt = the problem, completion = the
+    solution + "?" + "Y"), so the judge also learns to work sums out itself, which makes wrong digits
+    stand out; the token sequence is the same, only which tokens carry a loss differs. Verifying
+    from the verdict token alone barely moves the loss from ln 2 in 500 steps at this size.
     """
     rng = random.Random(seed)
     out = []
@@ -134,12 +140,12 @@ def judge_samples(n: int, digits: tuple[int, int], seed: int) -> list[dict[str, 
         else:
             completion = corrupt(problem, rng.choice(CORRUPTIONS), rng)
         label = check_text(problem.prompt, completion)
-        out.append({
-            "prompt": JUDGE_TEMPLATE.format(prompt=problem.prompt, completion=completion),
-            "completion": YES if label else NO,
-            "label": int(label),
-            "digits": problem.digits,
-        })
+        text = JUDGE_TEMPLATE.format(prompt=problem.prompt, completion=completion)
+        verdict = YES if label else NO
+        sample = {"prompt": text, "completion": verdict, "label": int(label), "digits": problem.digits}
+        if generative_aux and label:
+            sample |= {"prompt": problem.prompt, "completion": text[len(problem.prompt) :] + YES}
+        out.append(sample)
     return out
 
 
@@ -160,6 +166,7 @@ class ArithmeticJudgeConfig:
     lr: float = 3e-3
     warmup_steps: int = 100
     seed: int = 0
+    generative_aux: bool = True
     format_version: int = JUDGE_FORMAT_VERSION
 
     def key(self) -> str:
@@ -206,7 +213,8 @@ def get_arithmetic_judge(
         tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
         num_heads=config.num_heads, intermediate_size=config.intermediate_size, seed=config.seed,
     )
-    samples = judge_samples(config.steps * config.batch_size, config.digits, seed=config.seed)
+    n = config.steps * config.batch_size
+    samples = judge_samples(n, config.digits, seed=config.seed, generative_aux=config.generative_aux)
     started = time.perf_counter()
     # the verdict is the only trained token (no EOS after it)
     train_causal_lm(model, tokenizer, samples, config, folder / "run", progress=progress,  # type: ignore[arg-type]
