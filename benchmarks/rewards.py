@@ -173,7 +173,9 @@ def build_variant(
     return distiller, 8, reward
 
 
-def run_task(task: str, seeds: list[int], steps: int, quick: bool, work: Path) -> dict[str, Any]:
+def run_task(
+    task: str, seeds: list[int], steps: int, quick: bool, work: Path, only: list[str] | None = None
+) -> dict[str, Any]:
     from kdkit.config import TrainConfig
     from kdkit.engine import train
     from kdkit.models.lm import derive_student
@@ -181,9 +183,11 @@ def run_task(task: str, seeds: list[int], steps: int, quick: bool, work: Path) -
     setup = task_setup(task, quick)
     teacher, evaluate = setup["teacher"], setup["evaluate"]
     judge = None
-    variants = list(VARIANTS)
+    variants = [v for v in VARIANTS if only is None or v in only]
+    if task == "planning" and "grpo_judge" in variants:
+        variants.remove("grpo_judge")  # no judge for planning: the task reward only
     judge_info: dict[str, Any] = {}
-    if task == "arithmetic":
+    if "grpo_judge" in variants:
         from kdkit.tasks.arithmetic_judge import ArithmeticJudgeConfig, get_arithmetic_judge
 
         # --quick: a barely trained judge (its own cache entry), to exercise the code path only
@@ -191,8 +195,6 @@ def run_task(task: str, seeds: list[int], steps: int, quick: bool, work: Path) -
         judge_model, judge_tokenizer, judge_folder = get_arithmetic_judge(judge_cfg, progress=False)
         judge = (judge_model, judge_tokenizer)
         judge_info = json.loads((judge_folder / "kdkit_judge.json").read_text())
-    else:
-        variants.remove("grpo_judge")  # no judge for planning: the task reward only
 
     def initial_student() -> Any:
         torch.manual_seed(0)
@@ -301,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        help="run only these; their runs replace the same ones in the JSON",
+    )
     parser.add_argument("--render", type=Path)
     args = parser.parse_args(argv)
     if args.render is not None:
@@ -316,20 +324,27 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdkit-rewards-") as tmp:
         for task in tasks:
-            part = run_task(task, seeds, steps, args.quick, Path(tmp))
-            part |= {
-                "seeds": seeds,
-                "steps": steps,
-                "sequences_per_step": 32,
-                "command": "benchmarks/rewards.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "machine": {
-                    "cpu_count": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "torch": torch.__version__,
-                    "load_average": list(os.getloadavg()),
-                },
-                "total_s": time.perf_counter() - started,
+            part = run_task(task, seeds, steps, args.quick, Path(tmp), args.variants)
+            command = "benchmarks/rewards.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            machine = {
+                "cpu_count": os.cpu_count(),
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+                "load_average": list(os.getloadavg()),
+                "elapsed_s": time.perf_counter() - started,
             }
+            old = result["tasks"].get(task)
+            if old is not None and args.variants:  # merge: keep the other variants' runs
+                new_keys = {(r["variant"], r["seed"]) for r in part["runs"]}
+                part["runs"] = [r for r in old["runs"] if (r["variant"], r["seed"]) not in new_keys] + part[
+                    "runs"
+                ]
+                part["judge"] = part["judge"] or old.get("judge", {})
+                part["commands"] = [*old.get("commands", []), command]
+                part["machines"] = [*old.get("machines", []), machine]
+            else:
+                part["commands"], part["machines"] = [command], [machine]
+            part |= {"seeds": seeds, "steps": steps, "sequences_per_step": 32}
             result["tasks"][task] = part
             path.write_text(json.dumps(result, indent=2))
     print(render_tables(result))
