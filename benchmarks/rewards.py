@@ -173,8 +173,49 @@ def build_variant(
     return distiller, 8, reward
 
 
+def warm_start(
+    student: Any, setup: dict[str, Any], samples: list, seed: int, steps: int, run_dir: Path
+) -> Any:
+    """`steps` steps of forward KL on the teacher's greedy completions (no dataset labels)."""
+    from kdkit.config import TrainConfig
+    from kdkit.engine import train
+    from kdkit.methods.lm import LMDistiller
+    from kdkit.samplers import GenerationSettings, TeacherSampler
+
+    tokenizer = setup["tokenizer"]
+    greedy = GenerationSettings(
+        temperature=0.0,
+        max_new_tokens=setup["max_new_tokens"],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    distiller = LMDistiller(student, setup["teacher"], sampler=TeacherSampler(greedy), divergence="fkl")
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=32,
+        lr=1e-3,
+        warmup_steps=2,
+        schedule="constant",
+        weight_decay=0.0,
+        seed=1000 + seed,
+        log_every=steps,
+        checkpoint_every=steps,
+        mixed_precision="no",
+        progress=False,
+    )
+    train(distiller, samples, cfg, run_dir, collate_fn=setup["collate"])
+    return distiller.student
+
+
 def run_task(
-    task: str, seeds: list[int], steps: int, quick: bool, work: Path, only: list[str] | None = None
+    task: str,
+    seeds: list[int],
+    steps: int,
+    quick: bool,
+    work: Path,
+    only: list[str] | None = None,
+    warm_steps: int = 3,
+    lr: float = 5e-4,
 ) -> dict[str, Any]:
     from kdkit.config import TrainConfig
     from kdkit.engine import train
@@ -196,26 +237,33 @@ def run_task(
         judge = (judge_model, judge_tokenizer)
         judge_info = json.loads((judge_folder / "kdkit_judge.json").read_text())
 
-    def initial_student() -> Any:
+    def pruned_student() -> Any:
         torch.manual_seed(0)
         return derive_student(teacher, keep_layers=3, intermediate_size=48).train()
 
-    reference = {"teacher": evaluate(teacher), "student_init": evaluate(initial_student())}
+    reference = {"teacher": evaluate(teacher), "student_pruned": evaluate(pruned_student())}
     print(
-        f"[{task}] teacher {reference['teacher']}\n[{task}] initial student {reference['student_init']}",
-        flush=True,
+        f"[{task}] teacher {reference['teacher']}\n[{task}] pruned {reference['student_pruned']}", flush=True
     )
     runs = []
     for seed in seeds:
         samples = setup["train_samples"](seed)
+        # label-free warm start shared by every variant of this seed: sequence-level KD on the
+        # teacher's greedy completions of the training prompts
+        warm = warm_start(pruned_student(), setup, samples, seed, warm_steps, work / f"{task}-warm-{seed}")
+        reference[f"student_warm_seed{seed}"] = evaluate(warm.eval())
+        print(f"[{task}] warm-started (seed {seed}) {reference[f'student_warm_seed{seed}']}", flush=True)
+        warm_state = {k: v.clone() for k, v in warm.state_dict().items()}
         for name in variants:
-            student = initial_student()
+            student = pruned_student()
+            student.load_state_dict(warm_state)
+            student.train()
             torch.manual_seed(seed)
             distiller, prompts, audit = build_variant(name, task, student, setup, judge)
             cfg = TrainConfig(
                 steps=steps,
                 batch_size=prompts,
-                lr=1e-3,
+                lr=lr,
                 warmup_steps=max(steps // 10, 1),
                 schedule="constant",
                 weight_decay=0.0,
@@ -272,8 +320,15 @@ def render_tables(result: dict[str, Any]) -> str:
         header = ["variant", *keys, "wall s", "sampling share", "train success", "judge=checker"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
-        for ref in ("teacher", "student_init"):
-            row = part["reference"][ref]
+        warm_refs = [k for k in part["reference"] if k.startswith("student_warm")]
+        for ref in ("teacher", "student_pruned", "student_warm"):
+            if ref == "student_warm":
+                if not warm_refs:
+                    continue
+                row = {k: statistics.mean(part["reference"][w][k] for w in warm_refs) for k in keys}
+                ref = f"student_warm (mean of {len(warm_refs)} seeds)"
+            else:
+                row = part["reference"][ref]
             lines.append(
                 "| " + " | ".join([ref, *(f"{100 * row[k]:.1f}%" for k in keys), "—", "—", "—", "—"]) + " |"
             )
@@ -303,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--warm-steps", type=int, default=3, help="label-free SeqKD warm start (shared)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW lr of every variant (constant)")
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -324,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdkit-rewards-") as tmp:
         for task in tasks:
-            part = run_task(task, seeds, steps, args.quick, Path(tmp), args.variants)
+            part = run_task(
+                task, seeds, steps, args.quick, Path(tmp), args.variants, args.warm_steps, args.lr
+            )
             command = "benchmarks/rewards.py " + " ".join(argv if argv is not None else sys.argv[1:])
             machine = {
                 "cpu_count": os.cpu_count(),
@@ -344,7 +403,13 @@ def main(argv: list[str] | None = None) -> int:
                 part["machines"] = [*old.get("machines", []), machine]
             else:
                 part["commands"], part["machines"] = [command], [machine]
-            part |= {"seeds": seeds, "steps": steps, "sequences_per_step": 32}
+            part |= {
+                "seeds": seeds,
+                "steps": steps,
+                "warm_steps": args.warm_steps,
+                "lr": args.lr,
+                "sequences_per_step": 32,
+            }
             result["tasks"][task] = part
             path.write_text(json.dumps(result, indent=2))
     print(render_tables(result))
