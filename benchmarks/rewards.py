@@ -376,7 +376,6 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     steps = args.steps or (4 if args.quick else 100)
     path = OUT / ("rewards_quick.json" if args.quick else "rewards.json")
-    result: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"tasks": {}}
     tasks = ["arithmetic", "planning"] if args.task == "both" else [args.task]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdkit-rewards-") as tmp:
@@ -392,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                 "load_average": list(os.getloadavg()),
                 "elapsed_s": time.perf_counter() - started,
             }
+            # read the file only now: runs of other tasks or variants may have finished meanwhile
+            result: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"tasks": {}}
             old = result["tasks"].get(task)
             if old is not None and args.variants:  # merge: keep the other variants' runs
                 new_keys = {(r["variant"], r["seed"]) for r in part["runs"]}
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             result["tasks"][task] = part
             path.write_text(json.dumps(result, indent=2))
-    print(render_tables(result))
+    print(render_tables(json.loads(path.read_text())))
     return 0
 
 
