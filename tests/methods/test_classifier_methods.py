@@ -88,14 +88,21 @@ def test_dkd_parts_follow_the_decoupled_formula():
     assert torch.allclose(weighted["dkd_nontarget"], 4.0 * nckd, rtol=1e-4)
 
 
-def test_dkd_warmup_ramps_with_training_calls():
+def test_dkd_warmup_ramps_with_the_optimizer_step_the_engine_announces():
     s, t, y = _logits()
     term = build_objective({"name": "dkd", "warmup_steps": 4}).train()
+    with pytest.raises(RuntimeError, match="on_step"):
+        term.terms(Outputs(s, y, t))  # training without the step hook would ramp wrongly
+    term.on_step(0)
     first = term.terms(Outputs(s, y, t))["dkd_nontarget"]
-    term.terms(Outputs(s, y, t))
+    assert torch.equal(term.terms(Outputs(s, y, t))["dkd_nontarget"], first)  # same step, same ramp
+    term.on_step(2)
     third = term.terms(Outputs(s, y, t))["dkd_nontarget"]
-    assert torch.allclose(third, 3 * first)
-    assert int(term.calls) == 3 and "calls" in term.state_dict()
+    term.on_step(3)
+    full = term.terms(Outputs(s, y, t))["dkd_nontarget"]
+    assert torch.allclose(third, 3 * first) and torch.allclose(full, 4 * first)
+    assert term.state_dict() == {}
+    term.load_state_dict({"calls": torch.tensor(7)})  # an older checkpoint's call counter is ignored
 
 
 def test_dist_is_zero_for_identical_predictions_and_positive_otherwise():

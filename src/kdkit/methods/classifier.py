@@ -130,26 +130,40 @@ class DKDParams(StrictModel):
     alpha: float = Field(1.0, ge=0.0)  # weight of TCKD (target vs rest)
     beta: float = Field(8.0, ge=0.0)  # weight of NCKD (among non-target classes)
     temperature: float = Field(4.0, gt=0.0)
-    warmup_steps: int = Field(0, ge=0)  # ramp both parts linearly from 0 over this many training calls
+    warmup_steps: int = Field(0, ge=0)  # ramp both parts linearly from 0 over this many optimizer steps
 
 
 @OBJECTIVES.register("dkd", "decoupled KD: α·TCKD (target vs rest) + β·NCKD (among non-targets)")
 class DKDTerm(Objective):
     """Terms "dkd_target" = α·TCKD and "dkd_nontarget" = β·NCKD (both ×T², batch mean, nats),
-    scaled by min(1, calls / warmup_steps) during warm-up, as in Zhao et al. 2022."""
+    scaled by min(1, (step + 1) / warmup_steps) during warm-up, as in Zhao et al. 2022, where
+    `step` is the 0-based optimizer step the engine announces through `on_step` (so gradient
+    accumulation does not shorten the warm-up, and a resumed run continues it exactly)."""
 
     Params = DKDParams
 
     def __init__(self, params: StrictModel) -> None:
         super().__init__(params)
-        # a buffer, so the warm-up position survives checkpoint/resume
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.step: int | None = None  # set by on_step
+
+    def on_step(self, step: int) -> None:
+        """The engine's step hook (see kdkit.engine.distiller.Distiller)."""
+        self.step = step
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        state_dict.pop(prefix + "calls", None)  # the forward-call counter of older checkpoints
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def terms(self, out: Outputs) -> dict[str, Tensor]:
         p = self.params
-        if self.training:
-            self.calls += 1
-        ramp = min(1.0, float(self.calls) / p.warmup_steps) if p.warmup_steps else 1.0
+        ramp = 1.0
+        if p.warmup_steps and self.step is not None:
+            ramp = min(1.0, (self.step + 1) / p.warmup_steps)
+        elif p.warmup_steps and self.training:
+            raise RuntimeError(
+                "DKD's warm-up counts optimizer steps: call distiller.on_step(step) before each "
+                "optimizer step (kdkit.engine.train does), or set warmup_steps: 0"
+            )
         tckd, nckd = cls_losses.dkd_parts(
             out.student_logits, _teacher(out), out.labels, temperature=p.temperature
         )
