@@ -55,8 +55,8 @@ class _Progress:
     position: DataPosition = field(default_factory=DataPosition)
     elapsed_s: float = 0.0  # training time of earlier (killed) sessions of this run
     window: LossWindow = field(default_factory=LossWindow)
-    # token mode: the constant c a micro-batch's loss is multiplied by n_tokens / c with (a
-    # typical micro-batch's token count, so backpropagated values stay near the mean's size)
+    # token mode: c in the n_i / c weight of each micro-batch's loss (see TokenWeighting); a typical
+    # micro-batch's token count, so backpropagated values keep the size of a mean
     token_scale: float | None = None
 
 
@@ -109,15 +109,12 @@ class TokenWeighting:
         """n_i / c for this micro-batch; c is fixed on the run's first token-reporting micro-batch as
         the mean of that micro-batch's counts over the processes (every process reaches it together)."""
         if state.token_scale is None:
-            count = torch.tensor([tokens], dtype=torch.float64, device=self.accelerator.device)
-            mean = float(self.accelerator.reduce(count, reduction="sum")) / self.accelerator.num_processes
-            state.token_scale = max(mean, 1.0)
+            state.token_scale = max(self._sum_over_processes(tokens) / self.accelerator.num_processes, 1.0)
         return tokens / state.token_scale
 
     def normalise(self, model: nn.Module, state: _Progress, step_tokens: float) -> None:
         """Multiply the synchronised gradients by c·A·W/N (N: tokens of the step, all processes)."""
-        count = torch.tensor([step_tokens], dtype=torch.float64, device=self.accelerator.device)
-        total = float(self.accelerator.reduce(count, reduction="sum"))
+        total = self._sum_over_processes(step_tokens)
         assert state.token_scale is not None
         # N = 0: no token anywhere, every micro-batch contributed n_i·L_i = 0; leave the zeros
         scale = state.token_scale * self.grad_accum_steps * self.accelerator.num_processes
@@ -125,6 +122,12 @@ class TokenWeighting:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, factor)
+
+    def _sum_over_processes(self, value: float) -> float:
+        device = self.accelerator.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        count = torch.tensor([value], dtype=dtype, device=device)
+        return float(self.accelerator.reduce(count, reduction="sum"))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
