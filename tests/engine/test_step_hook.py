@@ -66,7 +66,7 @@ def test_dkd_warmup_counts_optimizer_steps_not_micro_batches(tmp_path):
 
     def observed(out):
         result = original(out)
-        full = unramped.terms(out)["dkd_nontarget"]
+        full = unramped.terms(out)["dkd_nontarget"].detach()
         ramps.append(float(result["dkd_nontarget"].detach() / full))
         return result
 
