@@ -77,7 +77,7 @@ class ClassifierDistiller(Distiller):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         inputs, labels = batch["inputs"], batch.get("labels")
         out = Outputs(
-            student_logits=inputs.new_zeros(()), labels=labels, step=int(getattr(self, "global_step", 0))
+            student_logits=inputs.new_zeros(()), labels=labels, step=self.global_step
         )
         if self.uses_teacher:
             teacher = self.teacher
