@@ -358,3 +358,43 @@ def test_closed_form_equals_local_autograd_with_minus_inf_logits(name: str, kwar
     for got, expected in zip(closed_grads, generic_grads, strict=True):
         assert_close(got, expected)
     assert closed_grads[2][:5].abs().max() == 0  # a banned token's bias gets no gradient
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["jsd", "tvd"])  # a closed form and the local-autograd path
+def test_autocast_computes_in_float32(amp_dtype: torch.dtype, name: str) -> None:
+    """Under `mixed_precision: bf16/fp16` (autocast) the loss runs in float32: same value and grads."""
+    x = _inputs()
+    mask = _mask("mask", 10)
+    expected = _fused(x, name, mask, 1.0, chunk_size=16)
+    expected_grads = _grads(expected, x)
+    with torch.autocast("cpu", dtype=amp_dtype):
+        got = _fused(x, name, mask, 1.0, chunk_size=16)
+    assert got.dtype == torch.float32
+    assert_close(got, expected)
+    for g_amp, g_ref in zip(_grads(got, x), expected_grads, strict=True):
+        assert g_amp.dtype == torch.float32
+        assert_close(g_amp, g_ref)
+
+
+def test_autocast_with_half_hidden_states_from_the_backbone() -> None:
+    """A backbone under autocast hands bf16 hidden states to float32 heads: computed in float32."""
+    x = _inputs()
+    h16 = x["student_hidden"].detach().to(torch.bfloat16).requires_grad_(True)
+    ref = {**x, "student_hidden": h16.detach().float().requires_grad_(True)}
+    ref["teacher_hidden"] = x["teacher_hidden"].to(torch.bfloat16).float()
+    expected = _fused(ref, "rkl", None, 1.0, chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _fused(
+            {**x, "student_hidden": h16, "teacher_hidden": x["teacher_hidden"].to(torch.bfloat16)},
+            "rkl",
+            None,
+            1.0,
+            chunk_size=16,
+        )
+    assert got.dtype == torch.bfloat16  # the loss comes back in the hidden states' dtype
+    torch.testing.assert_close(got.float(), expected, atol=1e-2, rtol=1e-2)
+    (g16,) = torch.autograd.grad(got, h16)
+    (g_ref,) = torch.autograd.grad(expected, ref["student_hidden"])
+    assert g16.dtype == torch.bfloat16
+    torch.testing.assert_close(g16.float(), g_ref, atol=1e-4, rtol=1e-2)

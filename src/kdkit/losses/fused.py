@@ -193,6 +193,26 @@ class _FusedLinearDivergence(torch.autograd.Function):
         chunk_size: int,
         divergence_kwargs: dict[str, Any],
     ) -> Tensor:
+        # Autocast (mixed_precision bf16/fp16) would run the chunk matmuls in half precision and
+        # then refuse the float32 `out=` buffers: the loss is computed in float32 regardless.
+        device_type = student_hidden.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return _FusedLinearDivergence.forward(
+                    ctx,
+                    student_hidden,
+                    student_weight,
+                    student_bias,
+                    teacher_hidden,
+                    teacher_weight,
+                    teacher_bias,
+                    mask,
+                    fn,
+                    temperature,
+                    reduction,
+                    chunk_size,
+                    divergence_kwargs,
+                )
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_any = need_h or need_w or need_b
         dtype = _compute_dtype(student_hidden.dtype)
