@@ -398,3 +398,41 @@ def test_autocast_with_half_hidden_states_from_the_backbone() -> None:
     (g_ref,) = torch.autograd.grad(expected, ref["student_hidden"])
     assert g16.dtype == torch.bfloat16
     torch.testing.assert_close(g16.float(), g_ref, atol=1e-4, rtol=1e-2)
+
+
+CE_CASES = [
+    ("fkl", {}, 1.0),
+    ("rkl", {}, 1.0),
+    ("jsd", {"beta": 0.5}, 1.0),
+    ("jsd", {"beta": 0.0}, 1.0),
+    ("jsd", {"beta": 0.5}, 2.0),
+    ("tvd", {}, 1.0),
+    ("skl", {"alpha": 0.2}, 0.7),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "temperature"), CE_CASES, ids=str)
+def test_cross_entropy_in_the_same_pass(name: str, kwargs: dict, temperature: float) -> None:
+    """divergence + w·CE(student logits at T = 1, targets) over the counted tokens, one projection."""
+    x = _inputs()
+    mask = _mask("mask", 10)
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(4))
+    targets[~mask] = -100  # uncounted positions may hold anything
+    logits_s = x["student_hidden"] @ x["student_weight"].T + x["student_bias"]
+    expected = _unfused(x, name, mask, temperature, **kwargs) + 0.7 * torch.nn.functional.cross_entropy(
+        logits_s[mask], targets[mask]
+    )
+    got = _fused(
+        x, name, mask, temperature, chunk_size=9, targets=targets.clamp_min(0), ce_weight=0.7, **kwargs
+    )
+    assert_close(got, expected)
+    for g_fused, g_ref in zip(_grads(got, x), _grads(expected, x), strict=True):
+        assert_close(g_fused, g_ref)
+
+
+def test_cross_entropy_needs_valid_targets() -> None:
+    x = _inputs()
+    with pytest.raises(ValueError, match="targets"):
+        _fused(x, "fkl", None, 1.0, ce_weight=1.0)
+    with pytest.raises(ValueError, match=r"target id in \[0, 300\)"):
+        _fused(x, "fkl", None, 1.0, targets=torch.full((N,), -100), ce_weight=1.0)
