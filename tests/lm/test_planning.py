@@ -68,8 +68,8 @@ def test_plan_metrics_of_an_untrained_policy_are_rates_by_difficulty() -> None:
 def test_planning_teacher_is_trained_once_then_cached(kdkit_cache, monkeypatch) -> None:
     import json
 
-    from kdkit.tasks import arithmetic
-    from kdkit.tasks.planning import PlanningTeacherConfig, get_planning_teacher
+    from kdkit.pipelines import planning_teacher
+    from kdkit.pipelines.planning_teacher import PlanningTeacherConfig, get_planning_teacher
 
     config = PlanningTeacherConfig(
         hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, steps=2, batch_size=4
@@ -77,5 +77,7 @@ def test_planning_teacher_is_trained_once_then_cached(kdkit_cache, monkeypatch) 
     _, _, folder = get_planning_teacher(config, progress=False)
     info = json.loads((folder / "kdkit_teacher.json").read_text())
     assert set(info["metrics_by_difficulty"]) == set(DIFFICULTIES)
-    monkeypatch.setattr(arithmetic, "train_causal_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(
+        planning_teacher, "train_causal_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError)
+    )
     assert get_planning_teacher(config)[2] == folder

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kdkit.engine.param_schedule import ParamSchedule, StepCounter
+from kdkit.engine.param_schedule import ParamSchedule
 from kdkit.losses import DIVERGENCES
 from kdkit.losses.divergences import adaptive_kl, forward_kl, reverse_kl
 from kdkit.losses.policy import (
@@ -219,14 +219,3 @@ def test_param_schedule_kinds() -> None:
     assert ParamSchedule(0.3, kind="constant")(1000) == 0.3
     with pytest.raises(ValueError, match="kind"):
         ParamSchedule(0.0, 1.0, kind="exp")
-
-
-def test_step_counter_counts_optimizer_steps_in_training_only_and_persists() -> None:
-    counter = StepCounter(grad_accum_steps=2)
-    seen = [counter.tick() for _ in range(5)]
-    assert seen == [0, 0, 1, 1, 2]
-    counter.eval()
-    assert counter.tick() == 2 and counter.tick() == 2  # eval forwards do not advance it
-    restored = StepCounter(grad_accum_steps=2)
-    restored.load_state_dict(counter.state_dict())
-    assert restored.step == 2 and int(restored.micro_batches) == 5

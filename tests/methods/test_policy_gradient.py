@@ -7,13 +7,15 @@ import torch
 from torch.testing import assert_close
 
 from kdkit.engine.param_schedule import ParamSchedule
-from kdkit.methods.lm_objectives import shift, token_divergence, token_log_probs
-from kdkit.methods.policy_gradient import POLICY_RECIPES, PolicyGradientDistiller
+from kdkit.losses.tokens import shift, token_log_probs
+from kdkit.methods.policy_gradient import PolicyGradientDistiller
 from kdkit.methods.scheduled import ScheduledLMDistiller
+from kdkit.objectives.lm import DivergenceObjective, DivergenceParams, token_divergence
 from kdkit.registry import METHODS
 from kdkit.rewards import CheckerReward, RewardInputs
 from kdkit.samplers import DatasetSampler, GenerationSettings, MixtureSampler, StudentSampler
 from kdkit.samplers.collate import PromptCompletionCollator
+from kdkit.settings import LMContext
 from kdkit.tasks.arithmetic import arithmetic_dataset, arithmetic_tokenizer, build_arithmetic_lm
 
 
@@ -114,7 +116,9 @@ def test_grpo_composes_with_on_policy_reverse_kl_each_term_weighted_and_logged(s
         teacher_logits = teacher(
             input_ids=sampled["input_ids"], attention_mask=sampled["attention_mask"]
         ).logits
-    rkl = token_divergence(student_logits, teacher_logits, sampled["labels"], divergence="rkl")
+    rkl = token_divergence(
+        student_logits, teacher_logits, sampled["labels"], DivergenceParams(divergence="rkl")
+    )
     assert_close(out["_kd_raw"], rkl)
     assert_close(out["kd"], 2.0 * rkl)
     assert_close(out["pg"], 0.5 * out["_pg_raw"])
@@ -152,8 +156,10 @@ def test_reinforce_uses_the_teachers_token_log_probs(setup) -> None:
     tokenizer, batch = setup
     teacher = _model(tokenizer, 9)
     torch.manual_seed(3)
-    recipe = POLICY_RECIPES["reinforce_teacher"][0].replace(max_new_tokens=8)
-    distiller = recipe.build(_model(tokenizer, 1), teacher, tokenizer=tokenizer)
+    method = METHODS.get("reinforce")
+    params = method.params({"max_new_tokens": 8})
+    assert method.needs_teacher(params) and method.generates(params)
+    distiller = method.build(params, _model(tokenizer, 1), teacher, LMContext.from_tokenizer(tokenizer))
     out = distiller(batch)
     sampled = distiller._rollout["batch"]
     with torch.no_grad():
@@ -162,7 +168,7 @@ def test_reinforce_uses_the_teachers_token_log_probs(setup) -> None:
     expected = token_log_probs(shifted, targets) * mask
     assert_close(distiller._rollout["token_rewards"], expected)
     assert out["pg"].requires_grad and torch.isfinite(out["pg"])
-    assert "grpo" in METHODS and "reinforce_teacher" in METHODS
+    assert "grpo" in METHODS and "reinforce" in METHODS
 
 
 def test_constructor_errors(setup) -> None:
@@ -179,19 +185,62 @@ def test_constructor_errors(setup) -> None:
 def test_scheduled_gkd_moves_lambda_and_beta_with_the_optimizer_step(setup) -> None:
     tokenizer, batch = setup
     teacher = _model(tokenizer, 5)
-    sampler = MixtureSampler(0.0, StudentSampler(_generation(tokenizer, 4)), DatasetSampler(), seed=0)
+    sampler = MixtureSampler(
+        0.0, on_policy=StudentSampler(**vars(_generation(tokenizer, 4))), off_policy=DatasetSampler(), seed=0
+    )
     distiller = ScheduledLMDistiller(
         _model(tokenizer, 1),
         teacher,
         sampler=sampler,
-        divergence="jsd",
-        divergence_kwargs={"beta": 0.5},
+        objective=DivergenceObjective(DivergenceParams(divergence="jsd", beta=0.5)),
         lmbda=ParamSchedule(0.0, 1.0, steps=2),
         divergence_schedules={"beta": ParamSchedule(0.0, 1.0, steps=2)},
     )
     seen = []
-    for _ in range(3):
+    for step in range(3):
+        distiller.on_step(step)  # what the engine announces before each optimizer step
         out = distiller(batch)
         seen.append((float(out["_lmbda"]), float(out["_beta"]), float(out["_on_policy"])))
     assert seen == [(0.0, 0.0, 0.0), (0.5, 0.5, seen[1][2]), (1.0, 1.0, 1.0)]
-    assert int(distiller.state_dict()["counter.micro_batches"]) == 3
+    assert distiller.objective.params.divergence_params["beta"] == 1.0
+    with pytest.raises(ValueError, match="beta"):  # the schedule's end must be a valid β
+        ScheduledLMDistiller(
+            _model(tokenizer, 1),
+            teacher,
+            sampler=sampler,
+            objective=DivergenceObjective(DivergenceParams(divergence="jsd")),
+            divergence_schedules={"beta": ParamSchedule(0.0, 2.0, steps=2)},
+        )
+
+
+def test_policy_methods_from_flat_config_params(setup) -> None:
+    tokenizer, batch = setup
+    teacher = _model(tokenizer, 5)
+    grpo = METHODS.get("grpo")
+    params = grpo.params(
+        {
+            "reward": "checker",
+            "task": "arithmetic",
+            "group_size": 2,
+            "kd_weight": 0.5,
+            "divergence": "jsd",
+            "beta": 0.2,
+            "max_new_tokens": 6,
+        }
+    )
+    assert params.reward_params == {"task": "arithmetic"} and params.divergence_params == {"beta": 0.2}
+    assert grpo.needs_teacher(params)
+    distiller = grpo.build(params, _model(tokenizer, 1), teacher, LMContext.from_tokenizer(tokenizer))
+    out = distiller(batch)
+    assert {"pg", "kd", "_reward", "_kd_raw"} <= set(out)
+    assert not grpo.needs_teacher(grpo.params({"reward": "checker"}))
+    with pytest.raises(ValueError, match="group_size"):
+        grpo.params({"group_size": 1})
+    with pytest.raises(ValueError, match="not a parameter"):
+        grpo.params({"reward": "checker", "beta": 0.3})  # rkl has no beta
+    with pytest.raises(ValueError, match="not allowed"):
+        grpo.params({"reward": "checker", "task": "chess"})
+    scheduled = METHODS.get("gkd_scheduled")
+    sp = scheduled.params({"lmbda": 0.0, "lmbda_end": 1.0, "beta_end": 1.0, "schedule_steps": 4})
+    built = scheduled.build(sp, _model(tokenizer, 1), teacher, LMContext.from_tokenizer(tokenizer))
+    assert isinstance(built, ScheduledLMDistiller) and built.lmbda_schedule(4) == 1.0

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kdkit.rewards import REWARDS, CheckerReward, JudgeReward, RewardInputs, TeacherLogLikelihoodReward
+from kdkit.registry import REWARDS
+from kdkit.rewards import CheckerReward, JudgeReward, RewardInputs, TeacherLogLikelihoodReward
 from kdkit.samplers.collate import PromptCompletionCollator
 from kdkit.tasks.arithmetic import Problem, arithmetic_tokenizer, build_arithmetic_lm, make_problems
 from kdkit.tasks.arithmetic_judge import (
@@ -56,6 +57,24 @@ def test_judge_reward_refuses_multi_token_verdicts_and_templates_without_fields(
         JudgeReward(judge, tokenizer, yes="YY")
     with pytest.raises(ValueError, match="completion"):
         JudgeReward(judge, tokenizer, template="{prompt}?")
+    with pytest.raises(ValueError, match="tokenizer"):
+        JudgeReward(judge)
+
+
+def test_judge_named_in_a_config_loads_from_its_folder(tmp_path, kdkit_cache) -> None:
+    tokenizer = judge_tokenizer()
+    judge = _tiny(tokenizer, seed=4)
+    judge.save_pretrained(tmp_path / "j")
+    tokenizer.save_pretrained(tmp_path / "j")
+    params = REWARDS.check_params("judge", {"judge": str(tmp_path / "j"), "output": "log_odds"})
+    reward = REWARDS.get("judge")(**params)
+    direct = JudgeReward(judge, tokenizer, output="log_odds")
+    inputs = RewardInputs(["1+2="], ["1+2+0=03|=3"])
+    assert_close(reward(inputs), direct(inputs))
+    with pytest.raises(FileNotFoundError, match="get_arithmetic_judge"):
+        JudgeReward("arithmetic")  # an empty cache: the built-in judge is not trained yet
+    with pytest.raises(ValueError, match="not allowed"):
+        REWARDS.check_params("judge", {"output": "logits"})
 
 
 def test_arithmetic_checker_reward() -> None:
@@ -65,7 +84,8 @@ def test_arithmetic_checker_reward() -> None:
     assert reward(inputs).tolist() == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="not an arithmetic prompt"):
         check_text("hello", "=3")
-    assert set(REWARDS.names()) == {"judge", "checker", "teacher_loglik"}
+    assert {"judge", "checker", "teacher_loglik"} <= set(REWARDS.names())
+    assert CheckerReward(checker=lambda p, c: 0.5)(inputs).tolist() == [0.5] * 3
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
@@ -116,8 +136,9 @@ def test_teacher_log_likelihood_reward_matches_a_direct_computation() -> None:
 def test_judge_is_trained_once_then_loaded_from_cache_with_its_accuracy(kdkit_cache, monkeypatch) -> None:
     import json
 
-    from kdkit.tasks import arithmetic
-    from kdkit.tasks.arithmetic_judge import ArithmeticJudgeConfig, get_arithmetic_judge
+    from kdkit.pipelines import judges
+    from kdkit.pipelines.judges import get_arithmetic_judge
+    from kdkit.tasks.arithmetic_judge import ArithmeticJudgeConfig
 
     config = ArithmeticJudgeConfig(
         digits=(1, 2), hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, steps=2, batch_size=4
@@ -131,7 +152,7 @@ def test_judge_is_trained_once_then_loaded_from_cache_with_its_accuracy(kdkit_ca
     def no_training(*args, **kwargs):
         raise AssertionError("the cached judge was retrained")
 
-    monkeypatch.setattr(arithmetic, "train_causal_lm", no_training)
+    monkeypatch.setattr(judges, "train_causal_lm", no_training)
     again, _, folder2 = get_arithmetic_judge(config)
     assert folder2 == folder
     for name, tensor in judge.state_dict().items():

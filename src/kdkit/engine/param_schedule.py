@@ -1,18 +1,14 @@
 """Schedules of a method's scalar knobs over training (GKD's λ or β, a KL coefficient, ...).
 
-`ParamSchedule` maps an optimizer step to a value; `StepCounter` is the small module a method
-holds to know the current optimizer step from inside its `forward` (the engine does not pass it):
-it counts training micro-batches in a persistent buffer, so the count is saved with the distiller's
-weights in every checkpoint and restored on resume.
+`ParamSchedule` maps an optimizer step to a value. A distiller reads the step the engine announces
+through `Distiller.on_step` (`global_step`), so schedules count optimizer steps, not forward calls,
+and continue exactly after a resume.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
-from torch import nn
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
 
@@ -52,32 +48,4 @@ class ParamSchedule:
         return float(self.start + (end - self.start) * progress)
 
 
-class StepCounter(nn.Module):
-    """The optimizer step a method's forward is part of: micro-batches seen // grad_accum_steps.
-
-    Call `tick()` once per training forward (it counts only while the module is in training mode,
-    so evaluation forwards never advance it). The count is a persistent buffer: it travels with
-    the distiller's state dict into checkpoints and back on resume.
-    """
-
-    def __init__(self, grad_accum_steps: int = 1) -> None:
-        super().__init__()
-        if grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
-        self.grad_accum_steps = grad_accum_steps
-        self.register_buffer("micro_batches", torch.zeros((), dtype=torch.long))
-
-    @property
-    def step(self) -> int:
-        """The optimizer step the current forward belongs to (0 for the first step)."""
-        return int(self.micro_batches) // self.grad_accum_steps
-
-    def tick(self) -> int:
-        """The current step; then advance by one micro-batch (training mode only)."""
-        step = self.step
-        if self.training:
-            self.micro_batches += 1
-        return step
-
-
-__all__ = ["SCHEDULE_KINDS", "ParamSchedule", "StepCounter"]
+__all__ = ["SCHEDULE_KINDS", "ParamSchedule"]

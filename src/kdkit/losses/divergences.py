@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from kdkit.losses.registry import Registry
+from kdkit.losses.registry import Param, Registry
 
 DIVERGENCES: Registry[Callable[..., Tensor]] = Registry("divergence")
 
@@ -284,6 +284,7 @@ def reverse_kl(
     "jsd",
     "generalized JSD_β (GKD/TRL convention): β=0 forward KL, β=1 reverse KL",
     aliases=("generalized_jsd",),
+    params={"beta": Param("weight of the teacher in the mixture M", low=0.0, high=1.0)},
 )
 def generalized_jsd(
     student_logits: Tensor,
@@ -335,7 +336,12 @@ def total_variation(
     return _apply(_tvd, student_logits, teacher_logits, temperature, mask, reduction)
 
 
-@DIVERGENCES.register("skl", "skew KL(p_T ‖ α·p_T + (1−α)·p_S) (DistiLLM)", aliases=("skew_kl",))
+@DIVERGENCES.register(
+    "skl",
+    "skew KL(p_T ‖ α·p_T + (1−α)·p_S) (DistiLLM)",
+    aliases=("skew_kl",),
+    params={"alpha": Param("skew: weight of p_T in the mixture (0 = forward KL)", low=0.0, high=1.0)},
+)
 def skew_kl(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -364,7 +370,10 @@ def skew_kl(
 
 
 @DIVERGENCES.register(
-    "srkl", "skew reverse KL(p_S ‖ α·p_S + (1−α)·p_T) (DistiLLM)", aliases=("skew_reverse_kl",)
+    "srkl",
+    "skew reverse KL(p_S ‖ α·p_S + (1−α)·p_T) (DistiLLM)",
+    aliases=("skew_reverse_kl",),
+    params={"alpha": Param("skew: weight of p_S in the mixture (0 = reverse KL)", low=0.0, high=1.0)},
 )
 def skew_reverse_kl(
     student_logits: Tensor,
@@ -392,7 +401,17 @@ def skew_reverse_kl(
     )
 
 
-@DIVERGENCES.register("f", "any f-divergence D_f(p_T ‖ p_S) = Σ p_S·f(p_T/p_S)", aliases=("f_divergence",))
+@DIVERGENCES.register(
+    "f",
+    "any f-divergence D_f(p_T ‖ p_S) = Σ p_S·f(p_T/p_S)",
+    aliases=("f_divergence",),
+    params={
+        "f": Param(
+            "generator: a name in F_GENERATORS or a callable on the ratio p_T/p_S",
+            choices=tuple(F_GENERATORS),
+        )
+    },
+)
 def f_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -430,6 +449,9 @@ def f_divergence(
     "akl",
     "adaptive KL: forward and reverse KL weighted per token by the head / tail gap (AKL)",
     aliases=("adaptive_kl",),
+    params={
+        "mu": Param("teacher mass of the tail (0 = forward KL, 1 = reverse KL)", low=0.0, high=1.0),
+    },
 )
 def adaptive_kl(
     student_logits: Tensor,

@@ -30,18 +30,24 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field, PositiveInt, field_validator, model_validator
 from torch import Tensor, nn
 
 from kdkit.engine.distiller import Distiller, freeze
+from kdkit.losses import DIVERGENCES
 from kdkit.losses.policy import clipped_policy_loss, group_advantages, reinforce_loss
-from kdkit.methods.lm_objectives import completion_cross_entropy, shift, token_divergence, token_log_probs
-from kdkit.registry import METHODS
+from kdkit.losses.tokens import shift, token_log_probs
+from kdkit.methods.base import LMMethod, LMParts
+from kdkit.objectives.lm import DivergenceParams, completion_cross_entropy, token_divergence
+from kdkit.registry import METHODS, REWARDS
 from kdkit.rewards import RewardInputs, TeacherLogLikelihoodReward
+from kdkit.samplers.base import GenerationParams, generation_settings
 from kdkit.samplers.generation import GenerationSettings, generate_batch
+from kdkit.settings import LMContext
 
 Estimator = Literal["grpo", "reinforce"]
 
@@ -110,21 +116,21 @@ class PolicyGradientDistiller(Distiller):
             raise ValueError("pg_weight, kd_weight and ce_weight are all 0: nothing to train")
         if tokenizer is None:
             raise ValueError("the student's tokenizer is needed to decode samples for the reward")
-        if kd_weight > 0:
-            from kdkit.losses import DIVERGENCES
-
-            DIVERGENCES.get(divergence)
+        # validated now (unknown divergence or parameter: an error at construction, not at step 1)
+        self.divergence_params = DivergenceParams.model_validate(
+            {"divergence": divergence, "temperature": temperature, **(divergence_kwargs or {})}
+        )
         self.reward, self.tokenizer, self.estimator = reward, tokenizer, estimator
         self.group_size = group_size
-        self.generation = generation or GenerationSettings(
+        generation = generation or GenerationSettings(
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
         )
+        # G samples per prompt share one prompt prefill; rows i*G .. i*G+G-1 belong to prompt i
+        self.generation = replace(generation, num_samples=group_size)
         self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
         self.kl_coef, self.scale_advantages, self.normalisation = kl_coef, scale_advantages, normalisation
         self.gamma, self.num_iterations = gamma, num_iterations
         self.pg_weight, self.kd_weight, self.ce_weight = pg_weight, kd_weight, ce_weight
-        self.divergence, self.divergence_kwargs = divergence, dict(divergence_kwargs or {})
-        self.temperature = temperature
         # a frozen copy of the initial student, outside the module tree like the teacher
         self._reference: list[nn.Module] = [freeze(copy.deepcopy(student))] if kl_coef > 0 else []
         self._rollout: dict[str, Any] | None = None
@@ -140,9 +146,10 @@ class PolicyGradientDistiller(Distiller):
     @torch.no_grad()
     def rollout(self, batch: dict[str, Any]) -> dict[str, Any]:
         """G samples per prompt, their rewards and behaviour log-probs (see the module docstring)."""
-        prompt_ids = batch["prompt_ids"].repeat_interleave(self.group_size, 0)
-        prompt_mask = batch["prompt_attention_mask"].repeat_interleave(self.group_size, 0)
-        sampled, info = generate_batch(self.student, prompt_ids, prompt_mask, self.generation)
+        sampled, info = generate_batch(
+            self.student, batch["prompt_ids"], batch["prompt_attention_mask"], self.generation
+        )
+        prompt_ids, prompt_mask = sampled["prompt_ids"], sampled["prompt_attention_mask"]  # repeated G times
         labels = sampled["labels"]
         completion_mask = labels != -100
         started = time.perf_counter()
@@ -226,14 +233,7 @@ class PolicyGradientDistiller(Distiller):
                 teacher_logits = self.teacher(  # type: ignore[misc]
                     input_ids=sampled["input_ids"], attention_mask=sampled["attention_mask"]
                 ).logits
-            raw["kd"] = token_divergence(
-                logits,
-                teacher_logits,
-                labels,
-                divergence=self.divergence,
-                temperature=self.temperature,
-                **self.divergence_kwargs,
-            )
+            raw["kd"] = token_divergence(logits, teacher_logits, labels, self.divergence_params)
         if self.ce_weight > 0:
             dataset_logits = self.student(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
@@ -272,81 +272,133 @@ class PolicyGradientDistiller(Distiller):
 # ---------------------------------------------------------------------- recipes
 
 
-@dataclass(frozen=True)
-class PolicyRecipe:
-    """Defaults of a named policy-gradient method; `build` makes the distiller.
+class PolicyParams(DivergenceParams, GenerationParams):
+    """Parameters of the policy-gradient methods, flat as a config writes them.
 
-    Unlike the plain LM recipes these need a reward object and the student's tokenizer at build time.
+    reward: a `REWARDS` entry; its own parameters are written flat beside it (`reward: checker,
+    task: arithmetic`) and checked against what that entry declares (`reward_params`).
+    group_size: samples per prompt (G). clip_eps / clip_eps_high / kl_coef / scale_advantages /
+    normalisation / num_iterations: see `PolicyGradientDistiller`. gamma: REINFORCE's discount.
+    pg_weight / kd_weight / ce_weight: the policy-gradient term, the distillation term (the
+    `divergence` to the teacher on the same samples, at distillation `temperature`), and
+    cross-entropy on the dataset's completions.
     """
 
-    estimator: Estimator = "grpo"
-    group_size: int = 4
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
+    nested_params: ClassVar[dict[str, tuple[str, Any]]] = {
+        "divergence_params": ("divergence", DIVERGENCES),
+        "reward_params": ("reward", REWARDS),
+    }
+
+    reward: str = "checker"
+    reward_params: dict[str, Any] = Field(default_factory=dict)
+    group_size: PositiveInt = 4
+    clip_eps: float = Field(0.2, ge=0.0)
+    clip_eps_high: float | None = Field(None, ge=0.0)
+    kl_coef: float = Field(0.0, ge=0.0)
     scale_advantages: bool = True
-    gamma: float = 1.0
-    pg_weight: float = 1.0
-    kd_weight: float = 0.0
+    normalisation: Literal["token", "sequence"] = "token"
+    num_iterations: PositiveInt = 1
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    pg_weight: float = Field(1.0, ge=0.0)
+    kd_weight: float = Field(0.0, ge=0.0)
+    ce_weight: float = Field(0.0, ge=0.0)
     divergence: str = "rkl"
-    divergence_kwargs: dict[str, Any] = field(default_factory=dict)
-    sampling_temperature: float = 1.0
-    max_new_tokens: int = 64
 
-    def replace(self, **overrides: Any) -> PolicyRecipe:
-        return replace(self, **overrides)
+    @field_validator("reward")
+    @classmethod
+    def _known_reward(cls, value: str) -> str:
+        return REWARDS.canonical(value)
 
-    def build(
-        self,
-        student: nn.Module,
-        teacher: nn.Module | None,
-        *,
-        tokenizer: Any,
-        reward: Any = None,
-        **options: Any,
-    ) -> PolicyGradientDistiller:
-        generation = GenerationSettings(
-            temperature=self.sampling_temperature,
-            max_new_tokens=self.max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    @model_validator(mode="after")
+    def _checked(self) -> PolicyParams:
+        self.__dict__["reward_params"] = REWARDS.check_params(self.reward, self.reward_params)
+        if self.pg_weight == 0 and self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("pg_weight, kd_weight and ce_weight are all 0: nothing to train")
+        return self
+
+
+class GRPOParams(PolicyParams):
+    @model_validator(mode="after")
+    def _groups(self) -> GRPOParams:
+        if self.group_size < 2:
+            raise ValueError("GRPO compares samples within a group: group_size must be >= 2")
+        return self
+
+
+class ReinforceParams(PolicyParams):
+    reward: str = "teacher_loglik"
+    group_size: PositiveInt = 1
+
+
+class _PolicyMethod(LMMethod):
+    """An LM method trained by policy gradient on the student's own samples (see the module)."""
+
+    estimator: ClassVar[Estimator] = "grpo"
+
+    @classmethod
+    def parts(cls, params: Any) -> LMParts:
+        return LMParts("student", f"reward {params.reward}", cls.estimator)
+
+    @classmethod
+    def needs_teacher(cls, params: Any) -> bool:
+        return bool(params.kd_weight > 0 or REWARDS.get(params.reward).needs_teacher)
+
+    @classmethod
+    def generates(cls, params: Any) -> bool:
+        return True
+
+    @classmethod
+    def build(cls, params: Any, student: Any, teacher: Any, ctx: LMContext, **options: Any) -> Any:
+        """The distiller; `options` (e.g. tokenizers) are accepted for the common build signature."""
+        reward = REWARDS.get(params.reward)(**params.reward_params)
         return PolicyGradientDistiller(
             student,
-            teacher,
+            teacher if cls.needs_teacher(params) else None,
             reward=reward,
-            tokenizer=tokenizer,
-            estimator=self.estimator,
-            group_size=self.group_size,
-            generation=generation,
-            clip_eps=self.clip_eps,
-            kl_coef=self.kl_coef,
-            scale_advantages=self.scale_advantages,
-            gamma=self.gamma,
-            pg_weight=self.pg_weight,
-            kd_weight=self.kd_weight,
-            divergence=self.divergence,
-            divergence_kwargs=self.divergence_kwargs,
-            **options,
+            tokenizer=ctx.tokenizer,
+            estimator=cls.estimator,
+            group_size=params.group_size,
+            generation=generation_settings(params, ctx),
+            clip_eps=params.clip_eps,
+            clip_eps_high=params.clip_eps_high,
+            kl_coef=params.kl_coef,
+            scale_advantages=params.scale_advantages,
+            normalisation=params.normalisation,
+            gamma=params.gamma,
+            num_iterations=params.num_iterations,
+            pg_weight=params.pg_weight,
+            kd_weight=params.kd_weight,
+            ce_weight=params.ce_weight,
+            divergence=params.divergence,
+            divergence_kwargs=params.divergence_params,
+            temperature=params.temperature,
         )
 
 
-POLICY_RECIPES: dict[str, tuple[PolicyRecipe, str]] = {
-    "grpo": (
-        PolicyRecipe(estimator="grpo"),
-        "GRPO: G student samples per prompt, group-normalised rewards (any reward), clipped PG",
-    ),
-    "grpo_rkl": (
-        PolicyRecipe(estimator="grpo", kd_weight=1.0, divergence="rkl"),
-        "GRPO reward + on-policy reverse KL to the teacher on the same samples, weighted and logged apart",
-    ),
-    "reinforce_teacher": (
-        PolicyRecipe(estimator="reinforce", group_size=1, gamma=1.0),
-        "REINFORCE with per-token reward log p_T(y_t) (reward-to-go, mean baseline) on student samples",
-    ),
-}
-
-for _name, (_recipe, _description) in POLICY_RECIPES.items():
-    METHODS.add(_name, _recipe, _description)
+@METHODS.register(
+    "grpo",
+    "GRPO: G student samples per prompt, group-normalised rewards (any REWARDS entry), clipped PG; "
+    "kd_weight > 0 adds a divergence to the teacher on the same samples",
+)
+class GRPO(_PolicyMethod):
+    Params = GRPOParams
+    estimator = "grpo"
 
 
-__all__ = ["POLICY_RECIPES", "PolicyGradientDistiller", "PolicyRecipe"]
+@METHODS.register(
+    "reinforce",
+    "REINFORCE on student samples with per-token reward log p_T(y_t) (reward-to-go, mean baseline)",
+)
+class Reinforce(_PolicyMethod):
+    Params = ReinforceParams
+    estimator = "reinforce"
+
+
+__all__ = [
+    "GRPO",
+    "GRPOParams",
+    "PolicyGradientDistiller",
+    "PolicyParams",
+    "Reinforce",
+    "ReinforceParams",
+]

@@ -13,9 +13,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdkit.registry import REWARDS, Param
 from kdkit.rewards.base import RewardInputs
 
 JUDGE_OUTPUTS = ("prob", "normalised", "log_odds")
+
+
+def load_judge(name: str) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a judge named in a config: "arithmetic" or a model folder / hub id."""
+    from kdkit.models.lm import load_causal_lm
+
+    if name == "arithmetic":
+        from kdkit.tasks.arithmetic_judge import ArithmeticJudgeConfig
+
+        folder = ArithmeticJudgeConfig().folder()
+        if not (folder / "kdkit_judge.json").exists():
+            raise FileNotFoundError(
+                f"the arithmetic judge is not trained yet ({folder}); train it once with "
+                "kdkit.pipelines.judges.get_arithmetic_judge() (a few CPU minutes)"
+            )
+        return load_causal_lm(folder)
+    return load_causal_lm(name)
 
 
 def _single_token_id(tokenizer: Any, text: str, role: str) -> int:
@@ -28,10 +46,25 @@ def _single_token_id(tokenizer: Any, text: str, role: str) -> int:
     return int(ids[0])
 
 
+@REWARDS.register(
+    "judge",
+    "a judge LM's probability (or log-odds) of 'yes' after a grading template: no label, no generation",
+    params={
+        "judge": Param("the judge: 'arithmetic' (kdkit's cached arithmetic judge) or a model folder"),
+        "template": Param("str.format template with {prompt} and {completion}"),
+        "yes": Param("the verdict text read as the reward (one token of the judge's tokenizer)"),
+        "no": Param("the opposite verdict (for 'normalised' and 'log_odds')"),
+        "output": Param("what is returned", choices=JUDGE_OUTPUTS),
+        "batch_size": Param("texts per judge forward pass", low=1),
+    },
+)
 class JudgeReward:
     """Reward = the judge's next-token probability of `yes` after the filled template.
 
-    judge: a causal LM (frozen here: eval mode, no grad); tokenizer: the judge's own.
+    judge: a causal LM (frozen here: eval mode, no grad), or a name: "arithmetic" loads kdkit's
+        cached arithmetic judge (train it once with `kdkit.pipelines.judges.get_arithmetic_judge`),
+        any other string a causal LM folder (or hub id) with its tokenizer.
+    tokenizer: the judge's own (loaded with it when `judge` is a name).
     template: a str.format template with the fields {prompt} and {completion}.
     yes, no: the verdict texts (each must be one token of the judge's tokenizer); `no` is needed
         for "normalised" and gives "log_odds" its second term.
@@ -41,10 +74,12 @@ class JudgeReward:
         left (the verdict position, at the end, is kept) with a warning-free truncation.
     """
 
+    needs_teacher = False
+
     def __init__(
         self,
-        judge: nn.Module,
-        tokenizer: Any,
+        judge: nn.Module | str = "arithmetic",
+        tokenizer: Any = None,
         *,
         template: str = "{prompt}{completion}?",
         yes: str = "Y",
@@ -60,6 +95,10 @@ class JudgeReward:
         for field_name in ("{prompt}", "{completion}"):
             if field_name not in template:
                 raise ValueError(f"the judge template must contain {field_name}, got {template!r}")
+        if isinstance(judge, str):
+            judge, tokenizer = load_judge(judge)
+        if tokenizer is None:
+            raise ValueError("a judge model needs its tokenizer (JudgeReward(model, tokenizer))")
         if tokenizer.pad_token_id is None:
             raise ValueError("the judge's tokenizer has no pad token; set tokenizer.pad_token")
         self.judge = judge.eval().requires_grad_(False)

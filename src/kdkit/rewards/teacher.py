@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdkit.registry import REWARDS, Param
 from kdkit.rewards.base import RewardInputs
 
 
@@ -25,11 +26,18 @@ def teacher_token_log_probs(inputs: RewardInputs) -> Tensor:
     return picked * mask
 
 
+@REWARDS.register(
+    "teacher_loglik",
+    "the teacher's log-likelihood of the sample (mean per token); per-token log p_T for REINFORCE",
+    params={"mean": Param("average over the completion's tokens (else their sum)")},
+)
 class TeacherLogLikelihoodReward:
     """Reward = Σ_t log p_T(y_t) over the completion (or the mean per token with `mean=True`).
 
     `token_rewards(inputs)` gives the per-token form [B, T-1] for REINFORCE.
     """
+
+    needs_teacher = True
 
     def __init__(self, mean: bool = True) -> None:
         self.mean = mean

@@ -5,32 +5,24 @@ The judge is a tiny causal LM over the arithmetic characters plus "?", "Y", "N".
 answer is the true sum, else "N" — the label the task's checker gives. It is trained on worked
 solutions labelled correct/incorrect: half are right, half are corrupted the ways a student errs
 (a wrong column sum carried consistently to the answer, a dropped carry, a misread operand digit,
-a wrong final answer under right steps, a solution cut short). Cached like the arithmetic teacher,
-as a plain Hugging Face folder under `cache_dir("judges", "arithmetic-<hash>")`, with its own
-held-out accuracy in `kdkit_judge.json`.
+a wrong final answer under right steps, a solution cut short). This module makes the labelled
+data; the judge is trained and cached (like the arithmetic teacher) by
+`kdkit.pipelines.judges.get_arithmetic_judge`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import random
 import re
-import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from kdkit.paths import cache_dir
-from kdkit.tasks.arithmetic import CHARACTERS, EOS, PAD, Problem, build_arithmetic_lm, make_problems
+from kdkit.tasks.arithmetic import CHARACTERS, EOS, PAD, Problem, make_problems
 from kdkit.tasks.text_tokenizer import char_tokenizer
-
-log = logging.getLogger(__name__)
 
 JUDGE_FORMAT_VERSION = 2
 JUDGE_TEMPLATE = "{prompt}{completion}?"
@@ -67,8 +59,14 @@ def check_text(prompt: str, completion: str) -> float:
 # --------------------------------------------------------------------------- labelled solutions
 
 
-def _steps(digits_a: list[int], digits_b: list[int], *, bad_step: int | None = None, delta: int = 0,
-           drop_carry: int | None = None) -> tuple[str, int]:
+def _steps(
+    digits_a: list[int],
+    digits_b: list[int],
+    *,
+    bad_step: int | None = None,
+    delta: int = 0,
+    drop_carry: int | None = None,
+) -> tuple[str, int]:
     """Worked steps (least significant first) with an optional error; returns (text, implied answer)."""
     carry, out, value = 0, [], 0
     for i, (x, y) in enumerate(zip(digits_a, digits_b)):
@@ -149,12 +147,10 @@ def judge_samples(
     return out
 
 
-# --------------------------------------------------------------------------- the cached judge
-
-
 @dataclass
 class ArithmeticJudgeConfig:
-    """Everything that determines the cached judge; its hash names the cache folder."""
+    """Everything that determines the cached judge; its hash names the cache folder (trained by
+    `kdkit.pipelines.judges.get_arithmetic_judge`)."""
 
     digits: tuple[int, int] = (1, 5)
     hidden_size: int = 64
@@ -172,76 +168,19 @@ class ArithmeticJudgeConfig:
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
-
-@torch.no_grad()
-def judge_accuracy(judge: nn.Module, tokenizer: Any, samples: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Accuracy of argmax(p(Y), p(N)) against the labels, overall and by operand length."""
-    from kdkit.rewards.judge import JudgeReward
-
-    reward = JudgeReward(judge, tokenizer, template="{prompt}{completion}", yes=YES, no=NO, output="log_odds")
-    scores = reward.verdict_log_probs([s["prompt"] for s in samples])
-    verdict = (scores[:, reward.yes_id] > scores[:, reward.no_id]).long().tolist()
-    hits: dict[str, list[int]] = {"all": []}
-    for sample, v in zip(samples, verdict):
-        ok = int(v == sample["label"])
-        hits["all"].append(ok)
-        hits.setdefault(f"digits_{sample['digits']}", []).append(ok)
-        hits.setdefault("correct" if sample["label"] else "incorrect", []).append(ok)
-    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
-
-
-def get_arithmetic_judge(
-    config: ArithmeticJudgeConfig | None = None, *, retrain: bool = False, progress: bool = True
-) -> tuple[nn.Module, Any, Path]:
-    """The arithmetic judge, trained from scratch on first use and cached; (model, tokenizer, folder).
-
-    `<folder>/kdkit_judge.json` holds the config, training seconds and the judge's accuracy on 1000
-    held-out labelled solutions (lengths up to one past the training range).
-    """
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from kdkit.samplers.collate import PromptCompletionCollator
-    from kdkit.tasks.arithmetic import train_causal_lm
-
-    config = config or ArithmeticJudgeConfig()
-    folder = cache_dir("judges", f"arithmetic-{config.key()}")
-    if (folder / "kdkit_judge.json").exists() and not retrain:
-        model = AutoModelForCausalLM.from_pretrained(folder)
-        return model.eval(), PreTrainedTokenizerFast.from_pretrained(folder), folder
-    tokenizer = judge_tokenizer()
-    model = build_arithmetic_lm(
-        tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
-        num_heads=config.num_heads, intermediate_size=config.intermediate_size, seed=config.seed,
-    )
-    n = config.steps * config.batch_size
-    samples = judge_samples(n, config.digits, seed=config.seed, generative_aux=config.generative_aux)
-    started = time.perf_counter()
-    # the verdict is the only trained token (no EOS after it)
-    train_causal_lm(model, tokenizer, samples, config, folder / "run", progress=progress,  # type: ignore[arg-type]
-                    collate_fn=PromptCompletionCollator(tokenizer, add_eos=False))
-    seconds = time.perf_counter() - started
-    model = model.eval()
-    held_out = judge_samples(1000, (config.digits[0], config.digits[1] + 1), seed=20_000 + config.seed)
-    accuracy = judge_accuracy(model, tokenizer, held_out)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    info = {"config": asdict(config), "train_seconds": seconds, "accuracy": accuracy,
-            "template": JUDGE_TEMPLATE, "yes": YES, "no": NO}
-    (folder / "kdkit_judge.json").write_text(json.dumps(info, indent=2))
-    log.info("arithmetic judge trained in %.0f s: accuracy %s", seconds, accuracy)
-    return model, tokenizer, folder
+    def folder(self) -> Path:
+        """Where the trained judge is cached: `cache_dir("judges", "arithmetic-<key>")`."""
+        return cache_dir("judges", f"arithmetic-{self.key()}")
 
 
 __all__ = [
     "CORRUPTIONS",
+    "ArithmeticJudgeConfig",
     "JUDGE_TEMPLATE",
     "NO",
     "YES",
-    "ArithmeticJudgeConfig",
     "check_text",
     "corrupt",
-    "get_arithmetic_judge",
-    "judge_accuracy",
     "judge_samples",
     "judge_tokenizer",
     "parse_prompt",

@@ -11,30 +11,23 @@ canonical shortest plan. A plan is executed move by move: it *collides* when it 
 goes *off-grid* when it leaves the grid (execution stops at the first such event), and *succeeds*
 when it ends on the goal without either. Difficulty grows with the grid size and the obstacle
 density; "ood" (7×7) is larger than anything in the teacher's training set. A teacher policy LM is
-trained on expert plans from scratch and cached like the arithmetic teacher.
+trained on expert plans from scratch and cached like the arithmetic teacher
+(`kdkit.pipelines.planning_teacher.get_planning_teacher`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import random
 import re
-import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdkit.paths import cache_dir
 from kdkit.tasks.text_tokenizer import EOS, PAD, char_tokenizer
-
-log = logging.getLogger(__name__)
 
 PLANNING_FORMAT_VERSION = 1
 CHARACTERS = ".#SG|:>UDLR0123456789"
@@ -235,78 +228,15 @@ def plan_metrics(
     return {d: {k: v / counts[d] for k, v in sums[d].items()} for d in order}
 
 
-# --------------------------------------------------------------------------- teacher
-
-
-@dataclass
-class PlanningTeacherConfig:
-    """Everything that determines the cached planning teacher; its hash names the cache folder."""
-
-    difficulties: tuple[str, ...] = TRAIN_DIFFICULTIES
-    hidden_size: int = 64
-    num_layers: int = 3
-    num_heads: int = 4
-    intermediate_size: int = 192
-    steps: int = 1200
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup_steps: int = 100
-    seed: int = 0
-    format_version: int = field(default=PLANNING_FORMAT_VERSION)
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def get_planning_teacher(
-    config: PlanningTeacherConfig | None = None, *, retrain: bool = False, progress: bool = True
-) -> tuple[nn.Module, Any, Path]:
-    """The planning teacher policy, trained from scratch on expert plans on first use and cached.
-
-    Returns (model in eval mode, tokenizer, folder); `<folder>/kdkit_teacher.json` holds the config,
-    training seconds and its success / collision / off-grid rates by difficulty on 400 held-out
-    scenarios (including "ood", larger than its training grids).
-    """
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from kdkit.tasks.arithmetic import build_arithmetic_lm, train_causal_lm
-
-    config = config or PlanningTeacherConfig()
-    folder = cache_dir("teachers", f"planning-{config.key()}")
-    if (folder / "kdkit_teacher.json").exists() and not retrain:
-        model = AutoModelForCausalLM.from_pretrained(folder)
-        return model.eval(), PreTrainedTokenizerFast.from_pretrained(folder), folder
-    tokenizer = planning_tokenizer()
-    model = build_arithmetic_lm(
-        tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
-        num_heads=config.num_heads, intermediate_size=config.intermediate_size, seed=config.seed,
-    )
-    samples = planning_dataset(config.steps * config.batch_size, config.difficulties, seed=config.seed)
-    started = time.perf_counter()
-    train_causal_lm(model, tokenizer, samples, config, folder / "run", progress=progress)  # type: ignore[arg-type]
-    seconds = time.perf_counter() - started
-    model = model.eval()
-    held_out = make_scenarios(400, tuple(DIFFICULTIES), seed=30_000 + config.seed)
-    metrics = plan_metrics(model, tokenizer, held_out)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    info = {"config": asdict(config), "train_seconds": seconds, "metrics_by_difficulty": metrics}
-    (folder / "kdkit_teacher.json").write_text(json.dumps(info, indent=2))
-    log.info("planning teacher trained in %.0f s: %s", seconds, metrics)
-    return model, tokenizer, folder
-
-
 __all__ = [
     "DIFFICULTIES",
     "MOVES",
     "TRAIN_DIFFICULTIES",
     "Outcome",
-    "PlanningTeacherConfig",
     "Scenario",
     "check_text",
     "execute",
     "expert_plan",
-    "get_planning_teacher",
     "make_scenario",
     "make_scenarios",
     "parse_prompt",
