@@ -50,6 +50,7 @@ class AuditedReward:
         self.reward, self.checker = reward, checker
         self.agree = self.total = 0
         self.checker_sum = 0.0
+        self.pairs: list[tuple[float, float]] = []  # (reward, checker verdict) of every sample
 
     def __call__(self, inputs: Any) -> torch.Tensor:
         values = self.reward(inputs)
@@ -60,11 +61,22 @@ class AuditedReward:
             self.agree += len(truth)
         self.total += len(truth)
         self.checker_sum += float(truth.sum())
+        self.pairs += list(zip(values.tolist(), truth.tolist()))
         return values
 
     def summary(self) -> dict[str, float]:
         n = max(self.total, 1)
-        return {"judge_checker_agreement": self.agree / n, "train_success": self.checker_sum / n}
+        right = [r for r, t in self.pairs if t > 0.5]
+        wrong = [r for r, t in self.pairs if t <= 0.5]
+        out = {"judge_checker_agreement": self.agree / n, "train_success": self.checker_sum / n}
+        if right and wrong:  # how well the reward ranks right above wrong samples (0.5 = chance)
+            above = sum((a > b) + 0.5 * (a == b) for a in right for b in wrong)
+            out |= {
+                "reward_auc": above / (len(right) * len(wrong)),
+                "reward_mean_right": sum(right) / len(right),
+                "reward_mean_wrong": sum(wrong) / len(wrong),
+            }
+        return out
 
 
 def _history_sum(path: Path, key: str) -> float:
@@ -309,6 +321,45 @@ def run_task(
     return {"reference": reference, "runs": runs, "judge": judge_info, "teacher_folder": str(setup["folder"])}
 
 
+def judge_audit() -> dict[str, Any]:
+    """The cached arithmetic judge on labelled solutions: accuracy (from its cache record), ROC AUC
+    of p("Y") on 1000 held-out labelled solutions (1-6 digits), and mean p("Y") / share above ½ on
+    300 right solutions and on the same problems corrupted each way."""
+    import random
+
+    from kdkit.pipelines.judges import get_arithmetic_judge
+    from kdkit.rewards import JudgeReward, RewardInputs
+    from kdkit.tasks.arithmetic import make_problems
+    from kdkit.tasks.arithmetic_judge import CORRUPTIONS, corrupt, judge_samples
+
+    judge, tokenizer, folder = get_arithmetic_judge(progress=False)
+    filled = JudgeReward(judge, tokenizer, template="{prompt}{completion}", output="prob")
+    samples = judge_samples(1000, (1, 6), seed=20_000)
+    p_yes = filled.verdict_log_probs([s["prompt"] for s in samples])[:, filled.yes_id].exp().tolist()
+    right = [p for p, s in zip(p_yes, samples) if s["label"]]
+    wrong = [p for p, s in zip(p_yes, samples) if not s["label"]]
+    auc = sum((a > b) + 0.5 * (a == b) for a in right for b in wrong) / (len(right) * len(wrong))
+    reward = JudgeReward(judge, tokenizer, output="prob")
+    problems = make_problems(300, (1, 4), seed=77)
+    prompts = [q.prompt for q in problems]
+    rng = random.Random(1)
+    kinds: dict[str, Any] = {}
+    for kind in ("right", *CORRUPTIONS):
+        texts = [q.completion if kind == "right" else corrupt(q, kind, rng) for q in problems]
+        values = reward(RewardInputs(prompts, texts))
+        kinds[kind] = {
+            "mean_p_yes": float(values.mean()),
+            "share_above_half": float((values > 0.5).float().mean()),
+        }
+    info = json.loads((folder / "kdkit_judge.json").read_text())
+    return {
+        "accuracy": info["accuracy"],
+        "train_seconds": info["train_seconds"],
+        "heldout_auc": auc,
+        "by_kind": kinds,
+    }
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -318,45 +369,74 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f}% ± {100 * statistics.pstdev(values):.1f}"
 
 
-def render_tables(result: dict[str, Any]) -> str:
-    lines = []
-    for task, part in result.get("tasks", {}).items():
-        runs = part["runs"]
-        keys = list(part["reference"]["teacher"])
-        if task == "planning":
-            keys = [k for k in keys if k.split("_")[0] in ("success", "collision", "off")]
-        lines.append(f"### {task}\n")
-        header = ["variant", *keys, "wall s", "sampling share", "train success", "judge=checker"]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        warm_refs = [k for k in part["reference"] if k.startswith("student_warm")]
-        for ref in ("teacher", "student_pruned", "student_warm"):
-            if ref == "student_warm":
-                if not warm_refs:
-                    continue
-                row = {k: statistics.mean(part["reference"][w][k] for w in warm_refs) for k in keys}
-                ref = f"student_warm (mean of {len(warm_refs)} seeds)"
-            else:
-                row = part["reference"][ref]
-            lines.append(
-                "| " + " | ".join([ref, *(f"{100 * row[k]:.1f}%" for k in keys), "—", "—", "—", "—"]) + " |"
-            )
-        for variant in VARIANTS:
-            chosen = [r for r in runs if r["variant"] == variant]
-            if not chosen:
+def _table(part: dict[str, Any], keys: list[str], labels: list[str], extra: bool) -> list[str]:
+    """One Markdown table: reference rows, then one row per variant (mean ± population std)."""
+    runs = part["runs"]
+    header = ["variant", *labels] + (
+        ["wall s", "sampling share", "train success", "reward AUC"] if extra else []
+    )
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    warm_refs = [k for k in part["reference"] if k.startswith("student_warm")]
+    dash = ["—"] * (4 if extra else 0)
+    for ref in ("teacher", "student_pruned", "student_warm"):
+        if ref == "student_warm":
+            if not warm_refs:
                 continue
-            cells = [f"{variant} (n={len(chosen)})"]
-            cells += [_mean_std([r["scores"][k] for r in chosen]) for k in keys]
+            row = {k: statistics.mean(part["reference"][w][k] for w in warm_refs) for k in keys}
+            ref = f"warm start (mean of {len(warm_refs)} seeds)"
+        else:
+            row = part["reference"][ref]
+        lines.append("| " + " | ".join([ref, *(f"{100 * row[k]:.1f}%" for k in keys), *dash]) + " |")
+    for variant in VARIANTS:
+        chosen = [r for r in runs if r["variant"] == variant]
+        if not chosen:
+            continue
+        cells = [f"{variant} (n={len(chosen)})"]
+        cells += [_mean_std([r["scores"][k] for r in chosen]) for k in keys]
+        if extra:
             wall = [r["wall_s"] for r in chosen]
             cells.append(f"{statistics.mean(wall):.0f} ± {statistics.pstdev(wall):.0f}")
             share = [r["generation_s"] / r["wall_s"] for r in chosen]
             cells.append(f"{100 * statistics.mean(share):.0f}%")
-            cells.append(
-                _mean_std([r["train_success"] for r in chosen]) if "train_success" in chosen[0] else "—"
-            )
-            agreement = [r["judge_checker_agreement"] for r in chosen if variant == "grpo_judge"]
-            cells.append(_mean_std(agreement) if agreement else "—")
-            lines.append("| " + " | ".join(cells) + " |")
+            success = [r["train_success"] for r in chosen if "train_success" in r]
+            cells.append(_mean_std(success) if success else "—")
+            auc = [r["reward_auc"] for r in chosen if "reward_auc" in r and variant == "grpo_judge"]
+            cells.append(f"{statistics.mean(auc):.2f}" if auc else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_tables(result: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for task, part in result.get("tasks", {}).items():
+        keys = list(part["reference"]["teacher"])
+        lines.append(f"### {task}\n")
+        if task == "arithmetic":
+            labels = [f"EM {k.removeprefix('em_')}-digit" for k in keys]
+            lines += _table(part, keys, labels, extra=True)
+        else:
+            levels = [k.removeprefix("success_") for k in keys if k.startswith("success_")]
+            lines.append("Success rate by difficulty:\n")
+            lines += _table(part, [f"success_{d}" for d in levels], levels, extra=True)
+            lines.append("\nCollision / off-grid rate by difficulty:\n")
+            pairs = [
+                (f"{m}_{d}", f"{m.replace('_', '-')} {d}") for d in levels for m in ("collision", "off_grid")
+            ]
+            lines += _table(part, [k for k, _ in pairs], [label for _, label in pairs], extra=False)
+        lines.append("")
+    audit = result.get("judge_audit")
+    if audit:
+        lines.append("### the arithmetic judge\n")
+        lines.append(
+            f"Held-out accuracy {100 * audit['accuracy']['all']:.1f}% (right solutions "
+            f"{100 * audit['accuracy']['correct']:.1f}%, "
+            f"wrong ones {100 * audit['accuracy']['incorrect']:.1f}%), "
+            f"ROC AUC of p(Y) {audit['heldout_auc']:.2f}, trained in {audit['train_seconds']:.0f} s.\n"
+        )
+        lines.append("| solutions | mean p(Y) | share with p(Y) > ½ |")
+        lines.append("|---|---:|---:|")
+        for kind, row in audit["by_kind"].items():
+            lines.append(f"| {kind} | {row['mean_p_yes']:.3f} | {100 * row['share_above_half']:.1f}% |")
         lines.append("")
     return "\n".join(lines)
 
@@ -376,12 +456,23 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these; their runs replace the same ones in the JSON",
     )
     parser.add_argument("--render", type=Path)
+    parser.add_argument(
+        "--judge-audit", action="store_true", help="audit the cached judge; store it in the JSON"
+    )
     args = parser.parse_args(argv)
     if args.render is not None:
         print(render_tables(json.loads(args.render.read_text())))
         return 0
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
+    if args.judge_audit:
+        audit = judge_audit()
+        path = OUT / "rewards.json"
+        result = json.loads(path.read_text()) if path.is_file() else {"tasks": {}}
+        result["judge_audit"] = audit
+        path.write_text(json.dumps(result, indent=2))
+        print(json.dumps(audit, indent=2))
+        return 0
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     steps = args.steps or (4 if args.quick else 100)
     path = OUT / ("rewards_quick.json" if args.quick else "rewards.json")
