@@ -28,7 +28,8 @@ class _PositionTable(nn.Module):
 
 def test_exposure_is_maximal_when_the_secret_ranks_first_and_about_one_bit_for_chance(tokenizer):
     canary = make_canaries(1, copies=1, secret_length=3, seed=1)[0]
-    ids = tokenizer(canary.prompt)["input_ids"] + tokenizer(canary.secret, add_special_tokens=False)["input_ids"]
+    secret = tokenizer(canary.secret, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(canary.prompt)["input_ids"] + secret
     knows = exposure(_PositionTable(ids, len(tokenizer), 10.0), tokenizer, canary)
     assert knows["candidates"] == 1000 and knows["rank"] == 1.0
     assert knows["exposure"] == pytest.approx(math.log2(1000))

@@ -13,7 +13,6 @@ from kdkit.samplers.collate import PromptCompletionCollator
 from kdkit.samplers.generation import GenerationSettings
 
 
-
 def _distiller(tiny_lm, tokenizer, mode):
     teacher = None if mode == "ft" else tiny_lm(1)
     settings = GenerationSettings(max_new_tokens=8, eos_token_id=tokenizer.eos_token_id,

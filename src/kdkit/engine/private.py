@@ -333,7 +333,8 @@ def train_private(
     metrics = MetricsWriter(run_dir, enabled=True, purge_after=resumed_from)
 
     def spent(steps: int) -> float:
-        return accountant_epsilon([(plan.noise_multiplier, plan.sample_rate, steps)], plan.delta, plan.accountant)
+        history = [(plan.noise_multiplier, plan.sample_rate, steps)]
+        return accountant_epsilon(history, plan.delta, plan.accountant)
 
     bar = tqdm(total=cfg.steps, initial=step, desc=description, dynamic_ncols=True, disable=not cfg.progress)
     last_record: dict[str, Any] | None = None
@@ -379,7 +380,8 @@ def train_private(
             if step % cfg.log_every == 0 or step == cfg.steps:
                 means, examples = merge_windows([window.to_dict()])
                 record = {"step": step, **means, "privacy/epsilon": spent(accounted),
-                          "privacy/delta": plan.delta, "privacy/mean_batch_size": sum(window_batches) / len(window_batches), "lr": lr,
+                          "privacy/delta": plan.delta,
+                          "privacy/mean_batch_size": sum(window_batches) / len(window_batches), "lr": lr,
                           "elapsed_s": round(elapsed + now - session_start, 3),
                           "examples_per_s": round(examples / max(now - window_start, 1e-9), 2)}
                 metrics.write(record)

@@ -4,6 +4,12 @@
 Opacus' RDP and PRV accountants. The DP training loop itself is `kdkit.engine.private`.
 """
 
-from kdkit.privacy.accounting import ACCOUNTANTS, accountant_epsilon, epsilon, make_accountant, noise_for_epsilon
+from kdkit.privacy.accounting import (
+    ACCOUNTANTS,
+    accountant_epsilon,
+    epsilon,
+    make_accountant,
+    noise_for_epsilon,
+)
 
 __all__ = ["ACCOUNTANTS", "accountant_epsilon", "epsilon", "make_accountant", "noise_for_epsilon"]

@@ -20,7 +20,8 @@ def _check(sample_rate: float, steps: int, delta: float, accountant: str) -> Non
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate (the Poisson sampling probability q) must be in (0, 1], got {sample_rate}")
+        raise ValueError(f"sample_rate (the Poisson sampling probability q) must be in (0, 1], "
+                         f"got {sample_rate}")
     if steps < 0 or int(steps) != steps:
         raise ValueError(f"steps must be a non-negative integer, got {steps}")
     if not 0.0 < delta < 1.0:
@@ -36,7 +37,9 @@ def make_accountant(accountant: Accountant = "rdp"):  # -> opacus.accountants.IA
     return create_accountant(mechanism=accountant)
 
 
-def accountant_epsilon(history: list[tuple[float, float, int]], delta: float, accountant: Accountant = "rdp") -> float:
+def accountant_epsilon(
+    history: list[tuple[float, float, int]], delta: float, accountant: Accountant = "rdp"
+) -> float:
     """ε at δ of a run whose steps are `history`: [(noise_multiplier, sample_rate, steps), ...].
 
     This is the form Opacus' accountants keep (one entry per run of identical steps), so a run

@@ -65,7 +65,9 @@ def make_canaries(
     return canaries
 
 
-def insert_canaries(records: Sequence[dict[str, Any]], canaries: Sequence[Canary], seed: int = 0) -> list[dict[str, Any]]:
+def insert_canaries(
+    records: Sequence[dict[str, Any]], canaries: Sequence[Canary], seed: int = 0
+) -> list[dict[str, Any]]:
     """The records with each canary's record added `copies` times, all shuffled (seeded)."""
     out = list(records) + [c.record() for c in canaries for _ in range(c.copies)]
     random.Random(seed).shuffle(out)
@@ -87,7 +89,8 @@ def completion_log_likelihoods(
     try:
         for start in range(0, len(prompts), batch_size):
             rows, labels = [], []
-            for prompt, completion in zip(prompts[start:start + batch_size], completions[start:start + batch_size]):
+            window = slice(start, start + batch_size)
+            for prompt, completion in zip(prompts[window], completions[window]):
                 p = tokenizer(prompt)["input_ids"]
                 c = tokenizer(completion, add_special_tokens=False)["input_ids"]
                 if add_eos:
@@ -145,7 +148,8 @@ def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
 
 
 def membership_auc(
-    model: nn.Module, tokenizer: Any, members: Sequence[dict[str, Any]], non_members: Sequence[dict[str, Any]],
+    model: nn.Module, tokenizer: Any, members: Sequence[dict[str, Any]],
+    non_members: Sequence[dict[str, Any]],
     *, batch_size: int = 256,
 ) -> float:
     """Loss-threshold membership inference: AUC of −(mean completion NLL), members vs non-members."""

@@ -163,7 +163,9 @@ class PrivateLMDistiller(Distiller):
 
     # ------------------------------------------------------------------ losses
 
-    def per_example_losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
+    def per_example_losses(
+        self, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
         """([B] loss of each example, the batch trained on, info). Differentiable in the student."""
         info: dict[str, float] = {"generation_s": 0.0, "on_policy": 0.0}
         if self.mode == "opd":
