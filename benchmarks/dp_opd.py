@@ -92,11 +92,14 @@ def main() -> None:
 
     started = time.perf_counter()
     public, tokenizer, _ = get_arithmetic_teacher()
-    records = arithmetic_dataset(args.records, (1, 4), seed=101)
+    def text_only(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+
+    records = text_only(arithmetic_dataset(args.records, (1, 4), seed=101))
     canaries = make_canaries(args.canaries, copies=args.copies, secret_length=args.secret_length, seed=7)
     private = insert_canaries(records, canaries, seed=3)
-    held_out = arithmetic_dataset(args.held_out, (1, 4), seed=202)
-    non_members = arithmetic_dataset(args.members, (1, 4), seed=303)
+    held_out = text_only(arithmetic_dataset(args.held_out, (1, 4), seed=202))
+    non_members = text_only(arithmetic_dataset(args.members, (1, 4), seed=303))
     members = records[: args.members]
     collate = PromptCompletionCollator(tokenizer)
     settings = GenerationSettings(max_new_tokens=48, eos_token_id=tokenizer.eos_token_id,

@@ -17,6 +17,7 @@ from kdkit.engine.private import (
 )
 from kdkit.privacy import epsilon
 from kdkit.privacy.distill import PrivateLMDistiller
+from kdkit.privacy.statement import privacy_markdown
 from kdkit.samplers.collate import PromptCompletionCollator
 from kdkit.samplers.generation import GenerationSettings
 
@@ -50,6 +51,8 @@ def test_logged_epsilon_is_the_accountants(tiny_lm, tokenizer, records, tmp_path
     assert statement["epsilon"] == pytest.approx(result.epsilon)
     assert "teacher" in statement["not_covered"][0] and "Poisson" in statement["sampling_scheme"]
     assert statement["parameters"]["noise_multiplier"] == 1.2
+    text = privacy_markdown(statement)
+    assert f"ε, δ) = ({result.epsilon:.3g}" in text and "Not covered" in text and "σ = 1.2" in text
 
 
 def test_target_epsilon_sets_sigma_and_is_met(tiny_lm, tokenizer, records):

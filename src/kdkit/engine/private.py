@@ -45,14 +45,9 @@ from kdkit.engine.distiller import Distiller
 from kdkit.engine.metrics import LossWindow, MetricsWriter, merge_windows, total_loss, truncate_history
 from kdkit.engine.schedule import build_optimizer, build_scheduler
 from kdkit.privacy.accounting import accountant_epsilon, noise_for_epsilon
+from kdkit.privacy.statement import privacy_statement
 
 logger = logging.getLogger(__name__)
-
-SAMPLING_SCHEME = (
-    "Poisson subsampling: each record joins each step's batch independently with probability q "
-    "(batch sizes vary; empty batches still add noise)"
-)
-
 
 class PrivacyConfig(StrictModel):
     """DP-SGD settings. Give exactly one of `noise_multiplier` (σ) or `target_epsilon`.
@@ -228,39 +223,6 @@ def _chunks(indices: Sequence[int], size: int | None) -> list[list[int]]:
     return [list(indices[i : i + size]) for i in range(0, len(indices), size)]
 
 
-def privacy_statement(plan: PrivacyPlan, epsilon: float, steps: int, *, secure_mode: bool,
-                      teacher_note: str | None = None) -> dict[str, Any]:
-    """What (ε, δ) covers and what it does not, with every parameter it rests on (privacy.json)."""
-    return {
-        "epsilon": epsilon,
-        "delta": plan.delta,
-        "accountant": plan.accountant,
-        "steps_taken": steps,
-        "parameters": plan.to_dict(),
-        "sampling_scheme": SAMPLING_SCHEME,
-        "covered": (
-            "the student's training on the private records: every parameter update of the student is "
-            "the output of the subsampled Gaussian mechanism over per-record clipped gradients, so the "
-            "released student (and any text it generates later) is (ε, δ)-DP with respect to adding or "
-            "removing one private record (one dataset row; repeated or related rows are separate records)"
-        ),
-        "not_covered": [
-            "the teacher: it is used as given; if it was trained or fine-tuned non-privately on the same "
-            "or related private data, its weights and outputs carry no guarantee, and neither does "
-            "anything derived from them outside this training run",
-            "hyper-parameter search: runs tried on the private data and discarded spend privacy too",
-            "records duplicated across rows (a person with k rows is protected at group level k)",
-            "the evaluation metrics in this report, computed on held-out data without noise",
-        ],
-        "randomness": (
-            "secure_mode: Opacus' cryptographically secure noise" if secure_mode else
-            "seeded pseudo-random sampling and noise (reproducible; the guarantee assumes the seed is "
-            "secret and the PRNG indistinguishable from true randomness)"
-        ),
-        **({"teacher": teacher_note} if teacher_note else {}),
-    }
-
-
 def train_private(
     distiller: Distiller,
     dataset: Dataset,
@@ -399,7 +361,7 @@ def train_private(
         distiller.train(was_training)
 
     epsilon = spent(accounted)
-    statement = privacy_statement(plan, epsilon, accounted, secure_mode=privacy.secure_mode,
+    statement = privacy_statement(plan.to_dict(), epsilon, accounted, secure_mode=privacy.secure_mode,
                                   teacher_note=teacher_note)
     statement["mean_batch_size"] = sampled_total / max(accounted, 1)
     (run_dir / "privacy.json").write_text(json.dumps(statement, indent=1))
