@@ -115,6 +115,9 @@ def main() -> None:
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(row), flush=True)
         results["runs"].append(row)
+        if args.out:  # after every model, so a cut-short run keeps what it measured
+            results["summary"] = summarise(results["runs"])
+            args.out.write_text(json.dumps(results, indent=1))
         return row
 
     with tempfile.TemporaryDirectory() as tmp:
