@@ -148,3 +148,15 @@ def test_a_layer_without_the_batch_dimension_is_named(tokenizer, records, tmp_pa
                            PrivacyConfig(noise_multiplier=1.0), tmp_path / "frozen",
                            collate_fn=PromptCompletionCollator(tokenizer))
     assert result.steps == 2
+
+
+def test_physical_chunks_give_the_same_update_as_one_batch(tiny_lm, tokenizer, records, tmp_path):
+    collate = PromptCompletionCollator(tokenizer)
+    weights = []
+    for chunk in (None, 3):
+        distiller = PrivateLMDistiller(tiny_lm(2), tiny_lm(1), mode="kd")
+        privacy = PrivacyConfig(noise_multiplier=0.7, max_grad_norm=0.01, max_physical_batch_size=chunk)
+        train_private(distiller, records, _cfg(steps=2), privacy, tmp_path / str(chunk), collate_fn=collate)
+        weights.append(distiller.state_dict())
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], rtol=1e-4, atol=1e-6)

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,6 +303,10 @@ def train_private(
     last_record: dict[str, Any] | None = None
     checked = False
     window_batches: list[int] = []
+    # Opacus' hooks fire on the first layer, whose input (token ids) needs no gradient: expected
+    quiet = warnings.catch_warnings()
+    quiet.__enter__()
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
     try:
         gsm.train()
         session_start = window_start = time.perf_counter()
@@ -355,6 +360,7 @@ def train_private(
                       elapsed + time.perf_counter() - session_start, window,
                       {"steps": accounted, "sampled": sampled_total, "plan": plan.to_dict()})
     finally:
+        quiet.__exit__(None, None, None)
         bar.close()
         metrics.close()
         _remove_opacus_state(gsm, distiller)
