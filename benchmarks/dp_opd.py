@@ -34,14 +34,19 @@ from typing import Any
 
 import torch
 
-from kdkit.config import TrainConfig
 from kdkit.engine.private import PrivacyConfig, train_private
+from kdkit.engine.settings import TrainConfig
+from kdkit.methods.private_distiller import PrivateLMDistiller
 from kdkit.models.lm import derive_student
+from kdkit.pipelines.teachers import get_arithmetic_teacher, train_causal_lm
 from kdkit.privacy.audit import audit, insert_canaries, make_canaries
-from kdkit.privacy.distill import PrivateLMDistiller
 from kdkit.samplers.collate import PromptCompletionCollator
 from kdkit.samplers.generation import GenerationSettings
-from kdkit.tasks.arithmetic import arithmetic_dataset, get_arithmetic_teacher, train_causal_lm
+from kdkit.tasks.arithmetic import arithmetic_dataset
+
+#: benchmark name -> (PrivateLMDistiller mode, λ): dp_gkd is DP-OPD with GKD's per-example
+#: λ = 0.5 mixture of student rollouts and the record's own continuation
+METHOD_MODES = {"dp_opd": ("opd", 1.0), "dp_gkd": ("opd", 0.5), "dp_kd": ("kd", 1.0), "dp_ft": ("ft", 1.0)}
 
 
 def held_out_perplexity(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, Any]]) -> float:
@@ -58,7 +63,7 @@ def private_teacher(public: torch.nn.Module, tokenizer: Any, private: list[dict[
     """The public teacher fine-tuned non-privately on the private records (a copy; then frozen)."""
     import copy
 
-    from kdkit.tasks.arithmetic import ArithmeticTeacherConfig
+    from kdkit.config.lm import ArithmeticTeacherConfig
 
     teacher = copy.deepcopy(public).train()
     config = ArithmeticTeacherConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=10, seed=1)
@@ -80,7 +85,8 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 8.0])
-    parser.add_argument("--methods", nargs="+", default=["dp_opd", "dp_kd", "dp_ft"])
+    parser.add_argument("--methods", nargs="+", default=["dp_opd", "dp_kd", "dp_ft"],
+                        choices=list(METHOD_MODES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--non-private", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--held-out", type=int, default=256)
@@ -136,9 +142,9 @@ def main() -> None:
             for eps in settings_list:
                 for method in args.methods:
                     student = derive_student(teacher, keep_layers=[0])
-                    mode = method.removeprefix("dp_")
+                    mode, lmbda = METHOD_MODES[method]
                     distiller = PrivateLMDistiller(student, None if mode == "ft" else teacher, mode=mode,
-                                                   generation=settings)
+                                                   generation=settings, lmbda=lmbda)
                     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
                                       log_every=max(args.steps // 4, 1), checkpoint_every=args.steps,
                                       progress=False, mixed_precision="no", warmup_steps=0)

@@ -2,10 +2,10 @@
 
 import pytest
 
-from kdkit.config import TrainConfig
 from kdkit.engine.private import PrivacyConfig, train_private
+from kdkit.engine.settings import TrainConfig
+from kdkit.methods.private_distiller import PrivateLMDistiller
 from kdkit.privacy.audit import audit, insert_canaries, make_canaries
-from kdkit.privacy.distill import PrivateLMDistiller
 from kdkit.samplers.collate import PromptCompletionCollator
 from kdkit.tasks.arithmetic import arithmetic_dataset, build_arithmetic_lm
 

@@ -8,7 +8,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from kdkit.privacy.distill import PrivateLMDistiller
+from kdkit.methods.private_distiller import PrivateLMDistiller
 from kdkit.samplers.collate import PromptCompletionCollator
 from kdkit.samplers.generation import GenerationSettings
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from kdkit.config import ConfigError, TrainConfig
 from kdkit.engine.distiller import Distiller
 from kdkit.engine.private import (
     PrivacyConfig,
@@ -15,11 +14,13 @@ from kdkit.engine.private import (
     poisson_batch,
     train_private,
 )
+from kdkit.engine.settings import TrainConfig
+from kdkit.methods.private_distiller import PrivateLMDistiller
 from kdkit.privacy import epsilon
-from kdkit.privacy.distill import PrivateLMDistiller
 from kdkit.privacy.statement import privacy_markdown
 from kdkit.samplers.collate import PromptCompletionCollator
 from kdkit.samplers.generation import GenerationSettings
+from kdkit.settings import ConfigError
 
 
 def _cfg(**kw):

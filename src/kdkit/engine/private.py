@@ -16,7 +16,7 @@ DP-SGD and accounts the privacy spent:
 
 The distiller must return losses that are a *mean over examples of per-example losses* (each
 example's loss depending on that example alone): `GradSampleModule(loss_reduction="mean")` then
-recovers each example's own gradient. `kdkit.privacy.distill.PrivateLMDistiller` does this for LMs.
+recovers each example's own gradient. `kdkit.methods.private_distiller.PrivateLMDistiller` does this for LMs.
 The trainer's own loop (`kdkit.engine.trainer.train`) is not used: DP-SGD needs its own batches
 (Poisson, not shuffled epochs) and its own optimizer step; checkpoints, metrics and the resume
 logic are the engine's (`checkpoint`, `metrics`). One process, one device (CUDA if present).
@@ -32,58 +32,24 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from kdkit.config import ConfigError, StrictModel, TrainConfig
 from kdkit.engine import checkpoint
 from kdkit.engine.distiller import Distiller
 from kdkit.engine.metrics import LossWindow, MetricsWriter, merge_windows, total_loss, truncate_history
+from kdkit.engine.privacy_settings import PrivacyConfig
 from kdkit.engine.schedule import build_optimizer, build_scheduler
+from kdkit.engine.settings import TrainConfig
 from kdkit.privacy.accounting import accountant_epsilon, noise_for_epsilon
 from kdkit.privacy.statement import privacy_statement
+from kdkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
-
-class PrivacyConfig(StrictModel):
-    """DP-SGD settings. Give exactly one of `noise_multiplier` (σ) or `target_epsilon`.
-
-    target_epsilon: σ is derived so that ε at `delta` after `TrainConfig.steps` steps is ≤ this.
-    delta: δ of (ε, δ); default 1/N (N = number of private records). A δ above 1/N is refused:
-        it would allow leaking a whole record with probability δ per record.
-    max_grad_norm: C, the per-example clipping norm (replaces `TrainConfig.max_grad_norm`).
-    sample_rate: q; default `TrainConfig.batch_size` / N (batch_size is then the *expected* batch).
-    accountant: "rdp" or "prv" (see `kdkit.privacy.epsilon`).
-    max_physical_batch_size: split a sampled batch into chunks of at most this many examples
-        (gradients are clipped per example and accumulated, then noised once): bounds memory only.
-    grad_sample_mode: "hooks" (Opacus' per-layer rules, functorch for layers without one) or
-        "functorch" (functorch for every layer).
-    secure_mode: Opacus' secure noise (needs torchcsprng); off by default, in which case the
-        sampling and noise come from seeded PRNGs: reproducible, but not secure against someone who
-        knows the seed (state this when publishing ε).
-    """
-
-    noise_multiplier: float | None = Field(None, ge=0.0)
-    target_epsilon: PositiveFloat | None = None
-    delta: float | None = Field(None, gt=0.0, lt=1.0)
-    max_grad_norm: PositiveFloat = 1.0
-    sample_rate: float | None = Field(None, gt=0.0, le=1.0)
-    accountant: Literal["rdp", "prv"] = "rdp"
-    max_physical_batch_size: PositiveInt | None = None
-    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
-    secure_mode: bool = False
-
-    @model_validator(mode="after")
-    def _one_noise_setting(self) -> PrivacyConfig:
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError("give exactly one of privacy.noise_multiplier (σ) or privacy.target_epsilon")
-        return self
-
 
 @dataclass(frozen=True)
 class PrivacyPlan:

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.data.padding import IGNORE_INDEX, right_pad
+from kdkit.data.padding import right_pad
+from kdkit.losses.tokens import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from kdkit.data.padding import IGNORE_INDEX, left_pad
+from kdkit.data.padding import left_pad
 from kdkit.engine.distiller import Distiller
 from kdkit.losses import DIVERGENCES
+from kdkit.losses.tokens import IGNORE_INDEX
 from kdkit.samplers.collate import build_lm_batch
 from kdkit.samplers.generation import GenerationSettings, generate_batch
 
@@ -187,7 +188,7 @@ class PrivateLMDistiller(Distiller):
         device = losses.device
         return {
             name: losses.mean(),
-            "_tokens": tokens.detach().float(),
+            "_completion_tokens": tokens.detach().float(),  # not "_tokens": no token weighting here
             "_gen_s": torch.tensor(info["generation_s"], device=device),
             "_on_policy": torch.tensor(info["on_policy"], device=device),
         }
