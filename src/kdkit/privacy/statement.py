@@ -35,7 +35,8 @@ def privacy_statement(plan: dict[str, Any], epsilon: float, steps: int, *, secur
             "the evaluation metrics in this report, computed on held-out data without noise",
         ],
         "randomness": (
-            "secure_mode: Opacus' cryptographically secure noise" if secure_mode else
+            "secure_mode: Opacus' secure noise generation; the Poisson sampling still draws from a seeded "
+            "PRNG (the guarantee assumes its seed secret)" if secure_mode else
             "seeded pseudo-random sampling and noise (reproducible; the guarantee assumes the seed is "
             "secret and the PRNG indistinguishable from true randomness)"
         ),
