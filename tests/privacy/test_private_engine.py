@@ -161,3 +161,10 @@ def test_physical_chunks_give_the_same_update_as_one_batch(tiny_lm, tokenizer, r
         weights.append(distiller.state_dict())
     for name, value in weights[0].items():
         torch.testing.assert_close(value, weights[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tiny_lm):
+    teacher = tiny_lm(1)
+    teacher.resize_token_embeddings(40)
+    with pytest.raises(ValueError, match="logits per token"):
+        PrivateLMDistiller(tiny_lm(2), teacher, mode="kd")

@@ -71,7 +71,7 @@ class PrivateLMMethod(LMMethod):
             kwargs |= {"generation": generation_settings(params, ctx), "lmbda": params.lmbda,
                        "prefix_fraction": params.prefix_fraction}
         return PrivateLMDistiller(student, teacher if cls.needs_teacher(params) else None, mode=cls.mode,
-                                  **kwargs)
+                                  tokenizers=options.get("tokenizers"), **kwargs)
 
 
 @METHODS.register("dp_opd", "DP on-policy distillation: student continues each private record's prefix, "

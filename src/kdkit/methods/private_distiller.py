@@ -95,6 +95,7 @@ class PrivateLMDistiller(Distiller):
     generation: how rollouts are sampled ("opd"). prefix_fraction: share of each record's
     completion (rounded down) kept in the prefix the student continues. lmbda: per-example
     probability of training on the rollout rather than on the record's own continuation ("opd").
+    tokenizers: (teacher's, student's), to check vocabularies whose output sizes differ.
     forward returns {"kd" | "ce": mean over examples of per-example losses} plus diagnostics.
     """
 
@@ -110,8 +111,13 @@ class PrivateLMDistiller(Distiller):
         generation: GenerationSettings | None = None,
         prefix_fraction: float = 0.0,
         lmbda: float = 1.0,
+        tokenizers: tuple[Any, Any] | None = None,
     ) -> None:
         super().__init__(student, teacher)
+        if teacher is not None:  # one vocabulary (possibly padded differently), else refused
+            from kdkit.methods.lm_distiller import check_teacher_student
+
+            check_teacher_student(student, teacher, tokenizers)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "ft" and teacher is None:
