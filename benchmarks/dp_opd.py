@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--teacher-steps", type=int, default=300)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 8.0])
+    parser.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 2.0, 8.0])
     parser.add_argument("--methods", nargs="+", default=["dp_opd", "dp_kd", "dp_ft"],
                         choices=list(METHOD_MODES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -17,8 +17,9 @@ Modes (`PrivateLMDistiller(mode=...)`):
 - "kd" (off-policy DP-KD): the same divergence on the record's own completion tokens.
 - "ft" (DP fine-tuning): cross-entropy on the record's own completion tokens; no teacher.
 
-Rollouts are sampled in one batched `generate` call with left-padded prefixes and attention masks,
-so a row's tokens depend on its own prefix and the random stream only.
+Rollouts are sampled in one batched `kdkit.samplers.generation.generate_batch` call (KV cache,
+left-padded prefixes, attention masks), so a row's tokens depend on its own prefix and the random
+stream only.
 """
 
 from __future__ import annotations
