@@ -6,6 +6,12 @@ per-example DP objectives (DP-OPD, DP-KD, DP-FT) are `kdkit.methods.private_dist
 `kdkit.privacy.audit` measures canary exposure and membership inference.
 """
 
-from kdkit.privacy.accounting import ACCOUNTANTS, accountant_epsilon, epsilon, make_accountant, noise_for_epsilon
+from kdkit.privacy.accounting import (
+    ACCOUNTANTS,
+    accountant_epsilon,
+    epsilon,
+    make_accountant,
+    noise_for_epsilon,
+)
 
 __all__ = ["ACCOUNTANTS", "accountant_epsilon", "epsilon", "make_accountant", "noise_for_epsilon"]
