@@ -29,7 +29,6 @@ def test_dp_student_leaks_less_than_the_non_private_one(tokenizer, tmp_path):
         train_private(PrivateLMDistiller(student, None, mode="ft"), private, cfg, privacy, tmp_path / name,
                       collate_fn=PromptCompletionCollator(tokenizer))
         found[name] = audit(student, tokenizer, canaries, records, non_members)
-    print({k: {m: v[m] for m in ("exposure_mean", "mia_auc")} for k, v in found.items()})
     assert found["non_private"]["exposure_mean"] > 4.0  # of log2(100) = 6.6 bits: memorised
     assert found["dp"]["exposure_mean"] < found["non_private"]["exposure_mean"] - 2.0
     assert found["dp"]["mia_auc"] < found["non_private"]["mia_auc"]
