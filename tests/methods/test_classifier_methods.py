@@ -126,7 +126,9 @@ def test_dkd_warmup_ramps_with_optimizer_steps():
     again = term.terms(Outputs(s, y, t, step=0))["dkd_nontarget"]  # another micro-batch of step 0
     third = term.terms(Outputs(s, y, t, step=2))["dkd_nontarget"]
     done = term.terms(Outputs(s, y, t, step=10))["dkd_nontarget"]
-    assert torch.allclose(again, first) and torch.allclose(third, 3 * first) and torch.allclose(done, 4 * first)
+    assert (
+        torch.allclose(again, first) and torch.allclose(third, 3 * first) and torch.allclose(done, 4 * first)
+    )
     assert term.state_dict() == {}  # no call counter to checkpoint: the engine's step is restored
 
 
