@@ -30,12 +30,11 @@ class GenerationParams(ParamsModel):
 
 
 def generation_settings(params: GenerationParams, ctx: LMContext) -> GenerationSettings:
-    eos: Any = ctx.eos_token_ids if len(ctx.eos_token_ids) > 1 else (ctx.eos_token_ids or (None,))[0]
     return GenerationSettings(
         temperature=params.sampling_temperature,
         top_p=params.top_p,
         max_new_tokens=params.max_new_tokens,
-        eos_token_id=eos,
+        eos_token_id=ctx.eos_token_ids or None,
         pad_token_id=ctx.pad_token_id,
     )
 
