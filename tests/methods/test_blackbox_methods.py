@@ -210,6 +210,11 @@ def test_dpo_objective_in_the_core_distiller_matches_the_soda_distiller(tiny_lm)
         core_terms, own_terms = core(dict(batch)), own(dict(batch))
     assert float(core_terms["kd"]) == pytest.approx(float(own_terms["dpo"] + own_terms["nll"]), rel=1e-5)
     assert float(core_terms["_dpo"]) == pytest.approx(float(own_terms["dpo"]), rel=1e-5)
+    with_ce = LMDistiller(
+        student, reference, signal=TokenLogprobsSignal(), objective=DPOObjective(params), ce_weight=1.0
+    )
+    with pytest.raises(ValueError, match="rejected rows"):
+        with_ce(dict(batch))
     with pytest.raises(ValueError, match="PairCollator"):
         core(PromptCompletionCollator(tok)([{"prompt": "1+1=", "completion": "2"}]))
 

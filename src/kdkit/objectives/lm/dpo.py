@@ -40,8 +40,13 @@ class DPOObjective(LMObjective):
     accepts = ("token_logprobs",)
 
     def __call__(
-        self, student: StudentView, batch: dict[str, Any], target: TeacherTarget
+        self, student: StudentView, batch: dict[str, Any], target: TeacherTarget, *, ce_ratio: float = 0.0
     ) -> dict[str, Tensor]:
+        if ce_ratio > 0:
+            raise ValueError(
+                "a cross-entropy term on pair batches would also train on the rejected rows: set "
+                "ce_weight to 0 and use the dpo objective's nll_weight (NLL on the chosen rows)"
+            )
         if "pairs" not in batch:
             raise ValueError(
                 "the dpo objective trains on pair batches (chosen rows, then rejected rows, and "
