@@ -5,7 +5,11 @@ loss (forward) and the gradients to the student's hidden states and weight (back
 
 - ``unfused``: logits of both models materialised, ``DIVERGENCES[div]`` on them, autograd;
 - ``fused``:   ``kdkit.losses.fused.fused_linear_divergence`` (chunked, never holds all logits);
-- ``trl``:     logits materialised, TRL's ``GKDTrainer.generalized_jsd_loss`` (jsd only).
+- ``trl``:     logits materialised, TRL's ``GKDTrainer.generalized_jsd_loss`` (jsd only);
+- ``floor``:   the four large matrix multiplies any of them must do (teacher and student logits,
+  d/d hidden and d/d weight) on the same shapes and chunks as fused, outputs preallocated: the
+  hardware's floor. Each method's subprocess times floor steps interleaved with its own steps
+  (floor, method, method, floor, ...), so "x floor" is a ratio measured side by side.
 
 Each (case, method) runs in its own subprocess, strictly one after another, under an address-space
 cap (RLIMIT_AS) plus an RSS watchdog in the parent; a case that would not fit is recorded as
@@ -68,10 +72,24 @@ class Result:
     times_s: list[float] = field(default_factory=list)
     loss: float | None = None
     chunk_size: int | None = None
+    floor_times_s: list[float] = field(default_factory=list)  # interleaved with times_s
 
     @property
     def time_s(self) -> float | None:
         return statistics.median(self.times_s) if self.times_s else None
+
+    @property
+    def floor_s(self) -> float | None:
+        return statistics.median(self.floor_times_s) if self.floor_times_s else None
+
+    @property
+    def floor_ratios(self) -> list[float]:
+        """Per-round time / floor time (each round's two steps ran back to back)."""
+        return [t / f for t, f in zip(self.times_s, self.floor_times_s)]
+
+    @property
+    def x_floor(self) -> float | None:
+        return statistics.median(self.floor_ratios) if self.floor_times_s else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,17 +167,31 @@ def _child(spec: dict) -> dict:
     reset = _reset_peak_rss()
     # The tiny step above already loaded everything, so the first full step is timed too; a step
     # longer than `long_s` is timed once (two CPU cores are shared by the whole team), a shorter
-    # one is taken as the warm-up and followed by `repeats` timed steps.
+    # one is taken as the warm-up and followed by `repeats` timed rounds. Each round also times one
+    # floor step right before or after (alternating), so every ratio to the floor is side by side.
     start = time.perf_counter()
     value = step()
     times = [time.perf_counter() - start]
-    if times[0] <= spec["long_s"]:
-        times = []
-        for _ in range(spec["repeats"]):
+    peak_kb = _rss_kb("VmHWM")  # the method's own peak, before any floor step
+    floor_times: list[float] = []
+    floor = _floor_step(h_s, w_s, h_t, w_t, chunk) if spec.get("floor") else None
+    if floor is not None:
+        floor()  # warm-up (allocates its preallocated outputs)
+    if times[0] > spec["long_s"]:
+        if floor is not None:
             start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    peak_kb = _rss_kb("VmHWM")  # without the reset it also covers creating the inputs
+            floor()
+            floor_times.append(time.perf_counter() - start)
+    else:
+        times = []
+        for round_index in range(spec["repeats"]):
+            order = ("floor", "method") if round_index % 2 == 0 else ("method", "floor")
+            for what in order:
+                if what == "floor" and floor is None:
+                    continue
+                start = time.perf_counter()
+                floor() if what == "floor" else step()
+                (floor_times if what == "floor" else times).append(time.perf_counter() - start)
     return {
         "baseline_mb": baseline_kb / 1024,
         "peak_mb": (peak_kb - baseline_kb) / 1024,
@@ -167,7 +199,30 @@ def _child(spec: dict) -> dict:
         "loss": value,
         "chunk_size": chunk if method == "fused" else None,
         "peak_reset": reset,
+        "floor_times_s": floor_times,
     }
+
+
+def _floor_step(h_s, w_s, h_t, w_t, chunk: int):  # type: ignore[no-untyped-def]
+    """The four matmuls of a fused step, same shapes and chunks, outputs preallocated once."""
+    import torch
+
+    n, v, h = h_s.shape[0], w_s.shape[0], h_s.shape[1]
+    rows = min(chunk, n)
+    logits_t, logits_s = torch.empty(rows, v), torch.empty(rows, v)
+    grad_h, grad_w = torch.empty(n, h), torch.empty(v, h)
+    hs, ws = h_s.detach(), w_s.detach()
+
+    def run() -> None:
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            a, b = logits_t[: stop - start], logits_s[: stop - start]
+            torch.mm(h_t[start:stop], w_t.t(), out=a)
+            torch.mm(hs[start:stop], ws.t(), out=b)
+            torch.mm(b, ws, out=grad_h[start:stop])  # b stands in for d loss / d logits
+            grad_w.addmm_(b.t(), hs[start:stop], beta=0.0 if start == 0 else 1.0)
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +254,7 @@ def _run_one(case: Case, method: str, args: argparse.Namespace) -> Result:
         "repeats": args.repeats,
         "long_s": args.long_s,
         "chunk_size": args.chunk_size,
+        "floor": not args.no_floor,
     }
     cap = int(args.cap_gb * GiB)
 
@@ -241,6 +297,7 @@ def _run_one(case: Case, method: str, args: argparse.Namespace) -> Result:
         times_s=data["times_s"],
         loss=data["loss"],
         chunk_size=data["chunk_size"],
+        floor_times_s=data.get("floor_times_s", []),
     )
 
 
@@ -288,18 +345,21 @@ def _machine() -> str:
 def _table(results: list[Result], methods: list[str]) -> list[str]:
     by = {(r.case, r.method): r for r in results}
     cases = list(dict.fromkeys(r.case for r in results))
-    head = ["case"]
+    head = ["case", "floor s"]
     for m in methods:
-        head += [f"{m} peak MB", f"{m} time s"]
+        head += [f"{m} peak MB", f"{m} time s", f"{m} × floor"]
     head += ["fused/unfused mem", "fused/unfused time"]
     if "trl" in methods:
         head += ["fused/TRL mem", "fused/TRL time"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case in cases:
         fused = by.get((case, "fused"))
-        row = [case.label]
+        floors = [r.floor_s for m in methods if (r := by.get((case, m))) is not None and r.floor_s]
+        row = [case.label, _fmt(statistics.median(floors) if floors else None, ".2f")]
         for m in methods:
-            row += list(_cell(by.get((case, m))))
+            result = by.get((case, m))
+            row += list(_cell(result))
+            row += [_fmt(result.x_floor if result is not None else None, ".2f")]
         if fused is not None:
             row += [_ratio(fused, by.get((case, "unfused")), "peak_mb")]
             row += [_ratio(fused, by.get((case, "unfused")), "time_s")]
@@ -312,14 +372,18 @@ def _table(results: list[Result], methods: list[str]) -> list[str]:
 
 def _details(results: list[Result]) -> list[str]:
     rows = [
-        "| case | method | status | baseline RSS MB | peak − baseline MB | times s | loss | chunk |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | method | status | baseline RSS MB | peak − baseline MB | times s | floor times s | "
+        "per-round × floor | loss | chunk |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         times = ", ".join(f"{t:.2f}" for t in r.times_s) or "–"
+        floors = ", ".join(f"{t:.2f}" for t in r.floor_times_s) or "–"
+        ratios = ", ".join(f"{t:.2f}" for t in r.floor_ratios) or "–"
         rows.append(
             f"| {r.case.label} | {r.method} | {r.status} | {_fmt(r.baseline_mb, ',.0f')} | "
-            f"{_fmt(r.peak_mb, ',.0f')} | {times} | {_fmt(r.loss, '.6f')} | {r.chunk_size or '–'} |"
+            f"{_fmt(r.peak_mb, ',.0f')} | {times} | {floors} | {ratios} | {_fmt(r.loss, '.6f')} | "
+            f"{r.chunk_size or '–'} |"
         )
     return rows
 
@@ -440,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--divergence", default="jsd", help="with --case: the divergence (default jsd, β=0.5)"
     )
+    parser.add_argument("--no-floor", action="store_true", help="do not time the matmul floor")
     parser.add_argument("--out", help="output folder (default docs/benchmarks; runs/benchmarks with --quick)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
