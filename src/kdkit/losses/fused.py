@@ -8,9 +8,14 @@ accumulated; backward only scales them by the incoming gradient. This is the des
 Liger-Kernel's fused linear distillation losses, in plain torch (runs on CPU and GPU).
 
 Memory: one chunk's logits of each model plus the divergence's intermediates, instead of the
-whole sequence's (fkl, rkl and jsd have closed-form chunk gradients, computed in place without
-an autograd graph; other divergences use local autograd on the chunk); plus float32 gradient
-accumulators of the student's hidden states [N, H_S] and weight [V, H_S]. Any divergence of
+whole sequence's (fkl, rkl and jsd have closed-form chunk gradients, computed in place in a few
+reused [chunk, V] buffers without an autograd graph; other divergences use local autograd on the
+chunk); plus float32 gradient accumulators of the student's hidden states [N, H_S] and weight
+[V, H_S]. On CPU the chunk buffers (~100-220 MiB at the default chunk size) are kept between calls
+so that no step pays page faults for them again (`release_workspace` frees them). Under autocast
+the loss still computes in float32. Optionally a cross-entropy term on the same tokens (targets,
+ce_weight) and each model's post-head logit transform (scale, soft-cap) are applied in the same
+chunk pass. Any divergence of
 `DIVERGENCES` (or any callable with its signature) works.
 """
 
@@ -27,21 +32,35 @@ from torch import Tensor, nn
 
 from kdkit.losses.divergences import DIVERGENCES, LOGIT_FLOOR, forward_kl, generalized_jsd, reverse_kl
 
-# Default budget for one chunk's float32 logits of one model. With the closed-form divergences
-# (fkl, rkl, jsd) a chunk's working set is ~6x this, i.e. ~0.8 GB, under a quarter of the unfused
-# loss from 1k tokens at a 150k vocabulary (measured: 0.76 GB at V = 49,152, N = 2,048 and 1.23 GB
-# at V = 151,936, N = 1,024, vs 4.6-5.9 and 7.1 GB unfused). Larger chunks read the [V, H] weights
-# fewer times: 128 MiB was ~15% faster than 64 MiB on CPU (docs/benchmarks/loss_memory.md).
-DEFAULT_CHUNK_BYTES = 128 * 2**20
+# Default budget for one chunk's float32 logits of one model ([chunk, V] x 4 bytes). On CPU the
+# chunk buffers are kept between calls (see `_Workspace`), so small chunks cost no page faults and
+# keep the kept memory small: 32 MiB per buffer, ~5-7 buffers (fkl/rkl 3, jsd 5, +1 for a soft-cap,
+# +1 for a CE term at T != 1), i.e. 96-224 MiB, plus the [V, H] gradient. Measured side by side on
+# the loaded 2-core CPU (jsd, one thread): 160-token chunks 1.11-1.27x the matmul floor vs 1.2-1.4x
+# for 680 at V = 49,152, H = 576; at V = 151,936, H = 1,024, 54-token chunks within ~10% of 216.
+# On GPU the caching allocator reuses memory and larger matmuls
+# pay off: 128 MiB (the earlier CPU default; not re-measured on a GPU).
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+ACCELERATOR_CHUNK_BYTES = 128 * 2**20
 
 DivergenceFn = Callable[..., Tensor]
 
 
-def auto_chunk_size(n_tokens: int, vocab_size: int, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+def auto_chunk_size(
+    n_tokens: int,
+    vocab_size: int,
+    *,
+    chunk_bytes: int | None = None,
+    device: torch.device | str | None = None,
+) -> int:
     """Tokens per chunk so that one chunk's float32 logits [chunk, V] take about `chunk_bytes`.
 
-    Returns an int in [1, max(n_tokens, 1)]; rounded down to a multiple of 8 when above 8.
+    chunk_bytes: None = `DEFAULT_CHUNK_BYTES` on CPU (or no device given), `ACCELERATOR_CHUNK_BYTES`
+    on any other device. Returns an int in [1, max(n_tokens, 1)]; a multiple of 8 when above 8.
     """
+    if chunk_bytes is None:
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        chunk_bytes = DEFAULT_CHUNK_BYTES if on_cpu else ACCELERATOR_CHUNK_BYTES
     tokens = max(1, chunk_bytes // (4 * max(vocab_size, 1)))
     if tokens > 8:
         tokens -= tokens % 8  # friendlier matmul shapes
@@ -608,7 +627,7 @@ def _fused(
     elif ce_weight:
         raise ValueError(f"{name}: ce_weight={ce_weight} needs the target ids (targets=...)")
     if chunk_size is None:
-        chunk_size = auto_chunk_size(h_s.shape[0], vocab)
+        chunk_size = auto_chunk_size(h_s.shape[0], vocab, device=h_s.device)
     if chunk_size < 1:
         raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
 
@@ -669,8 +688,8 @@ def fused_linear_divergence(
     temperature: softmax temperature of both models (no T^2 factor is applied)
     reduction: "mean" (sum over counted tokens / number of counted tokens, over ALL chunks; 0 when
         none count) or "sum". "none" is not supported: per-token gradients are not kept.
-    chunk_size: tokens per chunk; None picks it so one chunk's float32 logits take ~128 MiB
-        (`auto_chunk_size`), e.g. 680 tokens at V = 49,152 and 216 at V = 151,936.
+    chunk_size: tokens per chunk; None picks it so one chunk's float32 logits take ~32 MiB on CPU
+        (`auto_chunk_size`: 168 tokens at V = 49,152, 48 at V = 151,936) and ~128 MiB on a GPU.
 
     Vocabulary padding: a teacher with V_T > V (same tokenizer, embedding padded to a multiple
     of 64/128, as Qwen's 151,936 vs 152,064) is cut to the student's first V rows; the padded
@@ -839,6 +858,7 @@ class FusedLinearDivergence(nn.Module):
 
 
 __all__ = [
+    "ACCELERATOR_CHUNK_BYTES",
     "DEFAULT_CHUNK_BYTES",
     "FusedLinearDivergence",
     "FusedLosses",
@@ -848,4 +868,5 @@ __all__ = [
     "fused_causal_lm_losses",
     "fused_head_losses",
     "fused_linear_divergence",
+    "release_workspace",
 ]
