@@ -125,6 +125,13 @@ def _child(spec: dict) -> dict:
     from kdkit.losses.divergences import DIVERGENCES
     from kdkit.losses.fused import auto_chunk_size, fused_linear_divergence
 
+    if method == "fused_ref":  # another version of fused.py (e.g. from git), side by side
+        import importlib.util
+
+        ref_spec = importlib.util.spec_from_file_location("fused_ref", spec["reference_fused"])
+        ref_module = importlib.util.module_from_spec(ref_spec)
+        ref_spec.loader.exec_module(ref_module)
+        ref_fused = ref_module.fused_linear_divergence
     if method == "trl":
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         from trl.experimental.gkd import GKDTrainer
@@ -137,13 +144,22 @@ def _child(spec: dict) -> dict:
     h_t = torch.randn(n, h, generator=gen)
     w_t = torch.randn(v, h, generator=gen) * (2.0 / h**0.5)
     chunk = spec.get("chunk_size") or auto_chunk_size(n, v)
+    # the reference version keeps its own automatic chunk size (None) unless one is given
+    chunk_ref = spec.get("chunk_size")
 
     def step() -> float:
         h_s.grad = None
         w_s.grad = None
-        if method == "fused":
-            loss = fused_linear_divergence(
-                h_s, w_s, h_t, w_t, divergence=case.divergence, chunk_size=chunk, **kwargs
+        if method in ("fused", "fused_ref"):
+            fn = fused_linear_divergence if method == "fused" else ref_fused
+            loss = fn(
+                h_s,
+                w_s,
+                h_t,
+                w_t,
+                divergence=case.divergence,
+                chunk_size=chunk_ref if method == "fused_ref" else chunk,
+                **kwargs,
             )
         else:
             logits_s = h_s @ w_s.T
@@ -197,7 +213,7 @@ def _child(spec: dict) -> dict:
         "peak_mb": (peak_kb - baseline_kb) / 1024,
         "times_s": times,
         "loss": value,
-        "chunk_size": chunk if method == "fused" else None,
+        "chunk_size": chunk if method == "fused" else chunk_ref,
         "peak_reset": reset,
         "floor_times_s": floor_times,
     }
@@ -255,6 +271,7 @@ def _run_one(case: Case, method: str, args: argparse.Namespace) -> Result:
         "long_s": args.long_s,
         "chunk_size": args.chunk_size,
         "floor": not args.no_floor,
+        "reference_fused": args.reference_fused,
     }
     cap = int(args.cap_gb * GiB)
 
@@ -462,7 +479,9 @@ def _write(results: list[Result], args: argparse.Namespace, command: str, elapse
         "",
         "## Generalized JSD, β = 0.5: unfused vs fused vs TRL",
         "",
-        *_table(main, ["unfused", "trl", "fused"]),
+        *_table(
+            main, [m for m in ("unfused", "trl", "fused_ref", "fused") if any(r.method == m for r in main)]
+        ),
         "",
         f"![peak memory]({plot.name})",
         "",
@@ -471,7 +490,9 @@ def _write(results: list[Result], args: argparse.Namespace, command: str, elapse
         lines += [
             "## Other divergences: fused vs unfused",
             "",
-            *_table(others, ["unfused", "fused"]),
+            *_table(
+                others, [m for m in ("unfused", "fused_ref", "fused") if any(r.method == m for r in others)]
+            ),
             "",
         ]
     lines += ["## Details", "", *_details(results), ""]
@@ -509,6 +530,10 @@ def main(argv: list[str] | None = None) -> None:
         "--divergence", default="jsd", help="with --case: the divergence (default jsd, β=0.5)"
     )
     parser.add_argument("--no-floor", action="store_true", help="do not time the matmul floor")
+    parser.add_argument(
+        "--reference-fused",
+        help="method fused_ref: another fused.py to compare (git show REV:src/kdkit/losses/fused.py > f.py)",
+    )
     parser.add_argument("--out", help="output folder (default docs/benchmarks; runs/benchmarks with --quick)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
