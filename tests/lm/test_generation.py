@@ -212,3 +212,17 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     draws = torch.stack([sample_from_logits(logits, 1.0, top_p=0.75) for _ in range(400)])
     assert set(draws.flatten().tolist()) == {0, 1}  # 0.5 < 0.75 <= 0.8: tokens 0 and 1 only
     assert sample_from_logits(logits, 0.0).tolist() == [0]
+
+
+def test_registered_student_sampler_takes_num_samples(tokenizer) -> None:
+    """`num_samples: G` in a method's parameters: G completions per prompt, dataset fields repeated."""
+    from kdkit.samplers import StudentSampler
+    from kdkit.samplers.base import GenerationParams
+
+    model = peaked_lm(tokenizer, seed=2)
+    data = prompts(tokenizer, 3, seed=7)
+    sampler = StudentSampler(GenerationParams(max_new_tokens=6, num_samples=2))
+    out = sampler(data, student=model, teacher=None)
+    assert out["input_ids"].shape[0] == 6 and out["labels"].shape[0] == 6
+    assert out["digits"].tolist() == data["digits"].repeat_interleave(2).tolist()
+    assert torch.equal(out["prompt_ids"], data["prompt_ids"].repeat_interleave(2, 0))
