@@ -35,9 +35,10 @@ import torch
 
 from kdkit.losses import DIVERGENCES
 from kdkit.models.lm import derive_student
+from kdkit.pipelines.teachers import get_arithmetic_teacher
 from kdkit.samplers import PromptCompletionCollator
 from kdkit.samplers.generation import GenerationSettings, completion_lengths, generate_batch, sample_tokens
-from kdkit.tasks.arithmetic import arithmetic_dataset, get_arithmetic_teacher
+from kdkit.tasks.arithmetic import arithmetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
