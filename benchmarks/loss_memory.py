@@ -73,6 +73,8 @@ class Result:
     loss: float | None = None
     chunk_size: int | None = None
     floor_times_s: list[float] = field(default_factory=list)  # interleaved with times_s
+    cpu_times_s: list[float] = field(default_factory=list)  # process CPU seconds of the same steps
+    floor_cpu_times_s: list[float] = field(default_factory=list)
 
     @property
     def time_s(self) -> float | None:
@@ -90,6 +92,14 @@ class Result:
     @property
     def x_floor(self) -> float | None:
         return statistics.median(self.floor_ratios) if self.floor_times_s else None
+
+    @property
+    def cpu_floor_ratios(self) -> list[float]:
+        return [t / f for t, f in zip(self.cpu_times_s, self.floor_cpu_times_s)]
+
+    @property
+    def x_floor_cpu(self) -> float | None:
+        return statistics.median(self.cpu_floor_ratios) if self.floor_cpu_times_s else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,24 +200,32 @@ def _child(spec: dict) -> dict:
     times = [time.perf_counter() - start]
     peak_kb = _rss_kb("VmHWM")  # the method's own peak, before any floor step
     floor_times: list[float] = []
+    # Process CPU seconds next to wall seconds: with one torch thread on a machine shared by many
+    # jobs, CPU time is what this process computed, much less sensitive to the others' load.
+    cpu_times: list[float] = []
+    floor_cpu_times: list[float] = []
     floor = _floor_step(h_s, w_s, h_t, w_t, chunk) if spec.get("floor") else None
     if floor is not None:
         floor()  # warm-up (allocates its preallocated outputs)
+
+    def timed(fn, wall: list[float], cpu: list[float]) -> None:  # type: ignore[no-untyped-def]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+
     if times[0] > spec["long_s"]:
         if floor is not None:
-            start = time.perf_counter()
-            floor()
-            floor_times.append(time.perf_counter() - start)
+            timed(floor, floor_times, floor_cpu_times)
     else:
         times = []
         for round_index in range(spec["repeats"]):
             order = ("floor", "method") if round_index % 2 == 0 else ("method", "floor")
             for what in order:
-                if what == "floor" and floor is None:
-                    continue
-                start = time.perf_counter()
-                floor() if what == "floor" else step()
-                (floor_times if what == "floor" else times).append(time.perf_counter() - start)
+                if what == "floor" and floor is not None:
+                    timed(floor, floor_times, floor_cpu_times)
+                elif what == "method":
+                    timed(step, times, cpu_times)
     return {
         "baseline_mb": baseline_kb / 1024,
         "peak_mb": (peak_kb - baseline_kb) / 1024,
@@ -216,6 +234,8 @@ def _child(spec: dict) -> dict:
         "chunk_size": chunk if method == "fused" else chunk_ref,
         "peak_reset": reset,
         "floor_times_s": floor_times,
+        "cpu_times_s": cpu_times,
+        "floor_cpu_times_s": floor_cpu_times,
     }
 
 
@@ -315,6 +335,8 @@ def _run_one(case: Case, method: str, args: argparse.Namespace) -> Result:
         loss=data["loss"],
         chunk_size=data["chunk_size"],
         floor_times_s=data.get("floor_times_s", []),
+        cpu_times_s=data.get("cpu_times_s", []),
+        floor_cpu_times_s=data.get("floor_cpu_times_s", []),
     )
 
 
@@ -364,7 +386,7 @@ def _table(results: list[Result], methods: list[str]) -> list[str]:
     cases = list(dict.fromkeys(r.case for r in results))
     head = ["case", "floor s"]
     for m in methods:
-        head += [f"{m} peak MB", f"{m} time s", f"{m} × floor"]
+        head += [f"{m} peak MB", f"{m} time s", f"{m} × floor", f"{m} × floor (CPU s)"]
     head += ["fused/unfused mem", "fused/unfused time"]
     if "trl" in methods:
         head += ["fused/TRL mem", "fused/TRL time"]
@@ -377,6 +399,7 @@ def _table(results: list[Result], methods: list[str]) -> list[str]:
             result = by.get((case, m))
             row += list(_cell(result))
             row += [_fmt(result.x_floor if result is not None else None, ".2f")]
+            row += [_fmt(result.x_floor_cpu if result is not None else None, ".2f")]
         if fused is not None:
             row += [_ratio(fused, by.get((case, "unfused")), "peak_mb")]
             row += [_ratio(fused, by.get((case, "unfused")), "time_s")]
@@ -390,17 +413,20 @@ def _table(results: list[Result], methods: list[str]) -> list[str]:
 def _details(results: list[Result]) -> list[str]:
     rows = [
         "| case | method | status | baseline RSS MB | peak − baseline MB | times s | floor times s | "
-        "per-round × floor | loss | chunk |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "per-round × floor | CPU s | floor CPU s | per-round × floor (CPU) | loss | chunk |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         times = ", ".join(f"{t:.2f}" for t in r.times_s) or "–"
         floors = ", ".join(f"{t:.2f}" for t in r.floor_times_s) or "–"
         ratios = ", ".join(f"{t:.2f}" for t in r.floor_ratios) or "–"
+        cpu = ", ".join(f"{t:.2f}" for t in r.cpu_times_s) or "–"
+        floor_cpu = ", ".join(f"{t:.2f}" for t in r.floor_cpu_times_s) or "–"
+        cpu_ratios = ", ".join(f"{t:.2f}" for t in r.cpu_floor_ratios) or "–"
         rows.append(
             f"| {r.case.label} | {r.method} | {r.status} | {_fmt(r.baseline_mb, ',.0f')} | "
-            f"{_fmt(r.peak_mb, ',.0f')} | {times} | {floors} | {ratios} | {_fmt(r.loss, '.6f')} | "
-            f"{r.chunk_size or '–'} |"
+            f"{_fmt(r.peak_mb, ',.0f')} | {times} | {floors} | {ratios} | {cpu} | {floor_cpu} | "
+            f"{cpu_ratios} | {_fmt(r.loss, '.6f')} | {r.chunk_size or '–'} |"
         )
     return rows
 
@@ -466,7 +492,9 @@ def _write(results: list[Result], args: argparse.Namespace, command: str, elapse
         "large matmuls every method must do (teacher and student logits, d/d hidden, d/d weight) on "
         "the same shapes and chunks, outputs preallocated; it is timed inside each method's "
         "subprocess, one floor step next to each timed step (order alternating), and *× floor* is the "
-        "median of those per-round ratios (per-round values in the details table). Peak MB = the "
+        "median of those per-round ratios (per-round values in the details table); *× floor (CPU s)* "
+        "is the same ratio of process CPU seconds (one torch thread), far less sensitive to other "
+        "jobs' load than wall time. Peak MB = the "
         "subprocess's peak RSS minus its RSS after the inputs were created (baselines in the details "
         f"table). Each run is its own subprocess under a {args.cap_gb:.0f} GB cap (RLIMIT_AS + an RSS "
         "watchdog); cases whose estimated need (N × V × 4 bytes × "
