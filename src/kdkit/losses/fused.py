@@ -165,7 +165,9 @@ def _log_softmax_(logits: Tensor, floor: bool) -> Tensor:
     """
     if floor:
         logits.clamp_min_(LOGIT_FLOOR)
-    return torch._log_softmax(logits, -1, False, out=logits)
+    if logits.device.type == "cpu":  # the CPU kernel reads each row before writing it: in place is safe
+        return torch._log_softmax(logits, -1, False, out=logits)
+    return logits.copy_(torch.log_softmax(logits, dim=-1))  # elsewhere not verified in place
 
 
 def _forward_kl_closed(
