@@ -142,6 +142,7 @@ def _child(spec: dict) -> dict:
         ref_module = importlib.util.module_from_spec(ref_spec)
         ref_spec.loader.exec_module(ref_module)
         ref_fused = ref_module.fused_linear_divergence
+        ref_chunk = ref_module.auto_chunk_size(case.tokens, case.vocab)
     if method == "trl":
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         from trl.experimental.gkd import GKDTrainer
@@ -204,7 +205,9 @@ def _child(spec: dict) -> dict:
     # jobs, CPU time is what this process computed, much less sensitive to the others' load.
     cpu_times: list[float] = []
     floor_cpu_times: list[float] = []
-    floor = _floor_step(h_s, w_s, h_t, w_t, chunk) if spec.get("floor") else None
+    # the floor uses the chunks of the method it is compared with (the reference picks its own)
+    floor_chunk = (chunk_ref or ref_chunk) if method == "fused_ref" else chunk
+    floor = _floor_step(h_s, w_s, h_t, w_t, floor_chunk) if spec.get("floor") else None
     if floor is not None:
         floor()  # warm-up (allocates its preallocated outputs)
 
@@ -231,7 +234,9 @@ def _child(spec: dict) -> dict:
         "peak_mb": (peak_kb - baseline_kb) / 1024,
         "times_s": times,
         "loss": value,
-        "chunk_size": chunk if method == "fused" else chunk_ref,
+        "chunk_size": chunk
+        if method == "fused"
+        else (chunk_ref or (ref_chunk if method == "fused_ref" else None)),
         "peak_reset": reset,
         "floor_times_s": floor_times,
         "cpu_times_s": cpu_times,

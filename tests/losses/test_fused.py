@@ -316,10 +316,11 @@ def test_module_wrapper_and_auto_chunk_size() -> None:
 
 
 def test_auto_chunk_size_targets_a_fixed_logit_budget() -> None:
-    assert auto_chunk_size(10_000, 151_936) * 151_936 * 4 <= DEFAULT_CHUNK_BYTES
+    budget = DEFAULT_CHUNK_BYTES
+    assert auto_chunk_size(10_000, 151_936, chunk_bytes=budget) * 151_936 * 4 <= budget
     assert auto_chunk_size(10_000, 49_152) > auto_chunk_size(10_000, 151_936) >= 8
     assert auto_chunk_size(5, 49_152) == 5  # never more than the tokens there are
-    assert auto_chunk_size(10, 10**9) == 1
+    assert auto_chunk_size(10, 10**9, chunk_bytes=budget) == 1
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -452,6 +453,7 @@ def test_cpu_workspace_is_kept_between_calls_and_released() -> None:
 
 
 def test_auto_chunk_size_is_larger_on_an_accelerator() -> None:
-    assert auto_chunk_size(10_000, 151_936, device="cpu") * 151_936 * 4 <= DEFAULT_CHUNK_BYTES
+    assert auto_chunk_size(10_000, 49_152, device="cpu") * 49_152 * 4 <= DEFAULT_CHUNK_BYTES
+    assert auto_chunk_size(10_000, 151_936, device="cpu") == 128  # the CPU minimum, above 32 MiB
     assert auto_chunk_size(10_000, 151_936, device="meta") * 151_936 * 4 <= ACCELERATOR_CHUNK_BYTES
     assert auto_chunk_size(10_000, 151_936, device="meta") > auto_chunk_size(10_000, 151_936)

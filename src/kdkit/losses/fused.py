@@ -37,10 +37,12 @@ from kdkit.losses.divergences import DIVERGENCES, LOGIT_FLOOR, forward_kl, gener
 # keep the kept memory small: 32 MiB per buffer, ~5-7 buffers (fkl/rkl 3, jsd 5, +1 for a soft-cap,
 # +1 for a CE term at T != 1), i.e. 96-224 MiB, plus the [V, H] gradient. Measured side by side on
 # the loaded 2-core CPU (jsd, one thread): 160-token chunks 1.11-1.27x the matmul floor vs 1.2-1.4x
-# for 680 at V = 49,152, H = 576; at V = 151,936, H = 1,024, 54-token chunks within ~10% of 216.
+# for 680 at V = 49,152, H = 576. At V = 151,936, H = 1,024 the 48 tokens of 32 MiB were ~10-20%
+# slower than 192-216-token chunks (each BLAS call packs the [V, H] weight): at least 128 tokens.
 # On GPU the caching allocator reuses memory and larger matmuls
 # pay off: 128 MiB (the earlier CPU default; not re-measured on a GPU).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
+MIN_CPU_CHUNK_TOKENS = 128
 ACCELERATOR_CHUNK_BYTES = 128 * 2**20
 
 DivergenceFn = Callable[..., Tensor]
@@ -55,13 +57,17 @@ def auto_chunk_size(
 ) -> int:
     """Tokens per chunk so that one chunk's float32 logits [chunk, V] take about `chunk_bytes`.
 
-    chunk_bytes: None = `DEFAULT_CHUNK_BYTES` on CPU (or no device given), `ACCELERATOR_CHUNK_BYTES`
-    on any other device. Returns an int in [1, max(n_tokens, 1)]; a multiple of 8 when above 8.
+    chunk_bytes: None = `DEFAULT_CHUNK_BYTES` on CPU (or no device given) but at least
+    `MIN_CPU_CHUNK_TOKENS` tokens (a BLAS matmul packs the [V, H] weight once per call, so very few
+    rows per call waste that work at large V), `ACCELERATOR_CHUNK_BYTES` on any other device.
+    Returns an int in [1, max(n_tokens, 1)]; a multiple of 8 when above 8.
     """
+    minimum = 1
     if chunk_bytes is None:
         on_cpu = device is None or torch.device(device).type == "cpu"
         chunk_bytes = DEFAULT_CHUNK_BYTES if on_cpu else ACCELERATOR_CHUNK_BYTES
-    tokens = max(1, chunk_bytes // (4 * max(vocab_size, 1)))
+        minimum = MIN_CPU_CHUNK_TOKENS if on_cpu else 1
+    tokens = max(minimum, chunk_bytes // (4 * max(vocab_size, 1)))
     if tokens > 8:
         tokens -= tokens % 8  # friendlier matmul shapes
     return max(1, min(tokens, max(n_tokens, 1)))
@@ -691,7 +697,8 @@ def fused_linear_divergence(
     reduction: "mean" (sum over counted tokens / number of counted tokens, over ALL chunks; 0 when
         none count) or "sum". "none" is not supported: per-token gradients are not kept.
     chunk_size: tokens per chunk; None picks it so one chunk's float32 logits take ~32 MiB on CPU
-        (`auto_chunk_size`: 168 tokens at V = 49,152, 48 at V = 151,936) and ~128 MiB on a GPU.
+        (`auto_chunk_size`: 168 tokens at V = 49,152; at least 128 tokens, so 128 at V = 151,936)
+        and ~128 MiB on a GPU.
 
     Vocabulary padding: a teacher with V_T > V (same tokenizer, embedding padded to a multiple
     of 64/128, as Qwen's 151,936 vs 152,064) is cut to the student's first V rows; the padded
