@@ -48,6 +48,7 @@ DIVERGENCE_CASES: list[tuple[str, dict[str, Any]]] = [
     ("f", {"f": "chi2"}),
     ("f", {"f": "js"}),
     ("f", {"f": lambda t: (t - 1.0).square()}),  # a callable f takes the generic (clipped) path
+    ("akl", {"mu": 0.5}),
 ]
 
 

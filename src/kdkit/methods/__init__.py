@@ -1,19 +1,25 @@
 """Named methods (`METHODS`): one small file each, choosing one entry per axis with defaults.
 
 Classifier methods: scratch, kd, dkd, fitnet, at, dist. LM methods: supervised_kd, seqkd,
-on_policy, gkd, sampled_token, minillm. Importing this package registers them all.
+on_policy, gkd, gkd_scheduled, sampled_token, minillm, grpo, reinforce; private (DP-SGD via
+`privacy:`): dp_opd, dp_kd, dp_ft. Importing this package registers them all.
 """
 
 from kdkit.methods import (
     at,
     dist,
     dkd,
+    dp_ft,
+    dp_kd,
+    dp_opd,
     fitnet,
     gkd,
     kd,
     minillm,
     on_policy,
+    policy_gradient,
     sampled_token,
+    scheduled,
     scratch,
     seqkd,
     supervised_kd,
@@ -40,13 +46,18 @@ __all__ = [
     "classifier_method",
     "dist",
     "dkd",
+    "dp_ft",
+    "dp_kd",
+    "dp_opd",
     "fitnet",
     "gkd",
     "kd",
     "lm_method",
     "minillm",
     "on_policy",
+    "policy_gradient",
     "sampled_token",
+    "scheduled",
     "scratch",
     "seqkd",
     "supervised_kd",
