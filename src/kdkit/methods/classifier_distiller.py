@@ -76,9 +76,7 @@ class ClassifierDistiller(Distiller):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         inputs, labels = batch["inputs"], batch.get("labels")
-        out = Outputs(
-            student_logits=inputs.new_zeros(()), labels=labels, step=int(getattr(self, "global_step", 0))
-        )
+        out = Outputs(student_logits=inputs.new_zeros(()), labels=labels, step=self.global_step)
         if self.uses_teacher:
             teacher = self.teacher
             assert teacher is not None
