@@ -245,3 +245,33 @@ def test_bytes_per_token_matches_the_formula(tmp_path):
         formula = bytes_per_token_formula(settings, 16)
         per_sample = 8 * 256 / summary.positions_written  # sample_tokens + sample_crc
         assert formula + per_sample <= summary.bytes_per_token < formula + per_sample + 0.1 * formula
+
+
+def test_batch_target_aligns_cached_positions_with_a_shuffled_batch(tmp_path):
+    from kdkit.cache.batch import IndexedSamples, batch_target
+    from kdkit.cache.store import CacheError
+
+    model, tok = _teacher()
+    samples = arithmetic_dataset(40, (1, 3))
+    collate = PromptCompletionCollator(tok)
+    _write(tmp_path / "topk", CacheSettings(mode="topk", k=3, samples_per_shard=8), samples=samples)
+    _write(tmp_path / "sampled", SAMPLED, samples=samples)
+    indexed = IndexedSamples(samples)
+    batch = collate([indexed[i] for i in (33, 2, 17, 9)])
+    mask = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1], -1)
+    topk = batch_target(CacheReader(tmp_path / "topk"), batch)
+    assert topk["ids"].shape == (*mask.shape, 3)
+    assert torch.equal(topk["ids"][mask], log_p.topk(3, -1).indices[mask])
+    torch.testing.assert_close(topk["logprobs"][mask], log_p.topk(3, -1).values[mask], atol=2e-3, rtol=0)
+    assert (topk["logprobs"][~mask] < -1e20).all()
+    sampled = batch_target(CacheReader(tmp_path / "sampled"), batch)
+    torch.testing.assert_close(sampled["weights"].sum(-1), mask.float())
+    # a row that is not the cached sample is refused
+    batch["input_ids"][1, 1] = 5 if batch["input_ids"][1, 1] != 5 else 6  # another prompt digit
+    with pytest.raises(CacheError, match=r"row 1 \(sample 2\) is not the sample"):
+        batch_target(CacheReader(tmp_path / "topk"), batch)
+    del batch["cache_index"]
+    with pytest.raises(CacheError, match="cache_index"):
+        batch_target(CacheReader(tmp_path / "topk"), batch)

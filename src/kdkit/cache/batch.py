@@ -1,0 +1,93 @@
+"""Turn cached samples into the sparse target of one training batch, checking it is the right data.
+
+A batch from the cache's dataset carries `cache_index` [B] (the sample's position in the dataset
+the cache was built from, see `IndexedSamples`). Each row is checked against the cache: its token ids
+and labels must have the CRC stored for that sample, and it must have as many trained positions as
+the cache stored; a row that differs (other data, another tokenization, a truncation setting
+changed) raises `CacheError` instead of training on a misaligned target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kdkit.cache.identity import batch_crcs
+from kdkit.cache.reader import CacheReader
+from kdkit.cache.store import CacheError
+from kdkit.losses.divergences import LOGIT_FLOOR
+
+#: The batch key holding each row's sample index in the cached dataset.
+INDEX_KEY = "cache_index"
+
+
+class IndexedSamples:
+    """A dataset view whose dict samples also carry their own index (as `cache_index`).
+
+    The LM collator passes integer fields through as a [B] tensor, so batches know which cached
+    samples they hold, whatever order the engine's sampler draws them in.
+    """
+
+    def __init__(self, samples: Sequence[dict[str, Any]]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.samples[index], INDEX_KEY: int(index)}
+
+
+def batch_target(reader: CacheReader, batch: dict[str, Any]) -> dict[str, Tensor]:
+    """The cached target of every trained position of `batch`, over shifted positions [B, T-1].
+
+    batch: input_ids, attention_mask, labels [B, T] and `cache_index` [B].
+    Returns (masked-out positions hold padding: id 0, log-prob LOGIT_FLOOR, weight 0):
+      topk: ids [B, T-1, k] long, logprobs [B, T-1, k], tail_logprob [B, T-1] (if stored);
+      sampled: ids [B, T-1, U] long, weights [B, T-1, U], entropy [B, T-1];
+      dense: logprobs [B, T-1, V].
+    Raises CacheError when the batch has no `cache_index` or a row is not the cached sample.
+    """
+    if INDEX_KEY not in batch:
+        raise CacheError(
+            "the batch has no 'cache_index': training from a logit cache needs the dataset the cache was "
+            "built from, wrapped in kdkit.cache.IndexedSamples (the LM pipeline does this), and the "
+            "'dataset' sampler (generated sequences are not in the cache)"
+        )
+    labels = batch["labels"]
+    mask = labels[:, 1:] != -100  # [B, T-1]
+    rows, crcs = [], batch_crcs({k: batch[k].cpu() for k in ("input_ids", "labels", "attention_mask")})
+    for r, index in enumerate(batch[INDEX_KEY].tolist()):
+        target, crc = reader.target(int(index))
+        if crc != crcs[r]:
+            raise CacheError(
+                f"batch row {r} (sample {index}) is not the sample the cache stored: its tokens or labels "
+                "differ (other data, tokenizer or truncation than when the cache was built); rebuild the "
+                "cache with `kdkit cache CONFIG` for this data"
+            )
+        count = int(mask[r].sum())
+        stored = next(iter(target.values())).shape[0]
+        if stored != count:
+            raise CacheError(f"sample {index} has {count} trained positions but the cache stored {stored}")
+        rows.append(target)
+    return _assemble(rows, mask)
+
+
+def _assemble(rows: list[dict[str, Tensor]], mask: Tensor) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for key in rows[0]:
+        parts = [row[key] for row in rows]
+        if parts[0].dim() == 1:  # one value per position
+            fill = 0.0 if key == "entropy" else LOGIT_FLOOR
+            full = torch.full(mask.shape, fill, dtype=parts[0].dtype)
+        else:
+            width = max(p.shape[1] for p in parts)
+            fill = LOGIT_FLOOR if key == "logprobs" else 0
+            full = torch.full((*mask.shape, width), fill, dtype=parts[0].dtype)
+            parts = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=fill) for p in parts]
+        full[mask.cpu()] = torch.cat(parts, dim=0)
+        out[key] = full.to(mask.device)
+    return out
