@@ -1,0 +1,50 @@
+"""Durable classifier teacher-logit cache: computed once, verified, keyed by teacher and data."""
+
+import torch
+from torch import nn
+
+from kdkit.cache.classifier import WithTeacherLogits, cached_teacher_logits
+from kdkit.data.fashion_mnist import TensorClassificationDataset
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 10)).eval()
+    data = TensorClassificationDataset(torch.randn(50, 1, 4, 4), torch.randint(0, 10, (50,)))
+    return teacher, data
+
+
+def test_computed_once_then_read_back_exactly(kdkit_cache):
+    teacher, data = _setup()
+    first, info = cached_teacher_logits(teacher, data, batch_size=16, log=lambda m: None)
+    assert not info["hit"] and first.shape == (50, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(first, teacher(torch.stack([data[i]["inputs"] for i in range(50)])))
+    again, info2 = cached_teacher_logits(teacher, data, log=lambda m: None)
+    assert info2["hit"] and torch.equal(first, again)
+    sample = WithTeacherLogits(data, again)[7]
+    assert torch.equal(sample["teacher_logits"], first[7]) and torch.equal(
+        sample["inputs"], data[7]["inputs"]
+    )
+
+
+def test_another_teacher_or_data_gets_its_own_cache_and_damage_is_recomputed(kdkit_cache):
+    teacher, data = _setup()
+    _, info = cached_teacher_logits(teacher, data, log=lambda m: None)
+    other_teacher, _ = _setup(seed=1)
+    _, other = cached_teacher_logits(other_teacher, data, log=lambda m: None)
+    assert not other["hit"] and other["path"] != info["path"]
+    _, other_data = _setup()
+    other_data.inputs[0, 0, 0, 0] += 1.0
+    _, moved = cached_teacher_logits(teacher, other_data, log=lambda m: None)
+    assert not moved["hit"] and moved["path"] != info["path"]
+    # flip a byte of the stored logits: detected, reported, recomputed
+    path = info["path"]
+    raw = bytearray(open(path, "rb").read())
+    raw[-3] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    messages = []
+    logits, again = cached_teacher_logits(teacher, data, log=messages.append)
+    assert not again["hit"] and "checksum" in messages[0]
+    with torch.no_grad():
+        torch.testing.assert_close(logits, teacher(torch.stack([data[i]["inputs"] for i in range(50)])))
