@@ -1,5 +1,7 @@
 """Durable classifier teacher-logit cache: computed once, verified, keyed by teacher and data."""
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -39,10 +41,10 @@ def test_another_teacher_or_data_gets_its_own_cache_and_damage_is_recomputed(kdk
     _, moved = cached_teacher_logits(teacher, other_data, log=lambda m: None)
     assert not moved["hit"] and moved["path"] != info["path"]
     # flip a byte of the stored logits: detected, reported, recomputed
-    path = info["path"]
-    raw = bytearray(open(path, "rb").read())
+    path = Path(info["path"])
+    raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF
-    open(path, "wb").write(bytes(raw))
+    path.write_bytes(bytes(raw))
     messages = []
     logits, again = cached_teacher_logits(teacher, data, log=messages.append)
     assert not again["hit"] and "checksum" in messages[0]
