@@ -248,7 +248,7 @@ def test_bytes_per_token_matches_the_formula(tmp_path):
 
 
 def test_batch_target_aligns_cached_positions_with_a_shuffled_batch(tmp_path):
-    from kdkit.cache.batch import IndexedSamples, batch_target
+    from kdkit.cache.batch import IndexedCollate, IndexedSamples, batch_target
     from kdkit.cache.store import CacheError
 
     model, tok = _teacher()
@@ -257,7 +257,8 @@ def test_batch_target_aligns_cached_positions_with_a_shuffled_batch(tmp_path):
     _write(tmp_path / "topk", CacheSettings(mode="topk", k=3, samples_per_shard=8), samples=samples)
     _write(tmp_path / "sampled", SAMPLED, samples=samples)
     indexed = IndexedSamples(samples)
-    batch = collate([indexed[i] for i in (33, 2, 17, 9)])
+    batch = IndexedCollate(collate)([indexed[i] for i in (33, 2, 17, 9)])
+    assert batch["cache_index"].tolist() == [33, 2, 17, 9]
     mask = batch["labels"][:, 1:] != -100
     with torch.no_grad():
         log_p = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1], -1)

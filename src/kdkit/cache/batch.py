@@ -41,6 +41,23 @@ class IndexedSamples:
         return {**self.samples[index], INDEX_KEY: int(index)}
 
 
+class IndexedCollate:
+    """Wrap a collate function so that batches of `IndexedSamples` carry `cache_index` [B] long.
+
+    The index is taken off each sample before the wrapped collate sees it (collators that keep only
+    known keys would drop it; those that pass integers through would see it twice).
+    """
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        indices = [int(s[INDEX_KEY]) for s in samples]
+        batch = self.collate([{k: v for k, v in s.items() if k != INDEX_KEY} for s in samples])
+        batch[INDEX_KEY] = torch.tensor(indices, dtype=torch.long)
+        return batch
+
+
 def batch_target(reader: CacheReader, batch: dict[str, Any]) -> dict[str, Tensor]:
     """The cached target of every trained position of `batch`, over shifted positions [B, T-1].
 
