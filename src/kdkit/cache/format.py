@@ -9,7 +9,9 @@ Every shard holds, per sample: ``sample_tokens`` uint32 [S] (positions stored fo
 is given is the data the cache was built from). Then, per mode (n = positions in the shard):
 
 - ``topk``: ``ids`` [n, k] · ``logprobs`` [n, k] float16 · ``tail_logprob`` [n] float16 (if ``tail``):
-  k·(w + 2) + 2 bytes per token.
+  k·(w + 2) + 2 bytes per token. With ``values: uint8`` the log-probs are quantised instead:
+  ``top_logprob`` [n] float16 (the largest) and ``logprob_codes`` [n, k] uint8 = round(16·(top − log p)),
+  clamped to 255: k·(w + 1) + 4 bytes per token (k = 32, SmolLM2: 100 bytes).
 - ``sampled``: ``n_unique`` [n] uint8 · ``ids`` [m] · ``counts`` [m] uint8 · ``entropy`` [n] float16;
   when τ ≠ 1 also ``logprobs`` [m] float16 and ``log_z`` [n] float32: 3 + U·(w + 1) bytes per token
   (+ 2U + 4 when τ ≠ 1).
@@ -26,8 +28,11 @@ Why these precisions: log-probabilities in float16 keep ~3 significant digits (a
 sparse target; the tail and entropy are single numbers per token. Sampling counts are exact
 (uint8; N ≤ 255) and with τ = 1 they *are* the importance weights (c/N), so a τ = 1 sampled cache
 stores no probabilities at all and stays exactly unbiased. log Z_τ multiplies every weight of a
-position, so it is kept in float32. Log-probabilities are clamped at `VALUE_FLOOR` before the cast
-(float16 cannot hold the loss code's -1e30 floor).
+position, so it is kept in float32. The uint8 top-k option rounds each log-prob to 1/16 nat below
+the position's largest (relative error of each probability ≤ ±3.2%; ids more than 15.9 nats below
+the top, i.e. under 1.2e-7 of the top probability, are stored as exactly that far below).
+Log-probabilities are clamped at `VALUE_FLOOR` before the cast (float16 cannot hold the loss
+code's -1e30 floor).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from kdkit.losses.sparse import importance_weights, sampled_target, topk_target
 
 FORMAT_VERSION = 1
 Mode = Literal["topk", "sampled", "dense"]
+#: uint8 top-k log-probs: codes in units of 1/QUANT_SCALE nat below the position's top log-prob.
+QUANT_SCALE = 16.0
 #: Stored log-probabilities are clamped here (float16's range is ±65504; e^-1e4 is 0 anyway).
 VALUE_FLOOR = -1.0e4
 
@@ -55,6 +62,8 @@ class CacheSettings:
         log-prob; refused above `max_dense_vocab`).
     temperature: the teacher distribution stored is softmax(logits / temperature); training must
         use the same distillation temperature.
+    values: how top-k log-probs are stored: float16, or uint8 codes of 1/16 nat below the position's
+        top log-prob (one byte less per id; see the module docstring).
     seed: the random draws of shard i come from a generator seeded with (seed, i), so a shard
         recomputed after a crash is identical to the one it replaces.
     samples_per_shard: granularity of atomic writes, resumption and parallel work.
@@ -63,6 +72,7 @@ class CacheSettings:
     mode: Mode = "topk"
     k: int = 32
     tail: bool = True
+    values: Literal["float16", "uint8"] = "float16"
     draws: int = 12
     proposal_temperature: float = 1.0
     temperature: float = 1.0
@@ -79,6 +89,8 @@ class CacheSettings:
             raise ValueError(f"draws must be in [1, 255] (counts are stored as uint8), got {self.draws}")
         if not self.proposal_temperature > 0 or not self.temperature > 0:
             raise ValueError("temperature and proposal_temperature must be > 0")
+        if self.values not in ("float16", "uint8"):
+            raise ValueError(f"values must be float16 or uint8, got {self.values!r}")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
 
@@ -86,7 +98,7 @@ class CacheSettings:
         """The settings that determine the stored values (the manifest's `settings`)."""
         out = asdict(self)
         if self.mode != "topk":
-            out.pop("k"), out.pop("tail")
+            out.pop("k"), out.pop("tail"), out.pop("values")
         if self.mode != "sampled":
             out.pop("draws"), out.pop("proposal_temperature")
         if self.mode == "topk":
@@ -143,7 +155,8 @@ def bytes_per_token_formula(settings: CacheSettings, vocab_size: int, unique: fl
     """
     w = id_width(vocab_size)
     if settings.mode == "topk":
-        return settings.k * (w + 2) + (2 if settings.tail else 0)
+        per_id = w + (1 if settings.values == "uint8" else 2)
+        return settings.k * per_id + (2 if settings.tail else 0) + (2 if settings.values == "uint8" else 0)
     if settings.mode == "dense":
         return 2.0 * vocab_size
     u = settings.draws if unique is None else unique
@@ -170,7 +183,16 @@ def encode_positions(
         return {"logprobs": _f16(log_p)}
     if settings.mode == "topk":
         target = topk_target(log_p, settings.k)
-        out = {"ids": pack_ids(target["ids"].numpy(), w), "logprobs": _f16(target["logprobs"])}
+        out = {"ids": pack_ids(target["ids"].numpy(), w)}
+        if settings.values == "uint8":
+            top = torch.from_numpy(_f16(target["logprobs"][:, 0]).astype(np.float32))  # as it will be read
+            codes = ((top[:, None] - target["logprobs"].float()) * QUANT_SCALE).round().clamp(0, 255)
+            out |= {
+                "top_logprob": top.numpy().astype(np.float16),
+                "logprob_codes": codes.numpy().astype(np.uint8),
+            }
+        else:
+            out["logprobs"] = _f16(target["logprobs"])
         if settings.tail:
             out["tail_logprob"] = _f16(target["tail_logprob"])
         return out
@@ -211,10 +233,12 @@ def decode_positions(
     if settings.mode == "dense":
         return {"logprobs": torch.from_numpy(arrays["logprobs"].astype(np.float32))}
     if settings.mode == "topk":
-        out = {
-            "ids": torch.from_numpy(unpack_ids(arrays["ids"], w)),
-            "logprobs": torch.from_numpy(arrays["logprobs"].astype(np.float32)),
-        }
+        if "logprob_codes" in arrays:
+            top = arrays["top_logprob"].astype(np.float32)[:, None]
+            logprobs = top - arrays["logprob_codes"].astype(np.float32) / QUANT_SCALE
+        else:
+            logprobs = arrays["logprobs"].astype(np.float32)
+        out = {"ids": torch.from_numpy(unpack_ids(arrays["ids"], w)), "logprobs": torch.from_numpy(logprobs)}
         if "tail_logprob" in arrays:
             out["tail_logprob"] = torch.from_numpy(arrays["tail_logprob"].astype(np.float32))
         return out
