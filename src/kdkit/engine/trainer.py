@@ -20,12 +20,13 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from kdkit.config import ConfigError, TrainConfig
 from kdkit.engine import checkpoint
 from kdkit.engine.data import DataPosition, EpochSampler, build_loader, endless_batches
 from kdkit.engine.distiller import Distiller
 from kdkit.engine.metrics import LossWindow, MetricsWriter, merge_windows, total_loss, truncate_history
 from kdkit.engine.schedule import build_optimizer, build_scheduler
+from kdkit.engine.settings import TrainConfig
+from kdkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
