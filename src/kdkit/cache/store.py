@@ -25,12 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from kdkit.settings import ConfigError
+
 #: Manifest fields that are descriptive only: two caches differing just there are the same cache.
 INFO_KEYS = ("created", "info", "name", "source", "bytes_per_token")
 
 
-class CacheError(ValueError):
-    """A cache that cannot be used as asked; the message says why and what to do."""
+class CacheError(ConfigError):
+    """A cache that cannot be used as asked; the message says why and what to do (the CLI prints
+    it as one line, like any config a person must fix)."""
 
 
 class ManifestMismatchError(CacheError):

@@ -3,7 +3,9 @@
 With a "logits" target the student's logits are compared directly; with a "hidden" target both
 sides are projected in token chunks by the fused loss, so the [tokens × vocabulary] logits never
 exist at once. Teacher and student vocabularies that differ only by embedding padding are compared
-on their shared first ids (the distiller checks that they are one tokenizer first).
+on their shared first ids (the distiller checks that they are one tokenizer first). With a "sparse"
+target (a logit cache, a served teacher) the divergence is taken against the kept ids
+(`kdkit.objectives.lm.sparse`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _fused_head(head: LMHead, rows: int) -> tuple[Tensor, Tensor | None]:
 )
 class DivergenceObjective(LMObjective):
     Params = DivergenceParams
-    accepts = ("logits", "hidden")
+    accepts = ("logits", "hidden", "sparse")
 
     def __call__(
         self, student: StudentView, batch: dict[str, Any], target: TeacherTarget
@@ -77,6 +79,10 @@ class DivergenceObjective(LMObjective):
             )
             return {"kd": kd}
         self.check_target(target)
+        if target.sparse is not None:  # a logit cache or a served teacher: kdkit.losses.sparse
+            from kdkit.objectives.lm.sparse import sparse_token_divergence
+
+            return {"kd": sparse_token_divergence(student.logits, labels, target.sparse, p)}
         assert target.logits is not None
         return {"kd": token_divergence(student.logits, target.logits, labels, p)}
 
