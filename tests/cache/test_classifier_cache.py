@@ -50,3 +50,43 @@ def test_another_teacher_or_data_gets_its_own_cache_and_damage_is_recomputed(kdk
     assert not again["hit"] and "checksum" in messages[0]
     with torch.no_grad():
         torch.testing.assert_close(logits, teacher(torch.stack([data[i]["inputs"] for i in range(50)])))
+
+
+def test_distiller_reads_cached_logits_and_the_run_caches_them(tmp_path, kdkit_cache):
+    from kdkit.config.classifier import ClassifierRunConfig
+    from kdkit.methods.classifier_distiller import ClassifierDistiller
+    from kdkit.pipelines.classifier import run_classifier
+    from tests.test_fashion_mnist_data import _fake_dataset
+
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 10)).eval()
+    student = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+    distiller = ClassifierDistiller(student, teacher, [{"name": "kd", "temperature": 4.0}])
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 10, (8,))
+    live = distiller({"inputs": x, "labels": y})
+    with torch.no_grad():
+        logits = teacher(x)
+    teacher.forward = None  # a cached batch must not run the teacher
+    cached = distiller({"inputs": x, "labels": y, "teacher_logits": logits})
+    assert set(live) == set(cached) and all(torch.equal(live[k], cached[k]) for k in live)
+
+    _fake_dataset(tmp_path / "data", n_train=64, n_test=32)
+    fast = {"batch_size": 16, "lr": 0.01, "progress": False, "log_every": 2, "checkpoint_every": 4}
+    cfg = ClassifierRunConfig.model_validate(
+        {
+            "kind": "classifier",
+            "name": "tiny",
+            "data": {"root": str(tmp_path / "data")},
+            "teacher": {"arch": "cnn", "params": {"width": 4, "stages": 2}, "train": {"steps": 2, **fast}},
+            "student": {"arch": "cnn", "params": {"width": 2, "stages": 2}},
+            "students": [{"name": "kd", "method": "kd"}],
+            "train": {"steps": 2, **fast},
+            "eval": {"batch_size": 16, "latency_repeats": 1},
+            "output_dir": str(tmp_path / "runs"),
+            "threads": 1,
+        }
+    )
+    first, second = [], []
+    run_classifier(cfg, log=first.append)
+    run_classifier(cfg, log=second.append)
+    assert any("teacher logits" in m and "computed" in m for m in first)
+    assert any("teacher logits" in m and "read from" in m for m in second)

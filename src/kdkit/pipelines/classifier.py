@@ -68,6 +68,15 @@ class ClassifierRun:
         self.train_set, self.eval_set = load_data(self.cfg)
         self.teacher = load_or_train_teacher(self.cfg, self.train_set, self.eval_set, log=self.log)
         _save_teacher_copy(self.cfg, self.teacher, run_dir)
+        if self.cfg.teacher.cache_logits and any(s.needs_teacher() for s in self.cfg.students):
+            from kdkit.cache.classifier import WithTeacherLogits, cached_teacher_logits
+
+            logits, info = cached_teacher_logits(
+                self.teacher, self.train_set, batch_size=self.cfg.eval.batch_size, log=self.log
+            )
+            how = "read from" if info["hit"] else f"computed in {info['seconds']:.1f} s and stored in"
+            self.log(f"kdkit: teacher logits of {len(logits):,} training inputs {how} {info['path']}")
+            self.train_set = WithTeacherLogits(self.train_set, logits)
 
     def finished(self, out: Path) -> bool:
         return (out / "model.safetensors").is_file()
