@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kdkit.cache.format import concat_blocks, decode_positions
 from kdkit.cache.identity import batch_crcs
 from kdkit.cache.reader import CacheReader
 from kdkit.cache.store import CacheError
@@ -76,35 +77,45 @@ def batch_target(reader: CacheReader, batch: dict[str, Any]) -> dict[str, Tensor
         )
     labels = batch["labels"]
     mask = labels[:, 1:] != -100  # [B, T-1]
-    rows, crcs = [], batch_crcs({k: batch[k].cpu() for k in ("input_ids", "labels", "attention_mask")})
+    counts = mask.sum(1).tolist()
+    crcs = batch_crcs({k: batch[k] for k in ("input_ids", "labels", "attention_mask")})
+    rows = []
+    per_position = _PER_POSITION[reader.settings.mode]
     for r, index in enumerate(batch[INDEX_KEY].tolist()):
-        target, crc = reader.target(int(index))
+        arrays, crc = reader.sample(int(index))
         if crc != crcs[r]:
             raise CacheError(
                 f"batch row {r} (sample {index}) is not the sample the cache stored: its tokens or labels "
                 "differ (other data, tokenizer or truncation than when the cache was built); rebuild the "
                 "cache with `kdkit cache CONFIG` for this data"
             )
-        count = int(mask[r].sum())
-        stored = next(iter(target.values())).shape[0]
-        if stored != count:
-            raise CacheError(f"sample {index} has {count} trained positions but the cache stored {stored}")
-        rows.append(target)
-    return _assemble(rows, mask)
+        stored = len(arrays[per_position])
+        if stored != counts[r]:
+            raise CacheError(
+                f"sample {index} has {counts[r]} trained positions but the cache stored {stored}"
+            )
+        rows.append(arrays)
+    # one decode for the whole batch: rows are concatenated in the order of the mask's True positions
+    decoded = decode_positions(concat_blocks(rows), reader.settings, reader.vocab_size)
+    return _assemble(decoded, mask)
 
 
-def _assemble(rows: list[dict[str, Tensor]], mask: Tensor) -> dict[str, Tensor]:
+#: An array with one entry per stored position, per mode (counts positions of a sample).
+_PER_POSITION = {"topk": "ids", "sampled": "n_unique", "dense": "logprobs"}
+
+
+def _assemble(decoded: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+    """Scatter per-position targets [n, ...] (n = mask.sum()) into [B, T-1, ...] padded tensors."""
     out: dict[str, Tensor] = {}
-    for key in rows[0]:
-        parts = [row[key] for row in rows]
-        if parts[0].dim() == 1:  # one value per position
-            fill = 0.0 if key == "entropy" else LOGIT_FLOOR
-            full = torch.full(mask.shape, fill, dtype=parts[0].dtype)
+    cpu_mask = mask.cpu()
+    for key, value in decoded.items():
+        if key == "entropy":
+            fill = 0.0
+        elif key in ("logprobs", "tail_logprob"):
+            fill = LOGIT_FLOOR
         else:
-            width = max(p.shape[1] for p in parts)
-            fill = LOGIT_FLOOR if key == "logprobs" else 0
-            full = torch.full((*mask.shape, width), fill, dtype=parts[0].dtype)
-            parts = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=fill) for p in parts]
-        full[mask.cpu()] = torch.cat(parts, dim=0)
+            fill = 0
+        full = torch.full((*mask.shape, *value.shape[1:]), fill, dtype=value.dtype)
+        full[cpu_mask] = value
         out[key] = full.to(mask.device)
     return out

@@ -71,9 +71,12 @@ def row_crc(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch
 
 def batch_crcs(batch: dict[str, torch.Tensor]) -> list[int]:
     """`row_crc` of every row of an LM batch (input_ids, labels, attention_mask [B, T])."""
+    ids = batch["input_ids"].cpu().to(torch.int64).numpy().astype("<i8")
+    labels = batch["labels"].cpu().to(torch.int64).numpy().astype("<i8")
+    keep = batch["attention_mask"].cpu().numpy().astype(bool)
     return [
-        row_crc(batch["input_ids"][r], batch["labels"][r], batch["attention_mask"][r])
-        for r in range(batch["input_ids"].shape[0])
+        zlib.crc32(labels[r][keep[r]].tobytes(), zlib.crc32(ids[r][keep[r]].tobytes()))
+        for r in range(ids.shape[0])
     ]
 
 

@@ -59,16 +59,27 @@ class _Shard:
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of stored array `name`."""
-        entry = self.header[name]
-        dtype = np.dtype(_DTYPES[entry["dtype"]])
-        shape = entry["shape"]
-        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        dtype, trailing, row, offset = self.layout[name]
         count = (stop - start) * row
-        begin = self.data_offset + entry["data_offsets"][0] + start * row
-        raw = os.pread(self.fd, count, begin) if count else b""
+        raw = os.pread(self.fd, count, self.data_offset + offset + start * row) if count else b""
         if len(raw) != count:
             raise ShardDamagedError(f"shard read past its end ({name}): the file is truncated")
-        return np.frombuffer(raw, dtype=dtype).reshape(stop - start, *shape[1:])
+        return np.frombuffer(raw, dtype=dtype).reshape(stop - start, *trailing)
+
+    @property
+    def layout(self) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
+        """name -> (dtype, trailing shape, bytes per row, data offset), computed once."""
+        cached = self.__dict__.get("_layout")
+        if cached is None:
+            cached = {}
+            for name, entry in self.header.items():
+                if name == "__metadata__":
+                    continue
+                dtype, trailing = np.dtype(_DTYPES[entry["dtype"]]), tuple(entry["shape"][1:])
+                row = int(np.prod(trailing, dtype=np.int64)) * dtype.itemsize
+                cached[name] = (dtype, trailing, row, entry["data_offsets"][0])
+            self.__dict__["_layout"] = cached
+        return cached
 
 
 class CacheReader:
