@@ -161,3 +161,14 @@ def test_cli_builds_caches_and_refuses_on_policy_and_another_teacher(
     )
     with pytest.raises(ManifestMismatchError, match="teacher.weights_sha256"):
         run_lm(LMRunConfig.model_validate(moved), log=lambda _: None)
+
+
+def test_the_recipe_validates():
+    from pathlib import Path
+
+    from kdkit.config import load_run_config
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "arithmetic-logit-cache.yaml"
+    cfg = load_run_config(recipe)
+    assert set(cfg.caches) == {"top8", "sampled12"}
+    assert {s.name for s in cfg.students if (s.model_extra or {}).get("cache")} == {"top8_tail", "sampled12"}
