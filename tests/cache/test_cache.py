@@ -84,6 +84,7 @@ def test_modes_store_what_the_teacher_says(tmp_path):
             torch.testing.assert_close(target["entropy"], entropy, atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_cache(tmp_path):
     reference = tmp_path / "reference"
     _write(reference, SAMPLED, batch_size=2)  # same batches: padding changes float rounding

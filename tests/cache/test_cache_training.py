@@ -172,3 +172,36 @@ def test_the_recipe_validates():
     cfg = load_run_config(recipe)
     assert set(cfg.caches) == {"top8", "sampled12"}
     assert {s.name for s in cfg.students if (s.model_extra or {}).get("cache")} == {"top8_tail", "sampled12"}
+
+
+@pytest.mark.slow
+def test_two_processes_write_disjoint_shards_concurrently(tiny_teacher, tmp_path, kdkit_cache):
+    """`kdkit cache` under a launcher (RANK / WORLD_SIZE): two processes at once make the one-process cache."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    students = [{"name": "s", "method": "supervised_kd", "cache": "sampled"}]
+    caches = {"sampled": CACHES["sampled"] | {"path": str(tmp_path / "parallel")}}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(config_dict(tiny_teacher, tmp_path, students, caches)))
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "kdkit.cli", "cache", str(config)],
+            env=dict(os.environ, PYTHONPATH=src, RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert all("2 shards written" in out or "1 shards written" in out for out in outputs)  # 3 shards: 2 + 1
+    assert cli_main(["cache", str(config), "caches.sampled.path=" + str(tmp_path / "single")]) == 0
+    single = sorted((tmp_path / "single" / "shards").iterdir())
+    parallel = sorted((tmp_path / "parallel" / "shards").iterdir())
+    assert [p.name for p in single] == [p.name for p in parallel]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(single, parallel))
+    assert (tmp_path / "parallel" / "index.json").is_file()
