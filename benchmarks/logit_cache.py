@@ -112,8 +112,9 @@ def _target_stats(reader: CacheReader) -> dict[str, float]:
 
 
 def bytes_arithmetic(work: Path, samples: int) -> dict[str, Any]:
+    from kdkit.pipelines.teachers import get_arithmetic_teacher
     from kdkit.samplers.collate import PromptCompletionCollator
-    from kdkit.tasks.arithmetic import arithmetic_dataset, get_arithmetic_teacher
+    from kdkit.tasks.arithmetic import arithmetic_dataset
 
     teacher, tokenizer, _ = get_arithmetic_teacher()
     data = arithmetic_dataset(samples, (1, 4), seed=0)

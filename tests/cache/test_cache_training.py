@@ -176,7 +176,7 @@ def test_the_recipe_validates():
 
 @pytest.mark.slow
 def test_two_processes_write_disjoint_shards_concurrently(tiny_teacher, tmp_path, kdkit_cache):
-    """`kdkit cache` under a launcher (RANK / WORLD_SIZE): two processes at once make the one-process cache."""
+    """`kdkit cache` under a launcher (RANK, WORLD_SIZE): two processes at once give the same cache."""
     import os
     import subprocess
     import sys
