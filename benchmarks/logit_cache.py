@@ -336,6 +336,92 @@ def throughput(
     }
 
 
+# ----------------------------------------------------------------------------- tables
+
+
+def render(results: dict[str, Any]) -> str:
+    """Markdown tables of a results JSON (what docs/benchmarks/logit_cache.md shows)."""
+    import statistics
+
+    lines: list[str] = []
+    for key, title in (("bytes_arithmetic", "arithmetic"), ("bytes_smollm2", "SmolLM2 / Python docs")):
+        if key not in results:
+            continue
+        part = results[key]
+        lines += [
+            f"\n**Bytes per token, {title}** (vocabulary {part['vocab_size']:,})\n",
+            "| mode | stored bytes/token | formula | teacher mass outside the kept ids | mean unique ids |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, row in part["modes"].items():
+            tail = f"{row['mean_tail_mass']:.3f}" if "mean_tail_mass" in row else "—"
+            unique = f"{row['mean_unique_ids']:.2f}" if "mean_unique_ids" in row else "—"
+            lines.append(
+                f"| {name} | {row['bytes_per_token']:.1f} | {row['formula_bytes_per_token']:.1f} | "
+                f"{tail} | {unique} |"
+            )
+    for key in sorted(k for k in results if k.startswith("quality_arithmetic")):
+        part = results[key]
+        runs = part["runs"]
+        variants = list(dict.fromkeys(r["variant"] for r in runs))
+        seeds = sorted({r["seed"] for r in runs})
+        dense = [r["perplexity"] for r in runs if r["variant"] == "dense_online"]
+        dense_ppl = statistics.fmean(dense) if dense else None
+        lines += [
+            f"\n**Student quality, {key.removeprefix('quality_arithmetic_')}** (seeds {seeds}; "
+            "mean ± population std)\n",
+            "| student | bytes/token | held-out perplexity | vs dense online | agreement "
+            "| exact match (1–4 digits) | exact match, 4 digits | train s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        caches = part.get("cache_bytes_per_token", {})
+        for variant in variants:
+            rows = [r for r in runs if r["variant"] == variant]
+
+            def stat(field: str, scale: float = 1.0, spec: str = ".4f", rows: list = rows) -> str:
+                values = [r[field] * scale for r in rows]
+                if len(values) == 1:
+                    return format(values[0], spec)
+                return f"{format(statistics.fmean(values), spec)} ± {format(statistics.pstdev(values), spec)}"
+
+            uses = {st["name"]: st.get("cache") for st in part["config"]["students"]}
+            cache = caches.get(uses.get(variant) or "")
+            size = f"{cache:.1f}" if cache is not None else ("—" if variant == "ce_only" else "live")
+            rel = (
+                f"{(statistics.fmean(r['perplexity'] for r in rows) / dense_ppl - 1) * 100:+.2f}%"
+                if dense_ppl
+                else "—"
+            )
+            lines.append(
+                f"| {variant} | {size} | {stat('perplexity')} | {rel} | {stat('agreement', 100, '.2f')}% "
+                f"| {stat('exact_match', 100, '.1f')}% | {stat('exact_match_d4', 100, '.1f')}% | "
+                f"{stat('wall_s', 1, '.0f')} |"
+            )
+        lines.append(
+            f"\nteacher: perplexity {part['teacher']['perplexity']:.4f}, exact match "
+            f"{part['teacher']['exact_match'] * 100:.1f}%; initial student: perplexity "
+            f"{part['initial_student']['perplexity']:.4f}, agreement "
+            f"{part['initial_student']['agreement'] * 100:.1f}%, exact match "
+            f"{part['initial_student']['exact_match'] * 100:.1f}%"
+        )
+    for name, part in results.get("throughput_arithmetic", {}).items():
+        ratio = part["teacher_parameters"] / part["student_parameters"]
+        lines += [
+            f"\n**Throughput, student {name}** ({part['student_parameters']:,} parameters; teacher "
+            f"{part['teacher_parameters']:,}, {ratio:.1f}×; batch {part['batch_size']}, "
+            f"{part['steps_per_round']} steps × {part['rounds']} interleaved rounds)\n",
+            "| signal | tokens/s (median) | range over rounds | vs online |",
+            "|---|---:|---:|---:|",
+        ]
+        for variant, median in part["median_tokens_per_s"].items():
+            values = part["tokens_per_s"][variant]
+            lines.append(
+                f"| {variant} | {median:,.0f} | {min(values):,.0f}–{max(values):,.0f} | "
+                f"{part['speedup_vs_online'][variant]:.2f}× |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -359,7 +445,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[4.0, 1.0],
         help="part 2 distillation temperatures (all seeds for the first, seed 0 for the rest)",
     )
+    parser.add_argument("--render", type=Path, nargs="+", help="print the tables of these result JSONs")
     args = parser.parse_args(argv)
+    if args.render:
+        merged: dict[str, Any] = {}
+        for path in args.render:
+            merged |= json.loads(path.read_text())
+        print(render(merged))
+        return 0
     torch.set_num_threads(1)
     parts = set(args.only or ["bytes", "quality", "throughput"])
     out_path = args.out or OUT / ("logit_cache_quick.json" if args.quick else "logit_cache.json")
