@@ -291,3 +291,36 @@ def test_short_end_to_end_distillation_with_the_engine(tmp_path) -> None:
     assert len(records) == 4 and all("kd" in r and "diag/tokens" in r for r in records)
     assert {r["diag/on_policy"] for r in records} == {0.0, 1.0}  # the seeded mixture drew both sources
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_fused_distiller_applies_post_head_logit_transforms() -> None:
+    # defect: the fused path projected hidden states with the raw head, ignoring Cohere's
+    # logit_scale / Gemma 2's soft-cap, i.e. a different distribution than the model produces
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    common = dict(
+        vocab_size=len(TOKENIZER),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        head_dim=8,
+    )
+    torch.manual_seed(0)
+    student = CohereForCausalLM(CohereConfig(**common, logit_scale=0.4))
+    teacher = Gemma2ForCausalLM(Gemma2Config(**common, final_logit_softcapping=3.0)).eval()
+    data = batch()
+    plain = divergence_distiller(student, teacher, "jsd", ce_weight=0.5)(data)
+    fused = divergence_distiller(student, teacher, "jsd", ce_weight=0.5, fused=True, chunk_size=7)(data)
+    assert torch.allclose(plain["kd"], fused["kd"], atol=1e-5)
+    assert torch.allclose(plain["ce"], fused["ce"], atol=1e-5)
+    grads_plain = torch.autograd.grad(
+        plain["kd"] + plain["ce"], list(student.parameters()), allow_unused=True
+    )
+    grads_fused = torch.autograd.grad(
+        fused["kd"] + fused["ce"], list(student.parameters()), allow_unused=True
+    )
+    for a, b in zip(grads_plain, grads_fused):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)

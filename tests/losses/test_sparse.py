@@ -189,3 +189,22 @@ def test_gradients_are_finite_with_peaked_teachers_and_all_ids_kept():
     )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "jsd"])
+def test_padding_slots_hold_no_mass(name):
+    """A target padded to K with id 0 and log-prob LOGIT_FLOOR equals the unpadded one."""
+    from kdkit.losses.divergences import LOGIT_FLOOR
+
+    teacher, student = _logits(seed=18), _logits(seed=19)
+    tk = topk_target(teacher, 3)
+    ids = torch.cat([tk["ids"], torch.zeros_like(tk["ids"][:, :2])], dim=-1)
+    logprobs = torch.cat([tk["logprobs"], torch.full_like(tk["logprobs"][:, :2], LOGIT_FLOOR)], dim=-1)
+    for tail in (tk["tail_logprob"], None):
+        if tail is None and name == "rkl":
+            continue
+        padded = topk_divergence(student, ids, logprobs, tail_logprob=tail, divergence=name, reduction="none")
+        plain = topk_divergence(
+            student, tk["ids"], tk["logprobs"], tail_logprob=tail, divergence=name, reduction="none"
+        )
+        torch.testing.assert_close(padded, plain)

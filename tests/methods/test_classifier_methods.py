@@ -120,6 +120,8 @@ def test_dkd_warmup_ramps_with_optimizer_steps():
     # defect: the ramp counted forward calls (micro-batches), not optimizer steps
     s, t, y = _logits()
     term = build_objective({"name": "dkd", "warmup_steps": 4}).train()
+    with pytest.raises(RuntimeError, match="on_step"):
+        term.terms(Outputs(s, y, t))  # training without the engine's step would ramp wrongly
     first = term.terms(Outputs(s, y, t, step=0))["dkd_nontarget"]
     again = term.terms(Outputs(s, y, t, step=0))["dkd_nontarget"]  # another micro-batch of step 0
     third = term.terms(Outputs(s, y, t, step=2))["dkd_nontarget"]
@@ -127,6 +129,7 @@ def test_dkd_warmup_ramps_with_optimizer_steps():
     assert (
         torch.allclose(again, first) and torch.allclose(third, 3 * first) and torch.allclose(done, 4 * first)
     )
+    assert term.state_dict() == {}  # no call counter to checkpoint: the engine's step is restored
 
 
 def test_dist_is_zero_for_identical_predictions_and_positive_otherwise():

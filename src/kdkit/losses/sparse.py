@@ -177,14 +177,22 @@ def sampled_cross_entropy(
     return reduce_positions(per_position, mask, reduction)
 
 
-def bucket_log_probs(student_logits: Tensor, ids: Tensor, *, temperature: float = 1.0) -> Tensor:
+def bucket_log_probs(
+    student_logits: Tensor, ids: Tensor, *, temperature: float = 1.0, valid: Tensor | None = None
+) -> Tensor:
     """The student's (K + 1)-bucket distribution: log p_S of each kept id, then of all other ids.
 
-    student_logits [..., V], ids [..., K] (distinct per position) -> [..., K + 1] log-probs
-    (finite: an empty tail is ~LOGIT_FLOOR).
+    student_logits [..., V], ids [..., K] (distinct per position among the valid slots);
+    valid [..., K] bool or None (all valid): padding slots get no mass (~LOGIT_FLOOR) and their ids
+    count as not kept. Returns [..., K + 1] log-probs (finite: an empty tail is ~LOGIT_FLOOR).
     """
     log_s = temperature_log_probs(student_logits, temperature)
-    return torch.cat([log_s.gather(-1, ids), _log_mass_outside(log_s, ids)[..., None]], dim=-1)
+    if valid is not None:  # padding slots point at the first slot's id: a repeat changes no bucket
+        ids = torch.where(valid, ids, ids[..., :1])
+    kept = log_s.gather(-1, ids)
+    if valid is not None:
+        kept = kept.masked_fill(~valid, LOGIT_FLOOR)
+    return torch.cat([kept, _log_mass_outside(log_s, ids)[..., None]], dim=-1)
 
 
 def topk_divergence(
@@ -207,12 +215,15 @@ def topk_divergence(
     tail_logprob None: the teacher is renormalised over the kept ids (p̃_T = p_T / Σ_kept p_T, 0
       elsewhere) and D(p̃_T, p_S) is computed exactly against the student's full distribution.
       Divergences that are +inf there (reverse KL, JSD β=1, f=reverse_kl) are refused.
-    student_logits [..., V], ids / logprobs [..., K] (distinct ids).
+    student_logits [..., V], ids / logprobs [..., K] (distinct ids). Slots whose log-prob is at or
+    below LOGIT_FLOOR / 2 are padding (a served teacher that returned fewer than K alternatives):
+    they hold no mass on either side.
     """
     if tail_logprob is None:
         _refuse_infinite(divergence, divergence_kwargs)
-    student = bucket_log_probs(student_logits, ids, temperature=temperature)
-    kept = logprobs.to(student.dtype)
+    valid = logprobs > LOGIT_FLOOR / 2
+    student = bucket_log_probs(student_logits, ids, temperature=temperature, valid=valid)
+    kept = logprobs.to(student.dtype).masked_fill(~valid, LOGIT_FLOOR)
     if tail_logprob is None:
         kept = kept - torch.logsumexp(kept, dim=-1, keepdim=True)
         tail = torch.full_like(kept[..., :1], LOGIT_FLOOR)

@@ -77,9 +77,7 @@ class ClassifierDistiller(Distiller):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         inputs, labels = batch["inputs"], batch.get("labels")
-        out = Outputs(
-            student_logits=inputs.new_zeros(()), labels=labels, step=int(getattr(self, "global_step", 0))
-        )
+        out = Outputs(student_logits=inputs.new_zeros(()), labels=labels, step=self.global_step)
         cached = batch.get("teacher_logits")  # stored once per input (kdkit.cache.classifier)
         if self.uses_teacher and cached is not None and not self.teacher_layers:
             out.teacher_logits = cached

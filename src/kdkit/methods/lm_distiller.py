@@ -109,13 +109,15 @@ class LMDistiller(Distiller):
         source = batch.get("source", "dataset")
         labels = batch["labels"]
         view = StudentView(self.student, batch)
+        want_ce = self.ce_weight > 0 and source == "dataset"  # CE only on ground-truth tokens
         raw: dict[str, Tensor] = {}
         if self.kd_weight > 0:
             assert self.signal is not None
             with torch.no_grad():
                 target = self.signal(batch, teacher=self.teacher)
-            raw |= self.objective(view, batch, target)
-        if self.ce_weight > 0 and source == "dataset":  # CE only on ground-truth tokens
+            ce_ratio = self.ce_weight / self.kd_weight if want_ce else 0.0
+            raw |= self.objective(view, batch, target, ce_ratio=ce_ratio)
+        if want_ce and "ce" not in raw:
             raw["ce"] = student_cross_entropy(view, labels)
 
         terms = {}

@@ -290,34 +290,3 @@ def save_pretrained_folder(
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
-
-
-# ---------------------------------------------------------------------------- heads
-
-def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """(decoder returning final-normed hidden states, LM head) of a Hugging Face causal LM."""
-    prefix = getattr(model, "base_model_prefix", "model")
-    backbone = getattr(model, prefix, None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if backbone is None or head is None:
-        raise ValueError(
-            "fused losses need a Hugging Face causal LM with a backbone and an LM head, got "
-            f"{type(model).__name__}"
-        )
-    return backbone, head
-
-
-def head_transform(model: nn.Module) -> tuple[float, float | None]:
-    """(scale, softcap) that the model applies to its logits after the LM head.
-
-    logits = softcap·tanh(scale·(h·Wᵀ)/softcap) when softcap is set, else scale·(h·Wᵀ).
-    Cohere's `logit_scale` multiplies; Granite's `logits_scaling` divides; Gemma 2's
-    `final_logit_softcapping` caps. Attention soft-capping does not touch the output logits.
-    """
-    config = getattr(model, "config", None)
-    scale = float(getattr(config, "logit_scale", None) or 1.0)
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling:
-        scale /= float(scaling)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return scale, (float(softcap) if softcap else None)

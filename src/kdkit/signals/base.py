@@ -12,21 +12,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from kdkit.losses.fused import LinearHead
 from kdkit.settings import LMContext, NoParams
-
-
-@dataclass
-class LMHead:
-    """An LM head as the fused loss needs it: logits = transform(hidden @ weight.T + bias).
-
-    weight: [V, H]; bias: [V] or None; scale multiplies the logits (Cohere's `logit_scale`,
-    1/Granite's `logits_scaling`); softcap c maps logits to c·tanh(logits/c) (Gemma 2), None = off.
-    """
-
-    weight: Tensor
-    bias: Tensor | None = None
-    scale: float = 1.0
-    softcap: float | None = None
 
 
 @dataclass
@@ -52,7 +39,8 @@ class TeacherTarget:
     """The teacher's signal for one batch (positions aligned with the batch's tokens).
 
     logits: [B, T, V] full next-token logits.
-    hidden: [B, T, H] final (normed) hidden states, with `head` to project them (fused losses).
+    hidden: [B, T, H] final (normed) hidden states, with `head` (a `LinearHead`: weight, bias and
+        post-head logit transform) to project them (fused losses).
     token_logprobs: [B, T-1] log p_T(label_{t+1} | ≤t) at temperature 1, aligned with shifted labels.
     behaviour_logprobs: [B, T-1] log-probs of the labels under the policy that sampled them, where
         the teacher sampled them at a temperature other than 1 (importance weights need it).
@@ -61,7 +49,7 @@ class TeacherTarget:
 
     logits: Tensor | None = None
     hidden: Tensor | None = None
-    head: LMHead | None = None
+    head: LinearHead | None = None
     token_logprobs: Tensor | None = None
     behaviour_logprobs: Tensor | None = None
     sparse: SparseTarget | None = None
@@ -99,4 +87,4 @@ def require_teacher(teacher: nn.Module | None, signal: str) -> nn.Module:
     return teacher
 
 
-__all__ = ["LMHead", "SparseTarget", "TeacherSignal", "TeacherTarget", "model_inputs", "require_teacher"]
+__all__ = ["LinearHead", "SparseTarget", "TeacherSignal", "TeacherTarget", "model_inputs", "require_teacher"]

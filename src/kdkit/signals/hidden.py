@@ -8,16 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.models.lm import backbone_and_head, head_transform
+from kdkit.models.heads import backbone_and_head
 from kdkit.registry import TEACHER_SIGNALS
-from kdkit.signals.base import LMHead, TeacherSignal, TeacherTarget, model_inputs, require_teacher
-
-
-def lm_head(model: nn.Module) -> tuple[nn.Module, LMHead]:
-    """(backbone returning final-normed hidden states, `LMHead`) of a Hugging Face causal LM."""
-    backbone, head = backbone_and_head(model)
-    scale, softcap = head_transform(model)
-    return backbone, LMHead(head.weight, head.bias, scale, softcap)
+from kdkit.signals.base import TeacherSignal, TeacherTarget, model_inputs, require_teacher
 
 
 @TEACHER_SIGNALS.register("hidden", "the teacher's final hidden states + LM head, for fused chunked losses")
@@ -26,5 +19,5 @@ class HiddenSignal(TeacherSignal):
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], *, teacher: nn.Module | None) -> TeacherTarget:
-        backbone, head = lm_head(require_teacher(teacher, "hidden"))
+        backbone, head = backbone_and_head(require_teacher(teacher, "hidden"))
         return TeacherTarget(hidden=backbone(**model_inputs(batch)).last_hidden_state, head=head)

@@ -25,14 +25,15 @@ from kdkit.specs import ObjectiveSpec
 class Outputs:
     """One batch through student and teacher. logits: [B, C]; labels: [B] int64 or None (an
     unlabelled transfer set); features: module name -> that module's output (e.g. [B, C, H, W]);
-    teacher entries are None without a teacher. `step`: the optimizer step (for schedules)."""
+    teacher entries are None without a teacher. `step`: the 0-based optimizer step the engine
+    announced (`Distiller.on_step`), None outside the engine (for schedules such as warm-ups)."""
 
     student_logits: Tensor
     labels: Tensor | None
     teacher_logits: Tensor | None = None
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
-    step: int = 0
+    step: int | None = None
 
 
 @dataclass

@@ -23,7 +23,7 @@ class DKDParams(StrictModel):
 )
 class DKDTerm(Objective):
     """Terms "dkd_target" = α·TCKD and "dkd_nontarget" = β·NCKD (both ×T², batch mean, nats),
-    scaled by min(1, step / warmup_steps) during warm-up, counting optimizer steps (the engine's
+    scaled by min(1, (step + 1) / warmup_steps) during warm-up, counting optimizer steps (the engine's
     step, restored on resume), as in Zhao et al. 2022."""
 
     Params = DKDParams
@@ -31,7 +31,14 @@ class DKDTerm(Objective):
 
     def terms(self, out: Outputs) -> dict[str, Tensor]:
         p = self.params
-        ramp = min(1.0, (out.step + 1) / p.warmup_steps) if p.warmup_steps else 1.0
+        ramp = 1.0
+        if p.warmup_steps and out.step is not None:
+            ramp = min(1.0, (out.step + 1) / p.warmup_steps)
+        elif p.warmup_steps and self.training:
+            raise RuntimeError(
+                "DKD's warm-up counts optimizer steps: call distiller.on_step(step) before each "
+                "optimizer step (kdkit.engine.train does), or set warmup_steps: 0"
+            )
         tckd, nckd = cls_losses.dkd_parts(
             out.student_logits, teacher_logits(out), labels_of(out, "dkd"), temperature=p.temperature
         )

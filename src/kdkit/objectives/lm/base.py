@@ -13,16 +13,16 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from kdkit.models.heads import backbone_and_head
 from kdkit.settings import LMContext, NoParams
-from kdkit.signals.base import LMHead, TeacherTarget, model_inputs
-from kdkit.signals.hidden import lm_head
+from kdkit.signals.base import LinearHead, TeacherTarget, model_inputs
 
 
 class StudentView:
     """The student's forward pass on one batch, computed lazily and at most once.
 
     logits: [B, T, V] (the model's own output, post-head transforms included);
-    hidden: ([B, T, H] final hidden states, `LMHead`) for fused losses.
+    hidden: ([B, T, H] final hidden states, `LinearHead`) for fused losses.
     """
 
     def __init__(self, model: nn.Module, batch: dict[str, Any]) -> None:
@@ -33,8 +33,8 @@ class StudentView:
         return self.model(**model_inputs(self.batch)).logits
 
     @cached_property
-    def hidden(self) -> tuple[Tensor, LMHead]:
-        backbone, head = lm_head(self.model)
+    def hidden(self) -> tuple[Tensor, LinearHead]:
+        backbone, head = backbone_and_head(self.model)
         return backbone(**model_inputs(self.batch)).last_hidden_state, head
 
     @property

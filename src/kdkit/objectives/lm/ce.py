@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdkit.losses.fused import LinearHead
 from kdkit.losses.tokens import IGNORE_INDEX, shift
 from kdkit.objectives.lm.base import StudentView
-from kdkit.signals.base import LMHead
 
 
 def completion_cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
@@ -18,7 +18,7 @@ def completion_cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
     return (per_token * mask.flatten()).sum() / mask.sum().clamp(min=1)
 
 
-def chunked_cross_entropy(hidden: Tensor, head: LMHead, labels: Tensor, chunk_size: int = 1024) -> Tensor:
+def chunked_cross_entropy(hidden: Tensor, head: LinearHead, labels: Tensor, chunk_size: int = 1024) -> Tensor:
     """`completion_cross_entropy` from final hidden states and the LM head, in token chunks.
 
     hidden: [B, T, H], labels: [B, T]. Only trained positions are projected, at most `chunk_size`
@@ -29,9 +29,7 @@ def chunked_cross_entropy(hidden: Tensor, head: LMHead, labels: Tensor, chunk_si
     rows, wanted = hidden[:, :-1][mask], targets[mask]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_size):
-        logits = F.linear(rows[start : start + chunk_size], head.weight, head.bias).float() * head.scale
-        if head.softcap is not None:
-            logits = head.softcap * torch.tanh(logits / head.softcap)
+        logits = head.logits(rows[start : start + chunk_size]).float()
         total = total + F.cross_entropy(logits, wanted[start : start + chunk_size], reduction="sum")
     return total / mask.sum().clamp(min=1)
 

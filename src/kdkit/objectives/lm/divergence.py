@@ -16,12 +16,12 @@ from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor
 
 from kdkit.losses import DIVERGENCES
-from kdkit.losses.fused import fused_linear_divergence
+from kdkit.losses.fused import fused_causal_lm_losses
 from kdkit.losses.tokens import shared_vocab, shift
 from kdkit.objectives.lm.base import LMObjective, StudentView
 from kdkit.objectives.params import DivergenceChoice
 from kdkit.registry import LM_OBJECTIVES
-from kdkit.signals.base import LMHead, TeacherTarget
+from kdkit.signals.base import TeacherTarget
 
 
 class DivergenceParams(DivergenceChoice):
@@ -32,19 +32,6 @@ class DivergenceParams(DivergenceChoice):
     chunk_size: PositiveInt | None = None
 
 
-def _fused_head(head: LMHead, rows: int) -> tuple[Tensor, Tensor | None]:
-    """Weight and bias cut to the shared vocabulary, with a logit scale folded in."""
-    if head.softcap is not None:
-        raise ValueError(
-            "the fused loss does not apply final-logit soft-capping yet; use the 'logits' signal"
-        )
-    weight, bias = head.weight[:rows], None if head.bias is None else head.bias[:rows]
-    if head.scale != 1.0:  # scale·(h·Wᵀ + b) = h·(scale·W)ᵀ + scale·b, exactly
-        weight = weight * head.scale
-        bias = None if bias is None else bias * head.scale
-    return weight, bias
-
-
 @LM_OBJECTIVES.register(
     "divergence", "any token-level divergence D(p_T, p_S) to the teacher's full distribution"
 )
@@ -53,31 +40,29 @@ class DivergenceObjective(LMObjective):
     accepts = ("logits", "hidden", "sparse")
 
     def __call__(
-        self, student: StudentView, batch: dict[str, Any], target: TeacherTarget
+        self, student: StudentView, batch: dict[str, Any], target: TeacherTarget, *, ce_ratio: float = 0.0
     ) -> dict[str, Tensor]:
         p = self.params
         labels = batch["labels"]
         if target.hidden is not None:
-            hidden, head = student.hidden
             assert target.head is not None
-            shared = min(head.weight.shape[0], target.head.weight.shape[0])
-            s_weight, s_bias = _fused_head(head, shared)
-            t_weight, t_bias = _fused_head(target.head, shared)
-            kd = fused_linear_divergence(
-                hidden[:, :-1],
-                s_weight,
-                target.hidden[:, :-1],
-                t_weight,
+            hidden, head = student.hidden
+            out = fused_causal_lm_losses(
+                hidden,
+                head,
+                target.hidden,
+                target.head,
+                labels,
                 divergence=p.divergence,
                 temperature=p.temperature,
-                mask=labels[:, 1:] != -100,
-                reduction="mean",
+                ce_weight=ce_ratio,
                 chunk_size=p.chunk_size,
-                student_bias=s_bias,
-                teacher_bias=t_bias,
                 **p.divergence_params,
             )
-            return {"kd": kd}
+            if ce_ratio == 0:
+                return {"kd": out.loss}
+            # one chunk pass gave the gradient of kd + ce_ratio·ce: keep it on "kd" with kd's value
+            return {"kd": out.loss - ce_ratio * out.ce, "ce": out.ce}
         self.check_target(target)
         if target.sparse is not None:  # a logit cache or a served teacher: kdkit.losses.sparse
             from kdkit.objectives.lm.sparse import sparse_token_divergence

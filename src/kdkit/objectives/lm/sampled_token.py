@@ -87,7 +87,7 @@ class SampledTokenObjective(LMObjective):
     accepts = ("token_logprobs", "logits")
 
     def __call__(
-        self, student: StudentView, batch: dict[str, Any], target: TeacherTarget
+        self, student: StudentView, batch: dict[str, Any], target: TeacherTarget, *, ce_ratio: float = 0.0
     ) -> dict[str, Tensor]:
         self.check_target(target)
         labels = batch["labels"]
