@@ -404,7 +404,10 @@ def render(results: dict[str, Any]) -> str:
             f"{part['initial_student']['agreement'] * 100:.1f}%, exact match "
             f"{part['initial_student']['exact_match'] * 100:.1f}%"
         )
-    for name, part in results.get("throughput_arithmetic", {}).items():
+    throughputs = dict(results.get("throughput_arithmetic", {}))
+    if "throughput_smollm2" in results:
+        throughputs["smollm2_3layer"] = results["throughput_smollm2"]
+    for name, part in throughputs.items():
         ratio = part["teacher_parameters"] / part["student_parameters"]
         lines += [
             f"\n**Throughput, student {name}** ({part['student_parameters']:,} parameters; teacher "
@@ -432,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smollm2-bytes", action="store_true", help="part 1 on SmolLM2 / Python docs too")
     parser.add_argument("--smollm2-blocks", type=int, default=32)
-    parser.add_argument("--only", choices=["bytes", "quality", "throughput"], action="append")
+    parser.add_argument("--only", choices=["bytes", "quality", "throughput", "none"], action="append")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -445,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[4.0, 1.0],
         help="part 2 distillation temperatures (all seeds for the first, seed 0 for the rest)",
     )
+    parser.add_argument("--smollm2-throughput", action="store_true", help="part 3 at SmolLM2 size")
+    parser.add_argument("--smollm2-steps", type=int, default=4)
     parser.add_argument("--render", type=Path, nargs="+", help="print the tables of these result JSONs")
     args = parser.parse_args(argv)
     if args.render:
@@ -517,6 +522,44 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 json.dumps({k: v["speedup_vs_online"] for k, v in results["throughput_arithmetic"].items()})
             )
+        if args.smollm2_throughput:
+            print("part 3: throughput, SmolLM2 -> 3-layer derived student, Python docs", flush=True)
+            steps, batch = args.smollm2_steps, 4
+            smol = {
+                "kind": "lm",
+                "name": "logit-cache-bench-smollm2",
+                "teacher": {"source": "smollm2"},
+                "student": {"keep_layers": 3},
+                "data": {
+                    "dataset": "python_docs",
+                    "block_size": 128,
+                    "prompt_tokens": 32,
+                    "max_tokens": 128 * batch * (steps + 2),
+                    "eval_max_tokens": 2048,
+                    "eval_size": 4,
+                },
+                "caches": {
+                    "top8": {"mode": "topk", "k": 8, "batch_size": 4},
+                    "sampled12": {"mode": "sampled", "draws": 12, "batch_size": 4},
+                },
+                "students": [
+                    {"name": "dense_online", "method": "supervised_kd"},
+                    {"name": "top8_tail", "method": "supervised_kd", "cache": "top8"},
+                    {"name": "sampled12", "method": "supervised_kd", "cache": "sampled12"},
+                ],
+                "train": {"steps": steps, "batch_size": batch, "lr": 1e-4, "progress": False},
+                "threads": 1,
+            }
+            results["throughput_smollm2"] = throughput(
+                smol,
+                work / "tp-smol",
+                student=smol["student"],
+                steps=steps,
+                rounds=args.rounds,
+                batch_size=batch,
+                variants=("dense_online", "top8_tail", "sampled12"),
+            )
+            print(json.dumps(results["throughput_smollm2"]["speedup_vs_online"]))
     out_path.write_text(json.dumps(results, indent=2))
     print(f"wrote {out_path}")
     return 0
