@@ -155,6 +155,11 @@ def write_doc(path: Path, body: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--label-scarce" in argv:  # few labelled images + the rest unlabelled: see that module
+        from fashion_mnist_label_scarce import main as label_scarce
+
+        return label_scarce([a for a in argv if a != "--label-scarce"])
     args = parse_args(argv)
     started = time.perf_counter()
     runs = []

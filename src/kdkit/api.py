@@ -33,7 +33,8 @@ def _resolve(table: dict[str, str], kind: str):
 
 def run_config(cfg: BaseModel, *, resume: bool = False, output_dir: Path | None = None) -> Path:
     """Run an already validated config; returns the run folder holding the report."""
-    pipeline = _resolve(PIPELINES, cfg.kind)  # type: ignore[attr-defined]
+    target = getattr(cfg, "PIPELINE", None)  # a config class may name its own pipeline
+    pipeline = _resolve({"own": target} if target else PIPELINES, "own" if target else cfg.kind)  # type: ignore[attr-defined]
     return pipeline(cfg, resume=resume, run_dir=output_dir)
 
 
@@ -62,8 +63,12 @@ def evaluate(run_dir: Path) -> Path:
         from kdkit.config import ConfigError
 
         raise ConfigError(f"{run_dir} is not a kdkit run folder (no config.json)")
-    kind = json.loads(config_file.read_text())["kind"]
-    return _resolve(EVALUATORS, kind)(run_dir)
+    saved = json.loads(config_file.read_text())
+    from kdkit.config.any_model import is_any_model_config
+
+    if saved.get("kind") == "classifier" and is_any_model_config(saved):  # models/data named by source
+        return _resolve({"own": "kdkit.pipelines.any_model:evaluate_any_model_run"}, "own")(run_dir)
+    return _resolve(EVALUATORS, saved["kind"])(run_dir)
 
 
 def cache(

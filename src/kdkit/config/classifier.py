@@ -44,6 +44,12 @@ class ClassifierDataConfig(StrictModel):
     train_subset: PositiveInt | None = None  # a deterministic sample of the training split
     eval_split: Literal["test", "val"] = "test"
     eval_subset: PositiveInt | None = None
+    # Label-scarce runs: keep the labels of only this many training images (a draw seeded by
+    # labelled_seed); the rest are an unlabelled transfer set. Students whose method needs labels
+    # throughout (scratch, dkd) train on the labelled images alone; soft-target methods (kd, dist)
+    # train on every image, their label terms on the labelled ones. The teacher is unaffected.
+    labelled: PositiveInt | None = None
+    labelled_seed: int = 0
 
     @model_validator(mode="after")
     def _val_needs_size(self) -> ClassifierDataConfig:

@@ -29,6 +29,11 @@ def run_config_class(kind: object) -> type[BaseModel]:
 
 def parse_run_config(data: dict[str, Any]) -> BaseModel:
     """Validate a config mapping; raises pydantic.ValidationError or ConfigError."""
+    if data.get("kind") == "classifier":
+        from kdkit.config.any_model import AnyModelRunConfig, is_any_model_config
+
+        if is_any_model_config(data):  # models and data named by source / files
+            return AnyModelRunConfig.model_validate(data)
     return run_config_class(data.get("kind")).model_validate(data)
 
 

@@ -68,7 +68,16 @@ class ClassifierRun:
         self.train_set, self.eval_set = load_data(self.cfg)
         self.teacher = load_or_train_teacher(self.cfg, self.train_set, self.eval_set, log=self.log)
         _save_teacher_copy(self.cfg, self.teacher, run_dir)
-        if self.cfg.teacher.cache_logits and any(s.needs_teacher() for s in self.cfg.students):
+        self.full_set = self.train_set
+        if self.cfg.data.labelled is not None:
+            from kdkit.pipelines.label_scarce import split_labels
+
+            # a cached teacher was trained on exactly this training split: keep its logits beside it
+            cached = self.cfg.teacher.checkpoint is None
+            cache = teacher_cache_dir(self.cfg) / "train_logits.safetensors" if cached else None
+            self.scarce = split_labels(self.full_set, self.teacher, self.cfg.data.labelled,
+                                       self.cfg.data.labelled_seed, log=self.log, cache=cache)
+        elif self.cfg.teacher.cache_logits and any(s.needs_teacher() for s in self.cfg.students):
             from kdkit.cache.classifier import WithTeacherLogits, cached_teacher_logits
 
             logits, info = cached_teacher_logits(
@@ -85,6 +94,9 @@ class ClassifierRun:
         objectives = student_cfg.resolved_objectives()
         student = build_student(self.cfg, student_cfg.model)
         teacher = self.teacher if student_cfg.needs_teacher() else None
+        if self.cfg.data.labelled is not None:  # label-scarce: each student gets the data it can use
+            self.train_set, distiller = self.scarce.distiller(student, teacher, objectives)
+            return distiller
         return ClassifierDistiller(student, teacher, objectives, self.train_set.inputs[:2])
 
     def describe(self, student_cfg: ClassifierStudentRun) -> str:
@@ -266,7 +278,15 @@ def evaluate_classifier_run(
         )
         if history is not None and history.is_file():
             histories[name] = history
+    scarce = (
+        [f"Label-scarce: students keep the labels of {cfg.data.labelled:,} training images only; methods "
+         "that need labels in every term (scratch, dkd) train on those alone, soft-target methods (kd, "
+         "dist) on every training image with the teacher's soft targets (labels where known). The "
+         "teacher was trained with all labels."]
+        if cfg.data.labelled is not None else []
+    )
     notes = [
+        *scarce,
         f"Evaluated on {len(eval_set)} examples of the {cfg.data.dataset} {cfg.data.eval_split} split.",
         f"Every student: {cfg.student.arch} {cfg.student.params}, {cfg.train.steps} steps of batch "
         f"{cfg.train.batch_size} (same seed, initial weights and data order).",
