@@ -71,6 +71,22 @@ def evaluate(run_dir: Path) -> Path:
     return _resolve(EVALUATORS, saved["kind"])(run_dir)
 
 
+def cache(
+    config_path: str | Path, overrides: list[str] | None = None, *, only: list[str] | None = None
+) -> dict:
+    """Build an LM run config's teacher-logit caches (`caches:`; all, or `only` these names).
+
+    Resumable and parallel: see `kdkit.pipelines.cache.run_cache`. Returns {name: CacheSummary}.
+    """
+    from kdkit.config import ConfigError
+    from kdkit.pipelines.cache import run_cache
+
+    cfg = load_run_config(config_path, overrides)
+    if getattr(cfg, "kind", None) != "lm":
+        raise ConfigError(f"kdkit cache works on LM run configs (kind: lm), got kind {cfg.kind!r}")
+    return run_cache(cfg, only=only)
+
+
 def describe_registries() -> str:
     """Every registered method (of every kind, with its parameters and defaults), sampler, teacher
     signal, objective and divergence, each with its one-line description."""

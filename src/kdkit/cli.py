@@ -3,6 +3,7 @@
     kdkit demo [overrides...] [--resume]          Fashion-MNIST: teacher, scratch/KD/DKD students, report
     kdkit run CONFIG [overrides...] [--resume]    any validated YAML config (classifier or LM)
     kdkit eval RUN_DIR                            re-evaluate a finished run and rewrite its report
+    kdkit cache CONFIG [overrides...] [--only N]  run an LM config's teacher once: its logit caches
     kdkit methods                                 every registered method, objective and divergence
 
 Overrides are `key.sub=value` (YAML values). A config a person must fix is refused before any
@@ -43,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", type=Path)
 
     commands.add_parser("methods", help="list registered methods, objectives and divergences")
+
+    cache = commands.add_parser(
+        "cache", help="build (or finish, or repair) an LM config's teacher-logit caches"
+    )
+    cache.add_argument("config", type=Path)
+    cache.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    cache.add_argument("--only", action="append", help="build only this cache (repeatable)")
     return parser
 
 
@@ -67,6 +75,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "methods":
         print(api.describe_registries())
         return 0
+    if args.command == "cache":
+        summaries = api.cache(args.config, args.overrides, only=args.only)
+        return 0 if summaries else 1
     if args.command == "demo":
         run_dir = api.demo(args.overrides, resume=args.resume, output_dir=args.output_dir)
     elif args.command == "run":

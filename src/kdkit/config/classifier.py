@@ -77,9 +77,14 @@ class ModelConfig(StrictModel):
 
 class ClassifierTeacherConfig(ModelConfig):
     """The teacher: loaded from `checkpoint` (a safetensors state dict of `arch(params)`), or
-    trained with `train` on the training split and cached under `cache_dir("teachers")`."""
+    trained with `train` on the training split and cached under `cache_dir("teachers")`.
+    cache_logits: compute the teacher's logits of the training inputs once and store them
+    (`kdkit.cache.classifier`, keyed by the teacher's weights and the inputs), so students whose
+    objectives need only the teacher's logits do not run it every batch; the inputs must repeat
+    exactly every epoch (no random augmentation), as kdkit's datasets do."""
 
     checkpoint: str | None = None
+    cache_logits: bool = True
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=1500, batch_size=128, lr=3e-3, weight_decay=5e-4)
     )

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from kdkit.config.cache import CacheConfig
 from kdkit.config.students import StudentRun, unique_student_names
 from kdkit.engine.privacy_settings import PrivacyConfig
 from kdkit.engine.settings import TrainConfig
@@ -188,6 +189,7 @@ class LMRunConfig(StrictModel):
     student: LMStudentConfig
     data: LMDataConfig
     students: list[LMStudentRun] = Field(min_length=1)
+    caches: dict[str, CacheConfig] = Field(default_factory=dict)  # teacher-logit caches (config/cache.py)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=100, batch_size=8, lr=1e-4))
     eval: LMEvalConfig = Field(default_factory=LMEvalConfig)
     output_dir: str = "runs"
@@ -199,6 +201,18 @@ class LMRunConfig(StrictModel):
     threads: PositiveInt | None = None
 
     _unique_names = field_validator("students")(unique_student_names)
+
+    @model_validator(mode="after")
+    def _known_caches(self) -> LMRunConfig:
+        for student in self.students:
+            name = (student.model_extra or {}).get("cache")
+            if name and name not in self.caches and "/" not in name and "\\" not in name:
+                known = ", ".join(self.caches) or "none"
+                raise ValueError(
+                    f"student {student.name!r}: cache {name!r} is neither one of this run's caches "
+                    f"({known}) nor a folder path"
+                )
+        return self
 
     @model_validator(mode="after")
     def _private_methods(self) -> LMRunConfig:

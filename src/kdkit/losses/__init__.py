@@ -5,6 +5,7 @@
 - `features`: feature-matching losses (hint MSE, cosine, attention transfer, attention KL, hidden MSE).
 - `preference`: DPO on sequence log-probabilities.
 - `fused`: any divergence from hidden states + output projections, chunked over tokens.
+- `sparse`: divergences against sparse teacher targets (top-k with/without tail, random sampling).
 - `policy`: policy-gradient losses (GRPO group advantages, the clipped objective, REINFORCE).
 """
 

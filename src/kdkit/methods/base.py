@@ -68,12 +68,25 @@ class LMWeights(ParamsModel):
 
 class DivergenceMethodParams(LMWeights, DivergenceParams):
     """An LM method minimising a divergence; `fused` computes it from hidden states in token
-    chunks (the "hidden" teacher signal), never holding both [tokens × vocabulary] logits."""
+    chunks (the "hidden" teacher signal), never holding both [tokens × vocabulary] logits.
+    `cache` reads the teacher from a logit cache instead of running it (the "cache" signal; the
+    name of one of the run's `caches:` or a folder built by `kdkit cache`; dataset sampler only);
+    `cache_tail: false` renormalises a top-k cache over its kept ids instead of using the tail."""
 
     fused: bool = False
+    cache: str | None = None
+    cache_tail: bool = True
+
+    @model_validator(mode="after")
+    def _one_signal(self) -> DivergenceMethodParams:
+        if self.fused and self.cache:
+            raise ValueError("fused and cache exclude each other (a cache stores no hidden states)")
+        return self
 
 
 def divergence_signal(params: Any) -> str:
+    if getattr(params, "cache", None):
+        return "cache"
     return "hidden" if params.fused else "logits"
 
 
@@ -96,9 +109,22 @@ class LMMethod(Method):
         raise NotImplementedError
 
     @classmethod
+    def params(cls, given: dict[str, Any] | None = None) -> ParamsModel:
+        params = super().params(given)
+        parts = cls.parts(params)
+        if parts.signal == "cache" and parts.sampler != "dataset":
+            raise ValueError(
+                f"cache: a logit cache holds the teacher on the dataset's sequences only, but this method "
+                f"trains on sequences from the {parts.sampler!r} sampler (generated, so not in the cache); "
+                "use an off-policy method such as supervised_kd with the cache, or drop cache: here"
+            )
+        return params
+
+    @classmethod
     def needs_teacher(cls, params: Any) -> bool:
         parts = cls.parts(params)
-        return bool(params.kd_weight > 0 or parts.sampler in ("teacher", "student_teacher"))
+        live = getattr(TEACHER_SIGNALS.get(parts.signal), "needs_teacher_model", True)
+        return bool((params.kd_weight > 0 and live) or parts.sampler in ("teacher", "student_teacher"))
 
     @classmethod
     def generates(cls, params: Any) -> bool:

@@ -1,8 +1,9 @@
 """The classifier distiller: the student and its weighted objective terms, the teacher beside them.
 
 forward(batch) with batch = {"inputs": [B, ...], "labels": [B] (optional)} runs the teacher once
-under no_grad and the student once, with forward hooks on the modules the terms name, and returns
-every term already multiplied by its entry's weight (scalars, nats).
+under no_grad (or reads its logits from the batch's "teacher_logits" [B, C] when they were cached
+and no objective needs teacher features) and the student once, with forward hooks on the modules
+the terms name, and returns every term already multiplied by its entry's weight (scalars, nats).
 """
 
 from __future__ import annotations
@@ -77,7 +78,10 @@ class ClassifierDistiller(Distiller):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         inputs, labels = batch["inputs"], batch.get("labels")
         out = Outputs(student_logits=inputs.new_zeros(()), labels=labels, step=self.global_step)
-        if self.uses_teacher:
+        cached = batch.get("teacher_logits")  # stored once per input (kdkit.cache.classifier)
+        if self.uses_teacher and cached is not None and not self.teacher_layers:
+            out.teacher_logits = cached
+        elif self.uses_teacher:
             teacher = self.teacher
             assert teacher is not None
             with torch.no_grad(), FeatureHooks(teacher, self.teacher_layers) as hooks:

@@ -77,6 +77,15 @@ class ClassifierRun:
             cache = teacher_cache_dir(self.cfg) / "train_logits.safetensors" if cached else None
             self.scarce = split_labels(self.full_set, self.teacher, self.cfg.data.labelled,
                                        self.cfg.data.labelled_seed, log=self.log, cache=cache)
+        elif self.cfg.teacher.cache_logits and any(s.needs_teacher() for s in self.cfg.students):
+            from kdkit.cache.classifier import WithTeacherLogits, cached_teacher_logits
+
+            logits, info = cached_teacher_logits(
+                self.teacher, self.train_set, batch_size=self.cfg.eval.batch_size, log=self.log
+            )
+            how = "read from" if info["hit"] else f"computed in {info['seconds']:.1f} s and stored in"
+            self.log(f"kdkit: teacher logits of {len(logits):,} training inputs {how} {info['path']}")
+            self.train_set = WithTeacherLogits(self.train_set, logits)
 
     def finished(self, out: Path) -> bool:
         return (out / "model.safetensors").is_file()

@@ -254,7 +254,17 @@ class LMRun:
             self.cfg, log=self.log
         )
         self.data = load_lm_data(self.cfg, self.tokenizer)
-        self.train_set, self.collate = self.data.train, self.data.collate
+        from kdkit.pipelines.cache import prepare_cached_training
+
+        # students that train from a teacher-logit cache: build it if needed, check it, index samples
+        self.cache_folders, self.train_set, self.collate = prepare_cached_training(
+            self.cfg,
+            teacher=self.teacher,
+            tokenizer=self.tokenizer,
+            train=self.data.train,
+            collate=self.data.collate,
+            log=self.log,
+        )
         self.log(
             f"kdkit: {len(self.data.train)} training samples, {len(self.data.held_out)} held-out samples"
         )
@@ -263,7 +273,10 @@ class LMRun:
         return (out / "model" / "config.json").is_file()
 
     def build_distiller(self, student_cfg: LMStudentRun) -> nn.Module:
+        from kdkit.pipelines.cache import resolve_student
+
         student = copy.deepcopy(self.initial)  # every student starts from the same weights
+        student_cfg = resolve_student(student_cfg, self.cache_folders)  # a cache name -> its folder
         return build_distiller(student_cfg, student, self.teacher, self.tokenizer, self.student_tokenizer)
 
     def describe(self, student_cfg: LMStudentRun) -> str:

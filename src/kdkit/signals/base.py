@@ -20,15 +20,18 @@ from kdkit.settings import LMContext, NoParams
 class SparseTarget:
     """A sparse teacher distribution per position (cached or served).
 
-    ids: [..., K] long token ids; logprobs: [..., K] teacher log-probabilities of those ids;
-    weights: [..., K] importance weights (random-sampling targets) or None (top-k);
-    tail_logprob: [...] log of the teacher mass outside `ids`, or None when unknown.
+    ids: [..., K] long token ids; logprobs: [..., K] teacher log-probabilities of those ids (None
+    for random-sampling targets that store only counts); weights: [..., K] importance weights
+    (random-sampling targets) or None (top-k); tail_logprob: [...] log of the teacher mass outside
+    `ids`, or None when unknown; entropy: [...] H(p_T) where known (makes sampled forward-KL values
+    comparable with dense ones). The losses are in `kdkit.losses.sparse`.
     """
 
     ids: Tensor
-    logprobs: Tensor
+    logprobs: Tensor | None = None
     weights: Tensor | None = None
     tail_logprob: Tensor | None = None
+    entropy: Tensor | None = None
 
 
 @dataclass

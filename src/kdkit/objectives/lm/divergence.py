@@ -3,7 +3,9 @@
 With a "logits" target the student's logits are compared directly; with a "hidden" target both
 sides are projected in token chunks by the fused loss, so the [tokens × vocabulary] logits never
 exist at once. Teacher and student vocabularies that differ only by embedding padding are compared
-on their shared first ids (the distiller checks that they are one tokenizer first).
+on their shared first ids (the distiller checks that they are one tokenizer first). With a "sparse"
+target (a logit cache, a served teacher) the divergence is taken against the kept ids
+(`kdkit.objectives.lm.sparse`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class DivergenceParams(DivergenceChoice):
 )
 class DivergenceObjective(LMObjective):
     Params = DivergenceParams
-    accepts = ("logits", "hidden")
+    accepts = ("logits", "hidden", "sparse")
 
     def __call__(
         self, student: StudentView, batch: dict[str, Any], target: TeacherTarget, *, ce_ratio: float = 0.0
@@ -62,6 +64,10 @@ class DivergenceObjective(LMObjective):
             # one chunk pass gave the gradient of kd + ce_ratio·ce: keep it on "kd" with kd's value
             return {"kd": out.loss - ce_ratio * out.ce, "ce": out.ce}
         self.check_target(target)
+        if target.sparse is not None:  # a logit cache or a served teacher: kdkit.losses.sparse
+            from kdkit.objectives.lm.sparse import sparse_token_divergence
+
+            return {"kd": sparse_token_divergence(student.logits, labels, target.sparse, p)}
         assert target.logits is not None
         return {"kd": token_divergence(student.logits, target.logits, labels, p)}
 
