@@ -220,10 +220,12 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     t = foot["teacher"]
     lines = [
         f"Teacher: fine-tuned all-MiniLM-L6-v2, test accuracy **{100 * teacher_acc:.1f}%**, "
-        f"{t['parameters'] / 1e6:.2f}M parameters, {t['latency_ms']:.1f} ms per batch of {BATCH} × ≤{MAX_LEN} tokens "
+        f"{t['parameters'] / 1e6:.2f}M parameters, {t['latency_ms']:.1f} ms per batch of "
+        f"{BATCH} × ≤{MAX_LEN} tokens "
         f"({t['threads']} CPU threads).",
         "",
-        "| student | parameters | FLOPs vs teacher | CPU latency (speed-up) | arm | test acc % | retained % | seeds |",
+        "| student | parameters | FLOPs vs teacher | CPU latency (speed-up) | arm | test acc % "
+        "| retained % | seeds |",
         "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for name in STUDENTS:
@@ -238,7 +240,8 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             retained = [a / teacher_acc for a in accs]
             lines.append(
                 f"| {name} | {f['parameters'] / 1e6:.2f}M ({f['parameters'] / t['parameters']:.0%}) "
-                f"| {f['flops'] / t['flops']:.2f} | {f['latency_ms']:.1f} ms ({t['latency_ms'] / f['latency_ms']:.2f}×) "
+                f"| {f['flops'] / t['flops']:.2f} "
+                f"| {f['latency_ms']:.1f} ms ({t['latency_ms'] / f['latency_ms']:.2f}×) "
                 f"| {arm} | {_mean_std(accs)} | {_mean_std(retained)} | {len(runs)} |"
             )
     lines += [

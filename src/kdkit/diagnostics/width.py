@@ -188,10 +188,10 @@ def sae_stats(
     code (so tiny leak-through activations are not counted as firing). Features firing on fewer
     than `min_frequency` of inputs are dead. Live features whose decoder directions have cosine
     ≥ `merge_cosine` and which fire together (≥ `co_firing` of the rarer one's inputs) are one
-    feature split in two: merged (importances summed, firing = either fires). Of the rest, the most important features that together carry
-    `coverage` of the total importance are counted (an SAE with spare dictionary entries fits the
-    residual noise with many rare, weak codes; they carry the last percent of the importance and
-    would inflate F several-fold).
+    feature split in two: merged (importances summed, firing = either fires). Of the rest, the
+    most important features that together carry `coverage` of the total importance are counted
+    (an SAE with spare dictionary entries fits the residual noise with many rare, weak codes;
+    they carry the last percent of the importance and would inflate F several-fold).
     """
     x = (activations.detach().float() - sae.center) / sae.scale
     codes = []
