@@ -31,7 +31,9 @@ data:
 demo: setup
 	$(VENV)/bin/kdkit demo
 
+# Import contracts first (pyproject's [tool.importlinter]: dependencies point down), then the tests.
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -145,12 +145,12 @@ def kdkit_throughput(
 
     collate: the batch builder (default: PromptCompletionCollator over prompt/completion text).
     """
-    from kdkit.config.lm import StudentRun
+    from kdkit.config.lm import LMStudentRun
     from kdkit.engine import train
     from kdkit.samplers.collate import PromptCompletionCollator
 
     student, _ = build_student(cfg, teacher, tokenizer)
-    spec = StudentRun(
+    spec = LMStudentRun(
         name="tp",
         method="gkd",
         lmbda=lmbda,

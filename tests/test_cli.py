@@ -51,7 +51,7 @@ def test_unknown_objective_lists_the_valid_names(tmp_path, capsys) -> None:
     bad = VALID | {"students": [{"name": "kd", "objectives": [{"name": "kdd"}]}]}
     assert main(["run", str(_write(tmp_path, bad))]) == 2
     err = capsys.readouterr().err
-    assert "'kdd' is not a objective" in err and "dkd" in err
+    assert "'kdd' is not an objective" in err and "dkd" in err
 
 
 def test_bad_override_is_refused(tmp_path, capsys) -> None:

@@ -1,7 +1,7 @@
 """The Python API behind the CLI: run a config, the demo, re-evaluate a run, list registries.
 
-    import kdkit.api as kd
-    run_dir = kd.run("configs/fashion_mnist_benchmark.yaml", ["train.steps=500"])
+import kdkit.api as kd
+run_dir = kd.run("configs/fashion_mnist_benchmark.yaml", ["train.steps=500"])
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ EVALUATORS: dict[str, str] = {
     "lm": "kdkit.pipelines.lm:evaluate_lm_run",
 }
 
-# Modules whose import registers methods, objectives and divergences.
-BUILTIN_MODULES = ("kdkit.losses", "kdkit.methods.classifier", "kdkit.methods.lm")
-
 
 def _resolve(table: dict[str, str], kind: str):
     module_name, function_name = table[kind].split(":")
@@ -41,7 +38,10 @@ def run_config(cfg: BaseModel, *, resume: bool = False, output_dir: Path | None 
 
 
 def run(
-    config_path: str | Path, overrides: list[str] | None = None, *, resume: bool = False,
+    config_path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    resume: bool = False,
     output_dir: Path | None = None,
 ) -> Path:
     """Validate the YAML config (+ overrides) before any work, then run it."""
@@ -67,15 +67,51 @@ def evaluate(run_dir: Path) -> Path:
 
 
 def describe_registries() -> str:
-    """Every registered method, objective and divergence with its one-line description."""
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
+    """Every registered method (of every kind, with its parameters and defaults), sampler, teacher
+    signal, objective and divergence, each with its one-line description."""
     from kdkit.losses import DIVERGENCES
-    from kdkit.registry import METHODS, OBJECTIVES
+    from kdkit.registry import (
+        LM_OBJECTIVES,
+        METHODS,
+        OBJECTIVES,
+        REWARDS,
+        SAMPLERS,
+        TEACHER_SIGNALS,
+        load_builtins,
+    )
 
+    load_builtins()
     lines: list[str] = []
-    for title, registry in (("methods", METHODS), ("objectives", OBJECTIVES), ("divergences", DIVERGENCES)):
+    sections = (
+        ("methods", METHODS),
+        ("samplers", SAMPLERS),
+        ("teacher signals", TEACHER_SIGNALS),
+        ("LM objectives", LM_OBJECTIVES),
+        ("classifier objectives", OBJECTIVES),
+        ("rewards", REWARDS),
+        ("divergences", DIVERGENCES),
+    )
+    for title, registry in sections:
+        if not len(registry):
+            continue
         lines.append(f"{title}:")
-        width = max((len(name) for name in registry.names()), default=0)
-        lines.extend(f"  {name:<{width}}  {description}" for name, description, _ in registry.items())
+        width = max(len(name) for name in registry.names())
+        for name, description, entry in registry.items():
+            kind = getattr(entry, "kind", None)
+            lines.append(f"  {name:<{width}}  {f'[{kind}] ' if kind else ''}{description}")
+            params = _parameters(registry, name, entry)
+            if params:
+                lines.append(f"  {'':<{width}}    {params}")
     return "\n".join(lines)
+
+
+def _parameters(registry: object, name: str, entry: object) -> str:
+    """ "key=default, …" of an entry's `Params` model or of a divergence's declared parameters."""
+    model = getattr(entry, "Params", None)
+    if model is not None:
+        defaults = model.model_validate({}).model_dump()
+        for nested in getattr(model, "nested_params", {}):
+            defaults |= defaults.pop(nested)  # e.g. jsd's beta beside `divergence`
+        return ", ".join(f"{key}={value!r}" for key, value in defaults.items())
+    declared = registry.params(name) if hasattr(registry, "params") else {}  # type: ignore[attr-defined]
+    return ", ".join(f"{key}={spec.default!r}" for key, spec in declared.items())

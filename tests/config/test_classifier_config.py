@@ -31,20 +31,37 @@ def _error(data: dict) -> tuple[tuple, str]:
 def test_minimal_config_gets_defaults():
     cfg = ClassifierRunConfig.model_validate(_config())
     assert cfg.kind == "classifier" and cfg.teacher.arch == "cnn" and cfg.student.arch == "cnn"
-    assert [o.name for o in cfg.students[0].resolved_objectives()] == ["kd"]
+    assert [(o.name, o.weight) for o in cfg.students[0].resolved_objectives()] == [
+        ("ce", pytest.approx(0.1)),
+        ("kd", 0.9),
+    ]
 
 
 def test_unknown_objective_name_is_located_and_lists_known_names():
     loc, message = _error(_config(students=[{"name": "s", "objectives": [{"name": "kdd"}]}]))
     assert loc == ("students", 0, "objectives", 0, "name")
-    assert "'kdd' is not a objective (known: ce, kd, dkd" in message
+    assert "'kdd' is not an objective (known: " in message and "dkd" in message
     assert message.startswith("config error at students.0.objectives.0.name:")
 
 
 def test_unknown_objective_field_is_located():
-    loc, message = _error(_config(students=[{"name": "s", "objectives": [{"name": "kd", "temprature": 2}]}]))
+    loc, message = _error(_config(students=[{"name": "s", "objectives": [{"name": "dkd", "temprature": 2}]}]))
     assert loc == ("students", 0, "objectives", 0, "temprature")
     assert message == "config error at students.0.objectives.0.temprature: unknown field"
+    # params with nested divergence parameters name the key and what is allowed
+    _, message = _error(_config(students=[{"name": "s", "objectives": [{"name": "kd", "temprature": 2}]}]))
+    assert "'temprature' is not a parameter here (allowed: divergence, t2_scaling, temperature)" in message
+
+
+def test_method_parameters_are_checked_at_load():
+    loc, message = _error(_config(students=[{"name": "s", "method": "kd", "alpha": 1.5}]))
+    assert loc == ("students", 0, "alpha") and "less than or equal to 1" in message
+    _, message = _error(_config(students=[{"name": "s", "method": "kd", "divergence": "jsd", "bta": 0.5}]))
+    assert "'bta' is not a parameter here" in message and "beta" in message
+    _, message = _error(_config(students=[{"name": "s", "method": "kd", "divergence": "jsd", "beta": 1.5}]))
+    assert "beta=1.5 is outside [0, 1]" in message
+    _, message = _error(_config(students=[{"name": "s", "method": "gkd"}]))
+    assert "'gkd' is not a classifier method" in message
 
 
 def test_wrong_type_is_located():
@@ -76,8 +93,8 @@ def test_method_entries_are_updated_by_objectives_of_the_same_name():
     cfg = ClassifierRunConfig.model_validate(
         _config(students=[{"name": "s", "method": "kd", "objectives": [{"name": "kd", "temperature": 2}]}])
     )
-    (kd,) = cfg.students[0].resolved_objectives()
-    assert kd.params().temperature == 2 and kd.params().alpha == 0.9 and kd.weight == 1.0
+    ce, kd = cfg.students[0].resolved_objectives()
+    assert kd.params().temperature == 2 and kd.weight == 0.9 and ce.weight == pytest.approx(0.1)
 
 
 def test_teacher_key_ignores_logging_but_not_learning_settings():

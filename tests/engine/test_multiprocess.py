@@ -68,3 +68,31 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["lr"] == pytest.approx(a["lr"])
     checkpoint = tmp_path / "two" / "checkpoints" / "step_0000012"
     assert {"rng_0.pt", "rng_1.pt"} <= {p.name for p in checkpoint.iterdir()}
+
+
+@pytest.mark.slow
+def test_two_processes_weigh_tokens_like_one_bigger_batch(tmp_path):
+    """Completions of 1-2 and 16-20 tokens: 2 processes × 16 (token counts all-reduced) step to the
+    weights of 1 process × 32, and log the same token-weighted losses."""
+    from tests.engine import tiny_lm
+
+    tiny_lm.main([str(tmp_path / "one"), "--batch-size", "32"])
+    command = [
+        *accelerate_command(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(Path(tiny_lm.__file__)), str(tmp_path / "two"), "--batch-size", "16",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = load_file(tmp_path / "one" / "final.safetensors")
+    two = load_file(tmp_path / "two" / "final.safetensors")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6)
+    histories = [
+        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    ]
+    assert [r["step"] for r in histories[1]] == [1, 2]
+    for a, b in zip(*histories, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 import torch
 
-from kdkit.tasks import arithmetic
 from kdkit.tasks.arithmetic import (
     EOS,
-    ArithmeticTeacherConfig,
     Problem,
     arithmetic_dataset,
     arithmetic_tokenizer,
     build_arithmetic_lm,
     check_answer,
     exact_match_by_length,
-    get_arithmetic_teacher,
     make_problems,
     parse_answer,
 )
@@ -118,25 +114,3 @@ def test_exact_match_is_one_for_a_model_that_writes_the_answers(monkeypatch) -> 
 
     monkeypatch.setattr(model, "generate", oracle)
     assert exact_match_by_length(model, tokenizer, problems, batch_size=4) == {1: 1.0, 2: 1.0}
-
-
-def test_teacher_is_trained_once_then_loaded_from_cache(kdkit_cache, monkeypatch) -> None:
-    config = ArithmeticTeacherConfig(
-        digits=(1, 2), hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, steps=2, batch_size=4
-    )
-    model, tokenizer, folder = get_arithmetic_teacher(config)
-    assert folder.parent == kdkit_cache / "teachers" and folder.name == f"arithmetic-{config.key()}"
-    info = json.loads((folder / "kdkit_teacher.json").read_text())
-    assert set(info["exact_match_by_length"]) == {"1", "2", "3"}  # one length past training
-    assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the cached teacher was retrained")
-
-    monkeypatch.setattr(arithmetic, "train_causal_lm", no_training)
-    again, tokenizer2, folder2 = get_arithmetic_teacher(config)
-    assert folder2 == folder and not again.training
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, again.state_dict()[name]), name
-    assert tokenizer2("1+2=")["input_ids"] == tokenizer("1+2=")["input_ids"]
-    assert ArithmeticTeacherConfig(steps=3).key() != ArithmeticTeacherConfig().key()

@@ -7,7 +7,7 @@ import math
 import torch
 
 from kdkit.eval.lm import generation_throughput, perplexity, sample_log_likelihoods, token_agreement
-from kdkit.methods.lm_objectives import completion_cross_entropy
+from kdkit.objectives.lm import completion_cross_entropy
 from kdkit.samplers import GenerationSettings, PromptCompletionCollator
 from kdkit.tasks.arithmetic import arithmetic_dataset, arithmetic_tokenizer, build_arithmetic_lm
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from kdkit.config.lm import LMRunConfig
 from kdkit.models.lm import save_pretrained_folder
 from kdkit.models.tokenizers import TokenizerMismatchError
-from kdkit.pipelines.lm import build_student, evaluate_lm_run, load_teacher, results_table, run_lm
+from kdkit.pipelines.lm import build_student, evaluate_lm_run, load_teacher, run_lm
+from kdkit.report import lm_results_table as results_table
 from kdkit.tasks.arithmetic import arithmetic_tokenizer, build_arithmetic_lm
 
 

@@ -83,7 +83,7 @@ def _check_generated_layout(batch, prompt_batch, tokenizer, max_new: int) -> Non
 def test_student_sampler_labels_line_up_with_generated_tokens(tokenizer) -> None:
     student = tiny_lm(tokenizer).train()
     data = dataset_batch(tokenizer, n=8)
-    sampler = StudentSampler(GenerationSettings(temperature=1.5, max_new_tokens=20))
+    sampler = StudentSampler(temperature=1.5, max_new_tokens=20)
     torch.manual_seed(1)
     out = sampler(data, student=student, teacher=None)
     assert out["source"] == "student" and student.training
@@ -134,7 +134,9 @@ def test_dataset_sampler_passes_the_batch_through(tokenizer) -> None:
 def test_mixture_edges_are_pure(tokenizer, lmbda: float, expected: set[str]) -> None:
     student = tiny_lm(tokenizer)
     data = dataset_batch(tokenizer, n=2)
-    sampler = MixtureSampler(lmbda, StudentSampler(max_new_tokens=4), DatasetSampler(), seed=0)
+    sampler = MixtureSampler(
+        lmbda, on_policy=StudentSampler(max_new_tokens=4), off_policy=DatasetSampler(), seed=0
+    )
     assert {sampler(data, student=student, teacher=None)["source"] for _ in range(6)} == expected
 
 
@@ -149,8 +151,8 @@ def test_mixture_is_seeded_and_resumable() -> None:
     def draws(sampler, n):
         return [sampler({}, student=None, teacher=None)["source"] for _ in range(n)]
 
-    a = MixtureSampler(0.5, Tag("student"), Tag("dataset"), seed=7)
-    b = MixtureSampler(0.5, Tag("student"), Tag("dataset"), seed=7)
+    a = MixtureSampler(0.5, on_policy=Tag("student"), off_policy=Tag("dataset"), seed=7)
+    b = MixtureSampler(0.5, on_policy=Tag("student"), off_policy=Tag("dataset"), seed=7)
     first = draws(a, 200)
     assert first == draws(b, 200)
     assert 70 < first.count("student") < 130

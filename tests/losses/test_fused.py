@@ -358,3 +358,81 @@ def test_closed_form_equals_local_autograd_with_minus_inf_logits(name: str, kwar
     for got, expected in zip(closed_grads, generic_grads, strict=True):
         assert_close(got, expected)
     assert closed_grads[2][:5].abs().max() == 0  # a banned token's bias gets no gradient
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["jsd", "tvd"])  # a closed form and the local-autograd path
+def test_autocast_computes_in_float32(amp_dtype: torch.dtype, name: str) -> None:
+    """Under `mixed_precision: bf16/fp16` (autocast) the loss runs in float32: same value and grads."""
+    x = _inputs()
+    mask = _mask("mask", 10)
+    expected = _fused(x, name, mask, 1.0, chunk_size=16)
+    expected_grads = _grads(expected, x)
+    with torch.autocast("cpu", dtype=amp_dtype):
+        got = _fused(x, name, mask, 1.0, chunk_size=16)
+    assert got.dtype == torch.float32
+    assert_close(got, expected)
+    for g_amp, g_ref in zip(_grads(got, x), expected_grads, strict=True):
+        assert g_amp.dtype == torch.float32
+        assert_close(g_amp, g_ref)
+
+
+def test_autocast_with_half_hidden_states_from_the_backbone() -> None:
+    """A backbone under autocast hands bf16 hidden states to float32 heads: computed in float32."""
+    x = _inputs()
+    h16 = x["student_hidden"].detach().to(torch.bfloat16).requires_grad_(True)
+    ref = {**x, "student_hidden": h16.detach().float().requires_grad_(True)}
+    ref["teacher_hidden"] = x["teacher_hidden"].to(torch.bfloat16).float()
+    expected = _fused(ref, "rkl", None, 1.0, chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _fused(
+            {**x, "student_hidden": h16, "teacher_hidden": x["teacher_hidden"].to(torch.bfloat16)},
+            "rkl",
+            None,
+            1.0,
+            chunk_size=16,
+        )
+    assert got.dtype == torch.bfloat16  # the loss comes back in the hidden states' dtype
+    torch.testing.assert_close(got.float(), expected, atol=1e-2, rtol=1e-2)
+    (g16,) = torch.autograd.grad(got, h16)
+    (g_ref,) = torch.autograd.grad(expected, ref["student_hidden"])
+    assert g16.dtype == torch.bfloat16
+    torch.testing.assert_close(g16.float(), g_ref, atol=1e-4, rtol=1e-2)
+
+
+CE_CASES = [
+    ("fkl", {}, 1.0),
+    ("rkl", {}, 1.0),
+    ("jsd", {"beta": 0.5}, 1.0),
+    ("jsd", {"beta": 0.0}, 1.0),
+    ("jsd", {"beta": 0.5}, 2.0),
+    ("tvd", {}, 1.0),
+    ("skl", {"alpha": 0.2}, 0.7),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "temperature"), CE_CASES, ids=str)
+def test_cross_entropy_in_the_same_pass(name: str, kwargs: dict, temperature: float) -> None:
+    """divergence + w·CE(student logits at T = 1, targets) over the counted tokens, one projection."""
+    x = _inputs()
+    mask = _mask("mask", 10)
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(4))
+    targets[~mask] = -100  # uncounted positions may hold anything
+    logits_s = x["student_hidden"] @ x["student_weight"].T + x["student_bias"]
+    expected = _unfused(x, name, mask, temperature, **kwargs) + 0.7 * torch.nn.functional.cross_entropy(
+        logits_s[mask], targets[mask]
+    )
+    got = _fused(
+        x, name, mask, temperature, chunk_size=9, targets=targets.clamp_min(0), ce_weight=0.7, **kwargs
+    )
+    assert_close(got, expected)
+    for g_fused, g_ref in zip(_grads(got, x), _grads(expected, x), strict=True):
+        assert_close(g_fused, g_ref)
+
+
+def test_cross_entropy_needs_valid_targets() -> None:
+    x = _inputs()
+    with pytest.raises(ValueError, match="targets"):
+        _fused(x, "fkl", None, 1.0, ce_weight=1.0)
+    with pytest.raises(ValueError, match=r"target id in \[0, 300\)"):
+        _fused(x, "fkl", None, 1.0, targets=torch.full((N,), -100), ce_weight=1.0)

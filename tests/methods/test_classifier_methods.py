@@ -1,4 +1,4 @@
-"""Classifier objective terms, feature hooks, the distiller and the method recipes."""
+"""Classifier objective terms, feature hooks, the distiller and the methods."""
 
 import math
 
@@ -7,16 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdkit.methods.classifier import (
-    ClassifierDistiller,
-    ObjectiveSpec,
-    Outputs,
-    build_objective,
-    classifier_recipe,
-)
-from kdkit.methods.hooks import FeatureHooks
+from kdkit.config.classifier import ClassifierStudentRun
+from kdkit.losses import DIVERGENCES
+from kdkit.methods import ClassifierDistiller, classifier_method
+from kdkit.models.hooks import FeatureHooks
 from kdkit.models.vision import build_vision_model
+from kdkit.objectives.classifier import Outputs, build_objective
 from kdkit.registry import METHODS, OBJECTIVES
+from kdkit.specs import ObjectiveSpec
+
+
+def method_entries(name: str, **params) -> list[dict]:
+    method = classifier_method(name)
+    return method.objectives(method.params(params))
 
 
 def _logits(b: int = 6, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -36,15 +39,27 @@ def test_every_documented_objective_and_method_is_registered():
     for name in ("ce", "kd", "dkd", "fitnet", "at", "dist"):
         assert name in OBJECTIVES
     for name in ("scratch", "kd", "dkd", "fitnet", "at", "dist"):
-        assert classifier_recipe(name).objectives
+        assert method_entries(name)
     assert "scratch" in METHODS
 
 
-def test_kd_with_alpha_zero_is_cross_entropy():
+def test_kd_method_is_one_ce_term_and_one_soft_term():
+    # hard-label cross-entropy is the one `ce` term, weighted 1 − α; α = 0 is cross-entropy alone
+    assert method_entries("kd", alpha=0.0, temperature=3.0) == [{"name": "ce", "weight": 1.0}]
+    entries = method_entries("kd", alpha=0.7, temperature=3.0)
+    assert [(e["name"], e["weight"]) for e in entries] == [("ce", pytest.approx(0.3)), ("kd", 0.7)]
+    assert entries[1]["temperature"] == 3.0 and entries[1]["divergence"] == "fkl"
+    assert [e["name"] for e in method_entries("kd", alpha=1.0)] == ["kd"]
+
+
+@pytest.mark.parametrize("name", ["rkl", "jsd", "tvd", "skl"])
+def test_kd_takes_any_divergence(name: str):
     s, t, y = _logits()
-    terms = _terms("kd", Outputs(s, y, t), alpha=0.0, temperature=3.0)
-    assert set(terms) == {"kd_ce"}
-    assert torch.allclose(terms["kd_ce"], F.cross_entropy(s, y))
+    terms = _terms("kd", Outputs(s, y, t), temperature=2.0, divergence=name, t2_scaling=False)
+    expected = DIVERGENCES.get(name)(s, t, temperature=2.0)
+    assert torch.allclose(terms["kd"], expected) and float(terms["kd"]) > 0
+    jsd = _terms("kd", Outputs(s, y, t), temperature=2.0, divergence="jsd", beta=0.2, t2_scaling=False)
+    assert torch.allclose(jsd["kd"], DIVERGENCES.get("jsd")(s, t, temperature=2.0, beta=0.2))
 
 
 def test_kd_matches_hinton_formula_with_and_without_t2():
@@ -56,16 +71,29 @@ def test_kd_matches_hinton_formula_with_and_without_t2():
         log_target=True,
         reduction="batchmean",
     )
-    terms = _terms("kd", Outputs(s, y, t), alpha=alpha, temperature=temperature)
-    assert torch.allclose(terms["kd"], alpha * temperature**2 * kl, rtol=1e-5)
-    assert torch.allclose(terms["kd_ce"], (1 - alpha) * F.cross_entropy(s, y))
-    unscaled = _terms("kd", Outputs(s, y, t), alpha=alpha, temperature=temperature, t2_scaling=False)
-    assert torch.allclose(unscaled["kd"], alpha * kl, rtol=1e-5)
+    student, teacher = _pair()
+    distiller = ClassifierDistiller(
+        student, teacher, method_entries("kd", alpha=alpha, temperature=temperature)
+    )
+    batch = _batch()
+    distiller.eval()
+    losses = distiller(batch)
+    s, t, y = student(batch["inputs"]), teacher(batch["inputs"]), batch["labels"]
+    kl = F.kl_div(
+        F.log_softmax(s / temperature, -1),
+        F.log_softmax(t / temperature, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    assert torch.allclose(losses["kd"], alpha * temperature**2 * kl, rtol=1e-5)
+    assert torch.allclose(losses["ce"], (1 - alpha) * F.cross_entropy(s, y))
+    unscaled = _terms("kd", Outputs(s, y, t), temperature=temperature, t2_scaling=False)
+    assert torch.allclose(unscaled["kd"], kl, rtol=1e-5)
 
 
 def test_kd_is_zero_when_student_equals_teacher():
     s, _, y = _logits()
-    terms = _terms("kd", Outputs(s, y, s.clone()), alpha=1.0)
+    terms = _terms("kd", Outputs(s, y, s.clone()))
     assert set(terms) == {"kd"} and float(terms["kd"]) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -88,14 +116,20 @@ def test_dkd_parts_follow_the_decoupled_formula():
     assert torch.allclose(weighted["dkd_nontarget"], 4.0 * nckd, rtol=1e-4)
 
 
-def test_dkd_warmup_ramps_with_training_calls():
+def test_dkd_warmup_ramps_with_optimizer_steps():
+    # defect: the ramp counted forward calls (micro-batches), not optimizer steps
     s, t, y = _logits()
     term = build_objective({"name": "dkd", "warmup_steps": 4}).train()
-    first = term.terms(Outputs(s, y, t))["dkd_nontarget"]
-    term.terms(Outputs(s, y, t))
-    third = term.terms(Outputs(s, y, t))["dkd_nontarget"]
-    assert torch.allclose(third, 3 * first)
-    assert int(term.calls) == 3 and "calls" in term.state_dict()
+    with pytest.raises(RuntimeError, match="on_step"):
+        term.terms(Outputs(s, y, t))  # training without the engine's step would ramp wrongly
+    first = term.terms(Outputs(s, y, t, step=0))["dkd_nontarget"]
+    again = term.terms(Outputs(s, y, t, step=0))["dkd_nontarget"]  # another micro-batch of step 0
+    third = term.terms(Outputs(s, y, t, step=2))["dkd_nontarget"]
+    done = term.terms(Outputs(s, y, t, step=10))["dkd_nontarget"]
+    assert (
+        torch.allclose(again, first) and torch.allclose(third, 3 * first) and torch.allclose(done, 4 * first)
+    )
+    assert term.state_dict() == {}  # no call counter to checkpoint: the engine's step is restored
 
 
 def test_dist_is_zero_for_identical_predictions_and_positive_otherwise():
@@ -168,10 +202,8 @@ def test_fitnet_trains_its_projector_and_never_the_teacher():
 def test_distiller_weights_terms_and_suffixes_repeated_names():
     student, teacher = _pair()
     batch = _batch()
-    plain = ClassifierDistiller(student, teacher, [{"name": "kd", "alpha": 1.0}])
-    doubled = ClassifierDistiller(
-        student, teacher, [{"name": "kd", "alpha": 1.0, "weight": 2.0}, {"name": "ce"}]
-    )
+    plain = ClassifierDistiller(student, teacher, [{"name": "kd"}])
+    doubled = ClassifierDistiller(student, teacher, [{"name": "kd", "weight": 2.0}, {"name": "ce"}])
     plain.eval(), doubled.eval()
     a, b = plain(batch), doubled(batch)
     assert torch.allclose(b["kd"], 2 * a["kd"])
@@ -216,18 +248,21 @@ def test_objective_spec_validation_locates_the_field():
     with pytest.raises(ValidationError) as error:
         ObjectiveSpec.model_validate({"name": "kdd"})
     assert error.value.errors()[0]["loc"] == ("name",)
-    assert "is not a objective (known: ce, kd" in str(error.value)
-    with pytest.raises(ValidationError) as error:
+    assert "is not an objective (known: " in str(error.value) and " kd" in str(error.value)
+    with pytest.raises(ValidationError, match="'temprature' is not a parameter here"):
         ObjectiveSpec.model_validate({"name": "kd", "temprature": 2})
-    assert error.value.errors()[0]["loc"] == ("temprature",)
+    with pytest.raises(ValidationError, match="beta=1.5 is outside"):
+        ObjectiveSpec.model_validate({"name": "kd", "divergence": "jsd", "beta": 1.5})
     with pytest.raises(ValidationError) as error:
         ObjectiveSpec.model_validate({"name": "kd", "temperature": "hot"})
     assert error.value.errors()[0]["loc"] == ("temperature",)
 
 
-def test_recipes_expand_with_overrides():
-    entries = classifier_recipe("kd").expand(
-        [{"name": "kd", "temperature": 2.0}, {"name": "ce", "weight": 0.1}]
+def test_method_entries_are_updated_and_extended_by_objectives():
+    student = ClassifierStudentRun(
+        name="s", method="kd", temperature=2.0, objectives=[{"name": "ce", "weight": 0.1}, {"name": "dist"}]
     )
-    assert entries == [{"name": "kd", "temperature": 2.0, "alpha": 0.9}, {"name": "ce", "weight": 0.1}]
-    assert math.isclose(classifier_recipe("dkd").objectives[1]["beta"], 8.0)
+    entries = [spec.model_dump() for spec in student.resolved_objectives()]
+    assert [(e["name"], e["weight"]) for e in entries] == [("ce", 0.1), ("kd", 0.9), ("dist", 1.0)]
+    assert entries[1]["temperature"] == 2.0
+    assert math.isclose(method_entries("dkd")[1]["beta"], 8.0)

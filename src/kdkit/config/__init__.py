@@ -1,7 +1,7 @@
 """Validated run configs: YAML + `key.sub=value` overrides -> pydantic models.
 
 Errors are one line naming the field, e.g.
-`config error at students.0.objectives.0.name: 'kdd' is not a objective (known: ce, kd, ...)`.
+`config error at students.0.objectives.0.name: 'kdd' is not an objective (known: ce, kd, ...)`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ teacher: {arch: cnn, params: {width: 32}, train: {steps: 1500, lr: 0.003}}
 student: {arch: cnn, params: {width: 4}}
 students:
   - {name: scratch, method: scratch}
-  - {name: kd, method: kd, objectives: [{name: kd, temperature: 2}]}   # override one field
+  - {name: kd, method: kd, temperature: 2, alpha: 0.5}   # the method's parameters, flat
 train: {steps: 800, batch_size: 128, lr: 0.005}
 ```
 """
@@ -18,20 +18,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from kdkit.config.train import StrictModel, TrainConfig, unique_student_names
-from kdkit.methods.classifier import ObjectiveSpec, classifier_recipe
+from kdkit.config.students import StudentRun, unique_student_names
+from kdkit.engine.settings import TrainConfig
 from kdkit.models.vision import VISION_MODELS, check_vision_params
+from kdkit.registry import OBJECTIVES
+from kdkit.settings import StrictModel
+from kdkit.specs import ObjectiveSpec
 
 # TrainConfig fields that change how a run is watched or stored, not what it learns: left out of
 # the teacher's cache key so changing them reuses a cached teacher.
 _NOT_LEARNING = {"progress", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers"}
 
 
-class DataConfig(StrictModel):
+class ClassifierDataConfig(StrictModel):
     """Which data; `val_size` holds out that many training examples (never trained on) and
     `eval_split: val` evaluates on them instead of the test set."""
 
@@ -43,7 +46,7 @@ class DataConfig(StrictModel):
     eval_subset: PositiveInt | None = None
 
     @model_validator(mode="after")
-    def _val_needs_size(self) -> DataConfig:
+    def _val_needs_size(self) -> ClassifierDataConfig:
         if self.eval_split == "val" and self.val_size == 0:
             raise ValueError("eval_split 'val' needs val_size > 0")
         return self
@@ -66,7 +69,7 @@ class ModelConfig(StrictModel):
         return self
 
 
-class TeacherConfig(ModelConfig):
+class ClassifierTeacherConfig(ModelConfig):
     """The teacher: loaded from `checkpoint` (a safetensors state dict of `arch(params)`), or
     trained with `train` on the training split and cached under `cache_dir("teachers")`."""
 
@@ -76,43 +79,42 @@ class TeacherConfig(ModelConfig):
     )
 
 
-class StudentRun(StrictModel):
-    """One student to train: a method recipe, explicit objectives, or a recipe whose entries are
-    updated by objectives of the same name (other objectives are appended)."""
+class ClassifierStudentRun(StudentRun):
+    """One classifier student: a method with its parameters, explicit objective entries, or a method
+    whose entries are updated by objectives of the same name (other objectives are appended)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    method: str | None = None
+    kind: ClassVar[str] = "classifier"
+
     objectives: list[ObjectiveSpec] = Field(default_factory=list)
     model: ModelConfig | None = None  # a different architecture for this student only
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        classifier_recipe(value)  # raises ValueError listing the classifier methods
-        return value
-
     @model_validator(mode="after")
-    def _something_to_minimise(self) -> StudentRun:
+    def _something_to_minimise(self) -> ClassifierStudentRun:
         if self.method is None and not self.objectives:
             raise ValueError(f"student {self.name!r} needs a method or a list of objectives")
         return self
 
     def resolved_objectives(self) -> list[ObjectiveSpec]:
-        """The entries actually trained: the recipe's, updated/extended by `objectives`."""
-        given = [spec.model_dump(exclude_unset=True) for spec in self.objectives]
+        """The entries actually trained: the method's, updated/extended by `objectives`."""
         if self.method is None:
             return list(self.objectives)
-        return [ObjectiveSpec.model_validate(e) for e in classifier_recipe(self.method).expand(given)]
+        entries = self.method_class().objectives(self.method_params())
+        for override in (spec.model_dump(exclude_unset=True) for spec in self.objectives):
+            match = next((e for e in entries if e["name"] == override.get("name")), None)
+            if match is None:
+                entries.append(override)
+            else:
+                match.update(override)
+        return [ObjectiveSpec.model_validate(entry) for entry in entries]
 
     def needs_teacher(self) -> bool:
-        from kdkit.methods.classifier import build_objective
+        return any(OBJECTIVES.get(spec.name).needs_teacher for spec in self.resolved_objectives())
 
-        return any(build_objective(spec).needs_teacher for spec in self.resolved_objectives())
+    def describe_method(self) -> str:
+        return self.method or "+".join(o.name for o in self.objectives)
 
 
-class EvalConfig(StrictModel):
+class ClassifierEvalConfig(StrictModel):
     batch_size: PositiveInt = 1000
     latency_batch_size: PositiveInt = 1  # latency is reported per example at this batch size
     latency_repeats: PositiveInt = 50
@@ -124,12 +126,14 @@ class ClassifierRunConfig(StrictModel):
 
     kind: Literal["classifier"] = "classifier"
     name: str = Field("classifier", pattern=r"^[A-Za-z0-9_.-]+$")
-    data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(params={"width": 32}))
+    data: ClassifierDataConfig = Field(default_factory=ClassifierDataConfig)
+    teacher: ClassifierTeacherConfig = Field(
+        default_factory=lambda: ClassifierTeacherConfig(params={"width": 32})
+    )
     student: ModelConfig = Field(default_factory=lambda: ModelConfig(params={"width": 4}))
-    students: list[StudentRun] = Field(min_length=1)
+    students: list[ClassifierStudentRun] = Field(min_length=1)
     train: TrainConfig = Field(default_factory=TrainConfig)  # every student's budget
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    eval: ClassifierEvalConfig = Field(default_factory=ClassifierEvalConfig)
     output_dir: str = "runs"
     # torch intra-op CPU threads; None keeps torch's default. On a CPU shared with other jobs one
     # thread per process is often faster than several that wait for each other.
@@ -150,10 +154,10 @@ class ClassifierRunConfig(StrictModel):
 
 
 __all__ = [
+    "ClassifierDataConfig",
+    "ClassifierEvalConfig",
     "ClassifierRunConfig",
-    "DataConfig",
-    "EvalConfig",
+    "ClassifierStudentRun",
+    "ClassifierTeacherConfig",
     "ModelConfig",
-    "StudentRun",
-    "TeacherConfig",
 ]

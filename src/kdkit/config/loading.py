@@ -8,9 +8,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from kdkit.settings import ConfigError
 
-class ConfigError(ValueError):
-    """A config a person must fix; the message is a single line naming the field."""
+__all__ = ["ConfigError", "apply_overrides", "load_yaml", "validation_message"]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

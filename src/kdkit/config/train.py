@@ -1,54 +1,9 @@
-"""Settings of the training engine, shared by every kind of run."""
+"""The engine's `TrainConfig` (defined in `kdkit.engine.settings`), re-exported for run configs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, Protocol, TypeVar
+from kdkit.config.students import unique_student_names
+from kdkit.engine.settings import TrainConfig
+from kdkit.settings import StrictModel
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
-
-
-class _Named(Protocol):
-    name: str
-
-
-NamedT = TypeVar("NamedT", bound=_Named)
-
-
-def unique_student_names(students: Sequence[NamedT]) -> Sequence[NamedT]:
-    """Validator of a run's `students:` list: each student's folder is named after it."""
-    names = [student.name for student in students]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"student names must be unique; repeated: {', '.join(duplicates)}")
-    return students
-
-
-class StrictModel(BaseModel):
-    """Base of every kdkit config section: unknown fields are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class TrainConfig(StrictModel):
-    """How the student is optimised. `batch_size` is per process and per micro-step:
-    the global batch is batch_size × processes × grad_accum_steps."""
-
-    steps: PositiveInt = 1000
-    batch_size: PositiveInt = 64
-    grad_accum_steps: PositiveInt = 1
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: PositiveFloat = 1e-3
-    weight_decay: float = Field(0.0, ge=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: PositiveFloat | None = 1.0
-    mixed_precision: Literal["no", "auto", "bf16", "fp16"] = "auto"
-    seed: int = 0
-    checkpoint_every: PositiveInt = 500
-    keep_checkpoints: PositiveInt = 2
-    log_every: PositiveInt = 10
-    num_workers: int = Field(0, ge=0)
-    progress: bool = True
-    deterministic: bool = True  # on GPUs: torch.use_deterministic_algorithms(warn_only=True) while training
+__all__ = ["StrictModel", "TrainConfig", "unique_student_names"]

@@ -1,12 +1,10 @@
-"""Padding token-id rows into batch tensors; the one definition of the ignored label id."""
+"""Padding token-id rows into batch tensors (`IGNORE_INDEX` is defined in `kdkit.losses.tokens`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-
-IGNORE_INDEX = -100  # label of prompt and padding positions: no loss there (PyTorch/HF convention)
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int, value: int | None = None) -> torch.Tensor:

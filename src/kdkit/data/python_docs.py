@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from kdkit.data.padding import IGNORE_INDEX
+from kdkit.losses.tokens import IGNORE_INDEX
 from kdkit.paths import cache_dir
 
 DEFAULT_ROOT = Path("/usr/share/doc/python3.11/html/_sources")

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from kdkit.data.padding import IGNORE_INDEX, left_pad, right_pad
+from kdkit.data.padding import left_pad, right_pad
+from kdkit.losses.tokens import IGNORE_INDEX
 
 Message = dict[str, str]
 

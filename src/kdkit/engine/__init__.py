@@ -1,21 +1,34 @@
-"""The training engine: the `Distiller` contract and one Accelerate loop for every method.
+"""The training engine: the `Distiller` contract, its settings and one Accelerate loop for every method.
 
-`train` is imported lazily so that methods importing `kdkit.engine.distiller` do not pay for
-Accelerate at import time.
+Everything is imported lazily: `kdkit.config` imports `kdkit.engine.settings` (pydantic only) to
+validate a run's `train:` section without paying for torch, and methods importing
+`kdkit.engine.distiller` do not pay for Accelerate.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
-from kdkit.engine.distiller import CrossEntropyDistiller, Distiller, freeze
+__all__ = ["CrossEntropyDistiller", "Distiller", "TrainConfig", "TrainResult", "freeze", "train", "unwrap"]
 
-__all__ = ["CrossEntropyDistiller", "Distiller", "TrainResult", "freeze", "train", "unwrap"]
+_HOMES = {
+    "CrossEntropyDistiller": "distiller",
+    "Distiller": "distiller",
+    "freeze": "distiller",
+    "TrainConfig": "settings",
+    "TrainResult": "trainer",
+    "train": "trainer",
+    "unwrap": "trainer",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("train", "TrainResult", "unwrap"):
-        from kdkit.engine import trainer
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'kdkit.engine' has no attribute {name!r}")
+    return getattr(import_module(f"kdkit.engine.{home}"), name)
 
-        return getattr(trainer, name)
-    raise AttributeError(f"module 'kdkit.engine' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -4,6 +4,7 @@ Layout of `run_dir/checkpoints/step_{N:07d}/`:
     model.safetensors   the distiller's weights (student + projectors; never the teacher)
     optimizer.pt        optimizer state_dict   (tensors and numbers only: loads with weights_only)
     scheduler.pt        lr scheduler state_dict
+    scaler.json         the fp16 loss scaler's state (scale, growth tracker), when the run has one
     rng_{rank}.pt       each process's python / numpy / torch (/ cuda) RNG states
     state.json          step, data position, elapsed time, the open logging window; written last
 """
@@ -24,6 +25,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d{7})$")
+SCALER_FILE = "scaler.json"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -115,12 +117,19 @@ def write_main_files(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
+    scaler_state: dict[str, Any] | None = None,
 ) -> None:
-    """The shared part, written by the main process; state.json last, as the completeness mark."""
+    """The shared part, written by the main process; state.json last, as the completeness mark.
+
+    scaler_state: the fp16 GradScaler's state_dict (numbers only), or None without a scaler."""
     save_model(model, str(folder / "model.safetensors"))
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt"):
+    names = ["model.safetensors", "optimizer.pt", "scheduler.pt"]
+    if scaler_state is not None:
+        (folder / SCALER_FILE).write_text(json.dumps(scaler_state, indent=1))
+        names.append(SCALER_FILE)
+    for name in names:
         _fsync(folder / name)
     (folder / "state.json").write_text(json.dumps(state, indent=1))
     _fsync(folder / "state.json")
@@ -161,3 +170,9 @@ def load_checkpoint(
     rng_path = folder / f"rng_{rank}.pt"
     rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None
     return state, rng
+
+
+def read_scaler_state(folder: Path) -> dict[str, Any] | None:
+    """The fp16 loss scaler's saved state_dict, or None when the checkpoint has none."""
+    path = folder / SCALER_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

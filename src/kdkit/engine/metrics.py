@@ -37,19 +37,30 @@ def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class LossWindow:
-    """Running sums of each term over the micro-batches since the last log line (one process)."""
+    """Running sums of each term over the micro-batches since the last log line (one process).
+
+    Each micro-batch's loss terms (and "loss") count with a weight: 1, or its token count when the
+    distiller reports `_tokens`, so a window's mean is then a mean over tokens, like the gradient.
+    Diagnostics always count once per micro-batch.
+    """
 
     sums: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
     examples: int = 0
 
-    def add(self, losses: dict[str, torch.Tensor], total: torch.Tensor, examples: int) -> dict[str, float]:
-        """Record one micro-batch; returns its values (for the progress bar)."""
+    def add(
+        self, losses: dict[str, torch.Tensor], total: torch.Tensor, examples: int, weight: float | None = None
+    ) -> dict[str, float]:
+        """Record one micro-batch (loss terms weighted by `weight`, default 1); returns its values
+        (for the progress bar)."""
         values = {"loss": float(total.detach())}
         values.update({log_name(k): float(v.detach()) for k, v in losses.items()})
+        loss_keys = {"loss", *(k for k in losses if not is_diagnostic(k))}
         for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-            self.counts[key] = self.counts.get(key, 0) + 1
+            w = 1.0 if weight is None or key not in loss_keys else weight
+            # a micro-batch without tokens adds nothing (its means over no tokens are meaningless)
+            self.sums[key] = self.sums.get(key, 0.0) + (value * w if w else 0.0)
+            self.counts[key] = self.counts.get(key, 0.0) + w
         self.examples += examples
         return values
 
@@ -58,20 +69,22 @@ class LossWindow:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LossWindow:
-        return cls(dict(data["sums"]), {k: int(v) for k, v in data["counts"].items()}, int(data["examples"]))
+        counts = {k: float(v) for k, v in data["counts"].items()}
+        return cls(dict(data["sums"]), counts, int(data["examples"]))
 
 
 def merge_windows(windows: list[dict[str, Any]]) -> tuple[dict[str, float], int]:
-    """Average each term over every micro-batch of every process; total examples seen."""
+    """Weighted mean of each term over every micro-batch of every process; total examples seen.
+    A term with zero total weight (no token in the whole window) is NaN."""
     sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, float] = {}
     examples = 0
     for window in windows:
         for key, value in window["sums"].items():
             sums[key] = sums.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + window["counts"][key]
+            counts[key] = counts.get(key, 0.0) + window["counts"][key]
         examples += window["examples"]
-    means = {key: sums[key] / counts[key] for key in sums}
+    means = {key: sums[key] / counts[key] if counts[key] else float("nan") for key in sums}
     # "loss" first, then the terms in the order the distiller returned them
     ordered = {"loss": means.pop("loss")} if "loss" in means else {}
     ordered.update(means)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from kdkit.config import ConfigError, TrainConfig
+from kdkit.engine.settings import TrainConfig
+from kdkit.settings import ConfigError
 
 
 def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:

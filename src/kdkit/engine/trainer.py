@@ -15,22 +15,25 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object, set_seed
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from kdkit.config import ConfigError, TrainConfig
 from kdkit.engine import checkpoint
 from kdkit.engine.data import DataPosition, EpochSampler, build_loader, endless_batches
 from kdkit.engine.distiller import Distiller
 from kdkit.engine.metrics import LossWindow, MetricsWriter, merge_windows, total_loss, truncate_history
 from kdkit.engine.schedule import build_optimizer, build_scheduler
+from kdkit.engine.settings import TrainConfig
+from kdkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
 # History fields that describe the run rather than a loss term.
 RUN_FIELDS = ("step", "lr", "elapsed_s", "examples_per_s")
+# The diagnostic a distiller returns to get token-weighted accumulation (see TokenWeighting).
+TOKENS = "_tokens"
 
 
 @dataclass
@@ -52,6 +55,79 @@ class _Progress:
     position: DataPosition = field(default_factory=DataPosition)
     elapsed_s: float = 0.0  # training time of earlier (killed) sessions of this run
     window: LossWindow = field(default_factory=LossWindow)
+    # token mode: c in the n_i / c weight of each micro-batch's loss (see TokenWeighting); a typical
+    # micro-batch's token count, so backpropagated values keep the size of a mean
+    token_scale: float | None = None
+
+
+class TokenWeighting:
+    """Weighs micro-batches by their token counts when the distiller reports `_tokens`.
+
+    A distiller's terms are means over the tokens of one micro-batch (n_i of them). Averaging those
+    means over micro-batches and processes would make a token of a short completion weigh more than
+    one of a long completion. Instead, each micro-batch's loss L_i is backpropagated as L_i·n_i/c
+    (c: `token_scale`, one number for the whole run and every process), and once the step's
+    micro-batches are done the gradient is multiplied by c·A·W/N, where N = Σ n_i over every
+    micro-batch of every process (one all-reduce), A = grad_accum_steps (Accelerate's `backward`
+    divides by it) and W = processes (DDP averages over them). The result is Σ_i n_i·∇L_i / N:
+    the gradient of the mean over every token trained on in the optimizer step, whatever the
+    split into micro-batches and processes. Distillers without `_tokens` keep the plain average
+    (micro-batches of equal size, so examples weigh alike).
+    """
+
+    def __init__(self, accelerator: Accelerator, grad_accum_steps: int) -> None:
+        self.accelerator = accelerator
+        self.grad_accum_steps = grad_accum_steps
+        # DeepSpeed keeps gradients in its own partitions, where they cannot be rescaled here
+        self.enabled = accelerator.distributed_type != DistributedType.DEEPSPEED
+        self._warned = False
+
+    def count(self, losses: dict[str, torch.Tensor]) -> float | None:
+        """The micro-batch's token count, or None when the distiller reports none (or under DeepSpeed)."""
+        if TOKENS not in losses:
+            return None
+        if not self.enabled:
+            if not self._warned:
+                logger.warning("kdkit: under DeepSpeed micro-batches weigh alike, not by their `_tokens`")
+                self._warned = True
+            return None
+        tokens = float(losses[TOKENS])
+        if not tokens >= 0:
+            raise ValueError(f"the distiller's `_tokens` must be a count ≥ 0, got {tokens}")
+        return tokens
+
+    @staticmethod
+    def check(counts: list[float | None]) -> None:
+        """Refuse a distiller that reports `_tokens` for some micro-batches of a step but not others."""
+        if (counts[0] is None) != (counts[-1] is None):
+            raise ValueError(
+                "the distiller returned `_tokens` for some micro-batches and not for others; return it "
+                "always (token-weighted accumulation) or never (micro-batches weigh alike)"
+            )
+
+    def weight(self, state: _Progress, tokens: float) -> float:
+        """n_i / c for this micro-batch; c is fixed on the run's first token-reporting micro-batch as
+        the mean of that micro-batch's counts over the processes (every process reaches it together)."""
+        if state.token_scale is None:
+            state.token_scale = max(self._sum_over_processes(tokens) / self.accelerator.num_processes, 1.0)
+        return tokens / state.token_scale
+
+    def normalise(self, model: nn.Module, state: _Progress, step_tokens: float) -> None:
+        """Multiply the synchronised gradients by c·A·W/N (N: tokens of the step, all processes)."""
+        total = self._sum_over_processes(step_tokens)
+        assert state.token_scale is not None
+        # N = 0: no token anywhere, every micro-batch contributed n_i·L_i = 0; leave the zeros
+        scale = state.token_scale * self.grad_accum_steps * self.accelerator.num_processes
+        factor = scale / total if total else 0.0
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    def _sum_over_processes(self, value: float) -> float:
+        device = self.accelerator.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        count = torch.tensor([value], dtype=dtype, device=device)
+        return float(self.accelerator.reduce(count, reduction="sum"))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -87,11 +163,16 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     GradientState._reset_state()
     plugin = GradientAccumulationPlugin(num_steps=cfg.grad_accum_steps, sync_with_dataloader=False)
     # cpu=True on a machine without GPUs makes `accelerate launch --num_processes N` use gloo DDP
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not _has_accelerator_device(),
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_plugin=plugin,
     )
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+        logger.warning("kdkit: fp16 on %s: Accelerate neither autocasts nor scales the loss there, so "
+                       "this run trains in float32 (bf16 is the mixed precision CPUs support)",
+                       accelerator.device.type)
+    return accelerator
 
 
 @contextmanager
@@ -185,6 +266,7 @@ def train(
             total=cfg.steps, initial=state.step, desc=description, dynamic_ncols=True,
             disable=not (cfg.progress and accelerator.is_local_main_process),
         )
+        weighting = TokenWeighting(accelerator, cfg.grad_accum_steps)
         batches = endless_batches(
             loader, sampler, state.position, samples_per_batch=samples_per_batch,
             samples_per_epoch=samples_per_epoch,
@@ -197,18 +279,27 @@ def train(
             session_start = window_start = time.perf_counter()
             while state.step < cfg.steps:
                 lr = optimizer.param_groups[0]["lr"]
+                distiller.on_step(state.step)  # before its micro-batches: schedules count optimizer steps
+                counts: list[float | None] = []
                 for _ in range(cfg.grad_accum_steps):
                     batch = next(batches)
                     with accelerator.accumulate(model):  # DDP all-reduces only on the last micro-batch
                         losses = model(batch)
                         total = total_loss(losses)  # "_" diagnostics excluded
-                        accelerator.backward(total)  # scaled by 1 / grad_accum_steps
-                    shown = state.window.add(losses, total, _batch_examples(batch))
+                        tokens = weighting.count(losses)
+                        counts.append(tokens)
+                        weighting.check(counts)
+                        weight = 1.0 if tokens is None else weighting.weight(state, tokens)  # n_i / c
+                        accelerator.backward(total * weight)  # Accelerate then divides by grad_accum_steps
+                    shown = state.window.add(losses, total, _batch_examples(batch), weight=tokens)
                 assert accelerator.sync_gradients, "gradient accumulation fell out of step with the engine"
+                if counts[0] is not None:
+                    weighting.normalise(model, state, sum(counts))  # / tokens of the whole step
                 if cfg.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, lr stays
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
 
@@ -275,6 +366,7 @@ def _start_or_resume(
 
     rank = accelerator.process_index
     saved, rng = checkpoint.load_checkpoint(latest, distiller, optimizer, scheduler, rank)
+    _restore_scaler(accelerator, latest)
     if saved["samples_per_batch"] != samples_per_batch or saved["num_processes"] != accelerator.num_processes:
         logger.warning(
             "kdkit: resuming with %d processes × batch %d, the checkpoint used %d samples per micro-batch "
@@ -293,8 +385,24 @@ def _start_or_resume(
         position=DataPosition(saved["epoch"], saved["start"]),
         elapsed_s=saved["elapsed_s"],
         window=LossWindow.from_dict(saved["window"]),
+        token_scale=saved.get("token_scale"),
     )
     return progress, rng, saved["step"]
+
+
+def _restore_scaler(accelerator: Accelerator, folder: Path) -> None:
+    """Every process loads the fp16 loss scale and growth tracker the checkpoint saved, so the
+    resumed run skips and rescales exactly where the uninterrupted one would."""
+    state = checkpoint.read_scaler_state(folder)
+    scaler = accelerator.scaler
+    if scaler is not None and state:
+        scaler.load_state_dict(state)
+    elif scaler is not None:
+        logger.warning("kdkit: %s has no loss-scaler state (not an fp16 run); the loss scale starts "
+                       "afresh at %g", folder, scaler.get_scale())
+    elif state:
+        logger.warning("kdkit: %s was written by an fp16 run with loss scaling; this run has no "
+                       "loss scaler, so the saved scale is ignored", folder)
 
 
 def _log(
@@ -338,8 +446,10 @@ def _save(
             "elapsed_s": elapsed_s,
             "seed": cfg.seed,
             "window": state.window.to_dict(),
+            "token_scale": state.token_scale,
         }
-        checkpoint.write_main_files(temp, distiller, optimizer, scheduler, saved)
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        checkpoint.write_main_files(temp, distiller, optimizer, scheduler, saved, scaler_state=scaler)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.publish(temp, checkpoint.checkpoint_dir(run_dir, state.step), cfg.keep_checkpoints)

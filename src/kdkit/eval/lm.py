@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.methods.lm_objectives import shared_vocab, shift, token_log_probs
+from kdkit.losses.tokens import shared_vocab, shift, token_log_probs
 from kdkit.samplers.generation import GenerationSettings, generate_batch
 
 

@@ -6,10 +6,12 @@ averaged over the batch (KL "batchmean"), with the T² factor where the method p
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from kdkit.losses.divergences import forward_kl, temperature_log_probs
+from kdkit.losses.divergences import DIVERGENCES, forward_kl, temperature_log_probs
 
 
 def kd_loss(
@@ -19,16 +21,23 @@ def kd_loss(
     temperature: float = 4.0,
     t2_scaling: bool = True,
     reduction: str = "mean",
+    divergence: str = "fkl",
+    **divergence_params: Any,
 ) -> Tensor:
     """Hinton et al. (2015) soft-target loss: KL(p_T ‖ p_S) at temperature T, times T² if `t2_scaling`.
 
+    `divergence` names any entry of `DIVERGENCES` (default forward KL, Hinton's choice) and
+    `divergence_params` its own parameters (beta, alpha, f), so rkl, jsd, tvd, skew KL work too.
     The T² factor keeps the gradient magnitude of the soft term roughly independent of T (the
     gradients of KL at temperature T scale as 1/T²), so it can be mixed with cross-entropy at a fixed
     weight; turn it off to get the plain divergence.
     student_logits, teacher_logits: [..., C]   reduction: "mean" (over examples), "sum" or "none" [...].
     Returns nats (× T²).
     """
-    loss = forward_kl(student_logits, teacher_logits, temperature=temperature, reduction=reduction)
+    fn = DIVERGENCES.get(divergence)
+    loss = fn(
+        student_logits, teacher_logits, temperature=temperature, reduction=reduction, **divergence_params
+    )
     return loss * temperature**2 if t2_scaling else loss
 
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from kdkit.losses.registry import Registry
+from kdkit.losses.registry import Param, Registry
 
 DIVERGENCES: Registry[Callable[..., Tensor]] = Registry("divergence")
 
@@ -265,6 +265,7 @@ def reverse_kl(
     "jsd",
     "generalized JSD_β (GKD/TRL convention): β=0 forward KL, β=1 reverse KL",
     aliases=("generalized_jsd",),
+    params={"beta": Param("weight of the teacher in the mixture M", low=0.0, high=1.0)},
 )
 def generalized_jsd(
     student_logits: Tensor,
@@ -316,7 +317,12 @@ def total_variation(
     return _apply(_tvd, student_logits, teacher_logits, temperature, mask, reduction)
 
 
-@DIVERGENCES.register("skl", "skew KL(p_T ‖ α·p_T + (1−α)·p_S) (DistiLLM)", aliases=("skew_kl",))
+@DIVERGENCES.register(
+    "skl",
+    "skew KL(p_T ‖ α·p_T + (1−α)·p_S) (DistiLLM)",
+    aliases=("skew_kl",),
+    params={"alpha": Param("skew: weight of p_T in the mixture (0 = forward KL)", low=0.0, high=1.0)},
+)
 def skew_kl(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -345,7 +351,10 @@ def skew_kl(
 
 
 @DIVERGENCES.register(
-    "srkl", "skew reverse KL(p_S ‖ α·p_S + (1−α)·p_T) (DistiLLM)", aliases=("skew_reverse_kl",)
+    "srkl",
+    "skew reverse KL(p_S ‖ α·p_S + (1−α)·p_T) (DistiLLM)",
+    aliases=("skew_reverse_kl",),
+    params={"alpha": Param("skew: weight of p_S in the mixture (0 = reverse KL)", low=0.0, high=1.0)},
 )
 def skew_reverse_kl(
     student_logits: Tensor,
@@ -373,7 +382,17 @@ def skew_reverse_kl(
     )
 
 
-@DIVERGENCES.register("f", "any f-divergence D_f(p_T ‖ p_S) = Σ p_S·f(p_T/p_S)", aliases=("f_divergence",))
+@DIVERGENCES.register(
+    "f",
+    "any f-divergence D_f(p_T ‖ p_S) = Σ p_S·f(p_T/p_S)",
+    aliases=("f_divergence",),
+    params={
+        "f": Param(
+            "generator: a name in F_GENERATORS or a callable on the ratio p_T/p_S",
+            choices=tuple(F_GENERATORS),
+        )
+    },
+)
 def f_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,

@@ -22,20 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kdkit.config.classifier import ClassifierRunConfig, ModelConfig
+from kdkit.config.classifier import ClassifierRunConfig, ClassifierStudentRun, ModelConfig
 from kdkit.data.fashion_mnist import TensorClassificationDataset, load_fashion_mnist
 from kdkit.engine import CrossEntropyDistiller, train
 from kdkit.engine.checkpoint import latest_checkpoint
 from kdkit.eval import classifier_metrics, measure_latency, model_footprint, predict_logits
-from kdkit.methods.classifier import ClassifierDistiller
+from kdkit.methods.classifier_distiller import ClassifierDistiller
 from kdkit.models.vision import build_vision_model
 from kdkit.paths import cache_dir
-from kdkit.pipelines.run_folder import read_json, resolve_run_dir
-from kdkit.report import write_report
+from kdkit.pipelines.run_folder import read_json
+from kdkit.pipelines.skeleton import run_students
+from kdkit.report import classifier_results_table, write_report
 
 logger = logging.getLogger(__name__)
 Log = Callable[[str], None]
@@ -54,71 +54,53 @@ COLUMNS = [
 ]
 
 
+class ClassifierRun:
+    """The skeleton's adapter for `kind: classifier` (see `kdkit.pipelines.skeleton`)."""
+
+    collate = None
+    delete_checkpoints = False
+
+    def __init__(self, cfg: ClassifierRunConfig, log: Log = print) -> None:
+        self.cfg, self.log = cfg, log
+        self.resume = False
+
+    def prepare(self, run_dir: Path) -> None:
+        self.train_set, self.eval_set = load_data(self.cfg)
+        self.teacher = load_or_train_teacher(self.cfg, self.train_set, self.eval_set, log=self.log)
+        _save_teacher_copy(self.cfg, self.teacher, run_dir)
+
+    def finished(self, out: Path) -> bool:
+        return (out / "model.safetensors").is_file()
+
+    def build_distiller(self, student_cfg: ClassifierStudentRun) -> nn.Module:
+        objectives = student_cfg.resolved_objectives()
+        student = build_student(self.cfg, student_cfg.model)
+        teacher = self.teacher if student_cfg.needs_teacher() else None
+        return ClassifierDistiller(student, teacher, objectives, self.train_set.inputs[:2])
+
+    def describe(self, student_cfg: ClassifierStudentRun) -> str:
+        return ", ".join(_describe(o.model_dump()) for o in student_cfg.resolved_objectives())
+
+    def save_student(self, distiller: nn.Module, student_cfg: ClassifierStudentRun, out: Path) -> None:
+        _save_model(distiller.student.cpu(), out / "model.safetensors")
+        objectives = [o.model_dump() for o in student_cfg.resolved_objectives()]
+        (out / "objectives.json").write_text(json.dumps(objectives, indent=2) + "\n")
+
+    def evaluate(self, run_dir: Path) -> Path:
+        return evaluate_classifier_run(
+            run_dir, cfg=self.cfg, teacher=self.teacher, eval_set=self.eval_set, log=self.log
+        )
+
+
 def run_classifier(
     cfg: ClassifierRunConfig, *, resume: bool = False, run_dir: str | Path | None = None, log: Log = print
 ) -> Path:
     """Train (or load) the teacher, train every student on the same budget, evaluate, report.
 
-    run_dir: default `output_dir/name/<UTC timestamp>`; with resume=True and no run_dir, the
-    latest folder under `output_dir/name`. Resuming skips finished students and continues each
-    unfinished one from its latest checkpoint. Returns the run folder.
+    run_dir: default `output_dir/name/<UTC stamp>`; with resume=True and no run_dir, the latest
+    folder under `output_dir/name`. Returns the run folder.
     """
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    run_dir = resolve_run_dir(cfg.output_dir, cfg.name, resume=resume, run_dir=run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # config.json is what `kdkit eval` reads (its "kind" picks the evaluator); the YAML is for people
-    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    log(f"kdkit: run folder {run_dir}")
-    train_set, eval_set = load_data(cfg)
-    teacher = load_or_train_teacher(cfg, train_set, eval_set, log=log)
-    _save_teacher_copy(cfg, teacher, run_dir)
-    example = train_set.inputs[:2]
-    for student_cfg in cfg.students:
-        out = run_dir / "students" / student_cfg.name
-        if (out / "model.safetensors").is_file() and resume:
-            log(f"kdkit: student {student_cfg.name} already finished; skipping")
-            continue
-        objectives = student_cfg.resolved_objectives()
-        # The same seed for every student: same initial weights and data order, so the methods
-        # differ only in what they minimise.
-        torch.manual_seed(cfg.train.seed)
-        student = build_student(cfg, student_cfg.model)
-        needs_teacher = student_cfg.needs_teacher()
-        distiller = ClassifierDistiller(student, teacher if needs_teacher else None, objectives, example)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "objectives.json").write_text(
-            json.dumps([o.model_dump() for o in objectives], indent=2) + "\n"
-        )
-        log(
-            f"kdkit: training student {student_cfg.name}: "
-            + ", ".join(_describe(o.model_dump()) for o in objectives)
-        )
-        result = train(
-            distiller,
-            train_set,
-            cfg.train,
-            out,
-            resume=resume and latest_checkpoint(out) is not None,
-            description=f"student {student_cfg.name}",
-        )
-        student = distiller.student.cpu()
-        _save_model(student, out / "model.safetensors")
-        (out / "train.json").write_text(
-            json.dumps(
-                {
-                    "steps": result.steps,
-                    "wall_time_s": result.wall_time_s,
-                    "final_losses": result.final_losses,
-                    "resumed_from": result.resumed_from,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-    evaluate_classifier_run(run_dir, cfg=cfg, teacher=teacher, eval_set=eval_set, log=log)
-    return run_dir
+    return run_students(cfg, ClassifierRun(cfg, log), resume=resume, run_dir=run_dir, log=log)
 
 
 def load_data(cfg: ClassifierRunConfig) -> tuple[TensorClassificationDataset, TensorClassificationDataset]:
@@ -238,7 +220,7 @@ def evaluate_classifier_run(
             continue
         student = build_student(cfg, student_cfg.model)
         student.load_state_dict(load_file(str(weights)))
-        method = student_cfg.method or "+".join(o.name for o in student_cfg.objectives)
+        method = student_cfg.describe_method()
         models.append((student_cfg.name, method, student.eval(), weights.parent / "metrics.jsonl"))
 
     rows: list[dict[str, Any]] = []
@@ -295,24 +277,9 @@ def evaluate_classifier_run(
         notes=notes,
         scatter=("parameters", "accuracy"),
     )
-    log(results_table(rows))
+    log(classifier_results_table(rows))
     log(f"kdkit: report written to {run_dir / 'report.html'}")
     return run_dir
-
-
-def results_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of the headline numbers, for the terminal."""
-    lines = [
-        f"{'model':<14} {'method':<14} {'accuracy':>9} {'agree':>7} {'KL(T‖S)':>8} {'ECE':>6} {'params':>9}"
-    ]
-    for row in rows:
-        lines.append(
-            f"{row['model']:<14} {row['method'][:14]:<14} {row['accuracy']:>9.2%} {row['agreement']:>7.2%} "
-            f"{row['kl_to_teacher']:>8.4f} {row['ece']:>6.2%} {row['parameters']:>9,}"
-        )
-    return "\n".join(lines)
-
-
 
 
 def _save_teacher_copy(cfg: ClassifierRunConfig, teacher: nn.Module, run_dir: Path) -> None:
@@ -332,11 +299,9 @@ def _save_model(model: nn.Module, path: Path) -> None:
     partial.replace(path)
 
 
-
-
 def _describe(entry: dict[str, Any]) -> str:
     params = ", ".join(f"{k}={v}" for k, v in entry.items() if k not in ("name", "weight"))
     return f"{entry['weight']:g}·{entry['name']}" + (f"({params})" if params else "")
 
 
-__all__ = ["evaluate_classifier_run", "load_data", "load_or_train_teacher", "results_table", "run_classifier"]
+__all__ = ["ClassifierRun", "evaluate_classifier_run", "load_data", "load_or_train_teacher", "run_classifier"]

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import shutil
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from kdkit.config.lm import LMRunConfig, StudentRun
+from kdkit.config.lm import LMRunConfig, LMStudentRun
 from kdkit.models.lm import (
     build_causal_lm,
     derive_student,
@@ -39,8 +37,11 @@ from kdkit.models.lm import (
     save_pretrained_folder,
 )
 from kdkit.models.tokenizers import check_vocabularies
-from kdkit.pipelines.run_folder import read_json, resolve_run_dir
-from kdkit.report import write_report
+from kdkit.pipelines.run_folder import read_json
+from kdkit.pipelines.skeleton import run_students
+from kdkit.report import lm_results_table, write_report
+from kdkit.report.tables import exact_keys
+from kdkit.settings import LMContext
 
 Log = Callable[[str], None]
 Batch = dict[str, Any]
@@ -79,12 +80,9 @@ def load_teacher(cfg: LMRunConfig, *, dtype: str | None = None, log: Log = print
 
         model, tokenizer = load_smollm2(dtype)
     elif spec.source == "arithmetic":
-        from kdkit.tasks.arithmetic import ArithmeticTeacherConfig, get_arithmetic_teacher
+        from kdkit.pipelines.teachers import get_arithmetic_teacher
 
-        params = dict(spec.arithmetic)
-        if "digits" in params:
-            params["digits"] = tuple(params["digits"])
-        model, tokenizer, folder = get_arithmetic_teacher(ArithmeticTeacherConfig(**params))
+        model, tokenizer, folder = get_arithmetic_teacher(spec.arithmetic)
         model = model.to(resolve_dtype(dtype))
         log(f"kdkit: arithmetic teacher from {folder}")
     else:
@@ -141,21 +139,33 @@ def build_student(cfg: LMRunConfig, teacher: nn.Module, tokenizer: Any) -> tuple
 
 
 def build_distiller(
-    student_cfg: StudentRun, student: nn.Module, teacher: nn.Module, tokenizer: Any
+    student_cfg: LMStudentRun,
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer: Any,
+    student_tokenizer: Any = None,
 ) -> nn.Module:
-    """The `LMDistiller` of the student's method with its overrides (teacher only if needed).
+    """The `LMDistiller` of the student's method and parameters (teacher only if needed).
 
     The mixture sampler's coin uses Python's global `random`, which the engine seeds from
     `TrainConfig.seed` and restores from checkpoints, so a resumed run draws the same sources.
     """
-    recipe = student_cfg.recipe()
-    return recipe.build(
+    ctx = LMContext.from_tokenizer(tokenizer, extra_eos=generation_eos_ids(teacher))
+    return student_cfg.method_class().build(
+        student_cfg.method_params(),
         student,
-        teacher if student_cfg.needs_teacher() else None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **student_cfg.distiller_options(),
+        teacher,
+        ctx,
+        tokenizers=(tokenizer, student_tokenizer or tokenizer),
     )
+
+
+def generation_eos_ids(model: nn.Module) -> tuple[int, ...]:
+    """Every EOS id of a model's generation config (chat models often list several)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
 
 # ---------------------------------------------------------------------------- data
@@ -231,6 +241,49 @@ def _batches(
 # ---------------------------------------------------------------------------- run
 
 
+class LMRun:
+    """The skeleton's adapter for `kind: lm` (see `kdkit.pipelines.skeleton`)."""
+
+    delete_checkpoints = True  # an LM checkpoint holds the optimizer state, ~3× the model
+
+    def __init__(self, cfg: LMRunConfig, log: Log = print) -> None:
+        self.cfg, self.log = cfg, log
+
+    def prepare(self, run_dir: Path) -> None:
+        self.teacher, self.tokenizer, self.initial, self.student_tokenizer = load_models(
+            self.cfg, log=self.log
+        )
+        self.data = load_lm_data(self.cfg, self.tokenizer)
+        self.train_set, self.collate = self.data.train, self.data.collate
+        self.log(
+            f"kdkit: {len(self.data.train)} training samples, {len(self.data.held_out)} held-out samples"
+        )
+
+    def finished(self, out: Path) -> bool:
+        return (out / "model" / "config.json").is_file()
+
+    def build_distiller(self, student_cfg: LMStudentRun) -> nn.Module:
+        student = copy.deepcopy(self.initial)  # every student starts from the same weights
+        return build_distiller(student_cfg, student, self.teacher, self.tokenizer, self.student_tokenizer)
+
+    def describe(self, student_cfg: LMStudentRun) -> str:
+        return describe_student(student_cfg)
+
+    def save_student(self, distiller: nn.Module, student_cfg: LMStudentRun, out: Path) -> None:
+        save_pretrained_folder(distiller.student.cpu().eval(), self.student_tokenizer, out / "model")
+
+    def evaluate(self, run_dir: Path) -> Path:
+        return evaluate_lm_run(
+            run_dir,
+            cfg=self.cfg,
+            teacher=self.teacher,
+            tokenizer=self.tokenizer,
+            initial=self.initial,
+            data=self.data,
+            log=self.log,
+        )
+
+
 def run_lm(
     cfg: LMRunConfig, *, resume: bool = False, run_dir: str | Path | None = None, log: Log = print
 ) -> Path:
@@ -240,59 +293,7 @@ def run_lm(
     folder under `output_dir/name`. Resuming skips finished students (their model folder exists)
     and continues unfinished ones from their latest checkpoint. Returns the run folder.
     """
-    run_dir = resolve_run_dir(cfg.output_dir, cfg.name, resume=resume, run_dir=run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
-    log(f"kdkit: run folder {run_dir}")
-    teacher, tokenizer, initial, student_tokenizer = load_models(cfg, log=log)
-    data = load_lm_data(cfg, tokenizer)
-    log(f"kdkit: {len(data.train)} training samples, {len(data.held_out)} held-out samples")
-    from kdkit.engine import train
-
-    for student_cfg in cfg.students:
-        out = run_dir / "students" / student_cfg.name
-        if (out / "model" / "config.json").is_file():
-            log(f"kdkit: student {student_cfg.name} already finished; skipping")
-            continue
-        student = copy.deepcopy(initial)  # every student starts from the same weights
-        torch.manual_seed(cfg.train.seed)  # same data order and sampling stream for every student
-        distiller = build_distiller(student_cfg, student, teacher, tokenizer)
-        recipe = student_cfg.recipe()
-        log(f"kdkit: training student {student_cfg.name}: {describe_recipe(student_cfg.method, recipe)}")
-        out.mkdir(parents=True, exist_ok=True)
-        result = train(
-            distiller,
-            data.train,
-            cfg.train,
-            out,
-            collate_fn=data.collate,
-            resume=resume,
-            description=f"student {student_cfg.name}",
-        )
-        student = distiller.student.cpu().eval()
-        save_pretrained_folder(student, student_tokenizer, out / "model")
-        (out / "train.json").write_text(
-            json.dumps(
-                {
-                    "method": student_cfg.method,
-                    "recipe": asdict(recipe),
-                    "steps": result.steps,
-                    "wall_time_s": result.wall_time_s,
-                    "final_losses": result.final_losses,
-                    "resumed_from": result.resumed_from,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        log(f"kdkit: student {student_cfg.name} trained in {result.wall_time_s:.0f} s")
-    evaluate_lm_run(
-        run_dir, cfg=cfg, teacher=teacher, tokenizer=tokenizer, initial=initial, data=data, log=log
-    )
-    return run_dir
+    return run_students(cfg, LMRun(cfg, log), resume=resume, run_dir=run_dir, log=log)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -439,40 +440,42 @@ def evaluate_lm_run(
         histories=histories,
         config=cfg.model_dump(mode="json"),
         notes=report_notes(cfg, rows, data),
-        extra={"students": {s.name: asdict(s.recipe()) for s in cfg.students}},
+        extra={"students": {s.name: s.method_params().model_dump(mode="json") for s in cfg.students}},
         scatter=("parameters", "perplexity"),
     )
-    log(results_table(rows))
+    log(lm_results_table(rows))
     log(f"kdkit: report written to {run_dir / 'report.html'}")
     return run_dir
 
 
-def _exact_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """exact_match_d<k> keys present in any row, by k."""
-    keys = {k for row in rows for k in row if k.startswith("exact_match_d")}
-    return sorted(keys, key=lambda k: int(k.removeprefix("exact_match_d")))
-
-
 def report_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """The fixed columns plus one exact-match column per problem length present."""
-    exact = [(k, f"Exact match, {k.removeprefix('exact_match_d')}-digit") for k in _exact_keys(rows)]
+    exact = [(k, f"Exact match, {k.removeprefix('exact_match_d')}-digit") for k in exact_keys(rows)]
     return COLUMNS_HEAD + exact + COLUMNS_TAIL
 
 
-def describe_recipe(method: str, recipe: Any) -> str:
-    """One line: sampler, objective, both temperatures and the term weights."""
-    mixed = recipe.sampler in ("mixture", "student_teacher")
-    sampler = recipe.sampler + (f" (λ={recipe.lmbda:g})" if mixed else "")
-    if recipe.objective == "divergence":
-        kwargs = ", ".join(f"{k}={v}" for k, v in recipe.divergence_kwargs.items())
-        objective = f"{recipe.divergence}({kwargs})" if kwargs else recipe.divergence
-    else:
-        objective = f"sampled-token advantage (γ={recipe.gamma:g})"
-    generating = recipe.sampler != "dataset"
-    sampling = f"sampling temperature {recipe.sampling_temperature:g}" if generating else "no sampling"
+def describe_student(student_cfg: LMStudentRun) -> str:
+    """One line: sampler (and its sampling temperature), teacher signal, objective (and the loss's
+    distillation temperature), term weights — the two temperatures always named apart."""
+    method, p = student_cfg.method_class(), student_cfg.method_params()
+    parts = method.parts(p)
+    sampler = parts.sampler + (f" (λ={p.lmbda:g})" if hasattr(p, "lmbda") else "")
+    sampling = (
+        f"sampling temperature {p.sampling_temperature:g}"
+        if hasattr(p, "sampling_temperature")
+        else "no sampling"
+    )
+    objective = parts.objective
+    if hasattr(p, "divergence"):
+        own = ", ".join(f"{k}={v}" for k, v in p.divergence_params.items())
+        objective += f" {p.divergence}({own})" if own else f" {p.divergence}"
+    if hasattr(p, "temperature"):
+        objective += f" at distillation temperature {p.temperature:g}"
+    if hasattr(p, "gamma"):
+        objective += f" (γ={p.gamma:g})"
     return (
-        f"{method}: sequences from {sampler}, loss {objective} at distillation temperature "
-        f"{recipe.temperature:g}, {sampling}, kd_weight {recipe.kd_weight:g}, ce_weight {recipe.ce_weight:g}"
+        f"{student_cfg.method}: sequences from {sampler}, {sampling}; teacher signal {parts.signal}; "
+        f"objective {objective}; kd_weight {p.kd_weight:g}, ce_weight {p.ce_weight:g}"
     )
 
 
@@ -493,7 +496,7 @@ def report_notes(cfg: LMRunConfig, rows: list[dict[str, Any]], data: LMData) -> 
         f"up to {cfg.eval.max_new_tokens} new tokens.",
     ]
     for student in cfg.students:
-        notes.append(f"Student {student.name} — {describe_recipe(student.method, student.recipe())}.")
+        notes.append(f"Student {student.name} — {describe_student(student)}.")
     for row in rows:
         if row.get("kd_raw") is not None or row.get("ce_raw") is not None:
             kd, ce = row.get("kd_raw"), row.get("ce_raw")
@@ -513,36 +516,6 @@ def report_notes(cfg: LMRunConfig, rows: list[dict[str, Any]], data: LMData) -> 
     return notes
 
 
-def results_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of the headline numbers, for the terminal."""
-    exact = _exact_keys(rows)
-    header = (
-        f"{'model':<16} {'ppl':>9} {'agree':>7} {'logp_T':>8} {'KL(S‖T)':>8} {'params':>12} {'time s':>7}"
-    )
-    header += "".join(f" {'EM' + k.removeprefix('exact_match_d'):>6}" for k in exact)
-    lines = [header]
-
-    def number(value: Any, spec: str, width: int) -> str:
-        if value is None or (isinstance(value, float) and not math.isfinite(value)):
-            return f"{'—':>{width}}"
-        return f"{value:>{width}{spec}}"
-
-    for row in rows:
-        line = (
-            f"{row['model'][:16]:<16} {number(row.get('perplexity'), '.3f', 9)} "
-            f"{number(row.get('agreement'), '.2%', 7)} {number(row.get('teacher_logp'), '.3f', 8)} "
-            f"{number(row.get('rkl_estimate'), '.3f', 8)} {number(row.get('parameters'), ',', 12)} "
-            f"{number(row.get('train_time_s'), '.0f', 7)}"
-        )
-        line += "".join(f" {number(row.get(k), '.0%', 6)}" for k in exact)
-        lines.append(line)
-    return "\n".join(lines)
-
-
-
-
-
-
 __all__ = [
     "LMData",
     "build_distiller",
@@ -552,6 +525,8 @@ __all__ = [
     "load_lm_data",
     "load_models",
     "load_teacher",
-    "results_table",
+    "LMRun",
+    "describe_student",
+    "generation_eos_ids",
     "run_lm",
 ]

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from kdkit.data.padding import IGNORE_INDEX, left_pad, right_pad
+from kdkit.data.padding import left_pad, right_pad
+from kdkit.losses.tokens import IGNORE_INDEX
 
 
 def build_lm_batch(

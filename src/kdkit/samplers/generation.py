@@ -2,16 +2,27 @@
 
 The sampling temperature / top-p here decide *which sequences* are trained on; they are separate
 from the distillation temperature of the loss (a common bug elsewhere is to reuse one for both).
+
+Samples come exactly from softmax(logits / temperature) of the model's own logits (optionally cut
+to the top-p nucleus): kdkit runs its own decode loop instead of `model.generate`, so nothing of
+the model's `generation_config` (repetition penalty, min_p, top_k, no-repeat n-grams, ... as an
+instruct model ships them) changes the distribution. On-policy objectives (reverse KL estimates,
+sampled-token advantages) need samples from p_S itself; only the EOS and pad ids are read from the
+model's configs. The loop stops a row at any of the EOS ids (chat models list several), drops
+finished rows from the batch and the cache, and shares one prompt prefill among the
+`num_samples` completions of each prompt.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kdkit.samplers.collate import build_lm_batch
 
@@ -20,89 +31,242 @@ from kdkit.samplers.collate import build_lm_batch
 class GenerationSettings:
     """How sequences are sampled. `temperature` is the *sampling* temperature (not the loss's).
 
-    temperature=0 means greedy decoding. `eos_token_id`/`pad_token_id` default to the model's
-    generation config (then its config).
+    temperature: 0 means greedy decoding; else tokens are drawn from softmax(logits / temperature).
+    top_p: nucleus sampling (the smallest set of tokens with probability >= top_p); 1 = off.
+    eos_token_id: one id or several (a row ends at the first of any); None = the model's
+        generation config, then its config (all ids of a list, as Llama-3 / Qwen chat models have).
+    pad_token_id: None = the model's, else the first EOS id.
+    num_samples: completions per prompt (G of group methods); they share one prompt prefill and
+        come back as consecutive rows (prompt i -> rows i*G .. i*G+G-1).
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
-    eos_token_id: int | None = None
+    eos_token_id: int | Sequence[int] | None = None
     pad_token_id: int | None = None
+    num_samples: int = 1
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"GenerationSettings.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"GenerationSettings.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"GenerationSettings.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise ValueError(f"GenerationSettings.num_samples must be >= 1, got {self.num_samples}")
 
 
-def _special_id(model: nn.Module, name: str, given: int | None) -> int | None:
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (int, Tensor)) and not (isinstance(value, Tensor) and value.dim() > 0):
+        return (int(value),)
+    return tuple(int(v) for v in value)
+
+
+def eos_token_ids(model: nn.Module, given: int | Sequence[int] | None = None) -> tuple[int, ...]:
+    """All end-of-sequence ids: `given`, else the model's generation config's, else its config's."""
     if given is not None:
-        return given
+        return _ids(given)
     for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(source, name, None) if source is not None else None
-        if isinstance(value, (list, tuple)):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return None
+        ids = _ids(getattr(source, "eos_token_id", None)) if source is not None else ()
+        if ids:
+            return ids
+    return ()
 
 
-def completion_lengths(new_tokens: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """Per-row number of generated tokens up to and including the first EOS: [B] long.
+def _pad_id(model: nn.Module, given: int | None, eos: tuple[int, ...]) -> int:
+    if given is not None:
+        return int(given)
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        ids = _ids(getattr(source, "pad_token_id", None)) if source is not None else ()
+        if ids:
+            return ids[0]
+    if eos:
+        return eos[0]
+    raise ValueError("generation needs a pad or EOS token id (set GenerationSettings.pad_token_id)")
+
+
+def completion_lengths(new_tokens: Tensor, eos_token_id: int | Sequence[int] | None) -> Tensor:
+    """Per-row number of generated tokens up to and including the first EOS (any of the ids): [B] long.
 
     new_tokens: [B, N] generated ids. Rows without EOS keep all N tokens (truncated samples).
     """
     batch, width = new_tokens.shape
-    if eos_token_id is None or width == 0:
+    eos = _ids(eos_token_id)
+    if not eos or width == 0:
         return torch.full((batch,), width, dtype=torch.long)
-    is_eos = new_tokens == eos_token_id
-    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full((batch,), width))
-    return first.long()
+    is_eos = torch.isin(new_tokens, torch.tensor(eos, device=new_tokens.device))
+    first = torch.where(
+        is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], width, dtype=torch.long)
+    )
+    return first.long().cpu()
+
+
+def sample_from_logits(logits: Tensor, temperature: float, top_p: float = 1.0) -> Tensor:
+    """One token per row from softmax(logits / temperature), cut to the top-p nucleus: [B] long.
+
+    logits: [B, V] (any float dtype; computed in float32). temperature 0 = argmax. top_p < 1 keeps
+    the most probable tokens whose preceding cumulative probability is below top_p (so at least one)
+    and renormalises. Uses torch's global RNG.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # mass before this token already >= top_p
+        sorted_p.masked_fill_(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _cache_of(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 @torch.no_grad()
+def sample_tokens(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_attention_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    num_samples: int = 1,
+) -> Tensor:
+    """Sample completions with the KV cache: [B * num_samples, steps] long, `pad_token_id` after EOS.
+
+    prompt_ids, prompt_attention_mask: [B, P], left-padded. steps <= max_new_tokens (the loop ends
+    when every row has produced an EOS). The prompt is run once (prefill) and its cache repeated for
+    the `num_samples` completions of each prompt; a finished row leaves the batch and the cache, so
+    later decode steps cost only the rows still running. Each token is drawn from
+    `sample_from_logits(logits, temperature, top_p)`; no other logits processing is applied.
+    """
+    batch, _ = prompt_ids.shape
+    device = prompt_ids.device
+    mask = prompt_attention_mask.to(device=device, dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    extra: dict[str, Any] = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    # transformers >= 5.x names the KV cache `cache` (`past_key_values` before, deprecated now).
+    cache_key = "cache" if _accepts(model, "cache") else "past_key_values"
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    cache, logits = _cache_of(out), out.logits[:, -1]
+    next_pos = positions[:, -1] + 1
+    if num_samples > 1:  # one prefill shared by the G samples of each prompt
+        cache.batch_repeat_interleave(num_samples)
+        logits = logits.repeat_interleave(num_samples, 0)
+        mask = mask.repeat_interleave(num_samples, 0)
+        next_pos = next_pos.repeat_interleave(num_samples, 0)
+    rows = batch * num_samples
+    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    active = torch.arange(rows, device=device)  # full-batch row of each cache row
+    steps = 0
+    for step in range(max_new_tokens):
+        chosen = sample_from_logits(logits, temperature, top_p)
+        tokens[active, step] = chosen
+        steps = step + 1
+        if step == max_new_tokens - 1:
+            break
+        if eos.numel():
+            running = ~torch.isin(chosen, eos)
+            if not bool(running.all()):
+                keep = running.nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                active, mask, next_pos, chosen = active[keep], mask[keep], next_pos[keep], chosen[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(
+            input_ids=chosen[:, None],
+            attention_mask=mask,
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            **{cache_key: cache},
+        )
+        cache, logits = _cache_of(out), out.logits[:, -1]
+        next_pos = next_pos + 1
+    return tokens[:, :steps]
+
+
+def repeat_rows(batch: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Every tensor of `batch` with a batch dim, each row repeated `repeats` times consecutively.
+
+    For fields that must follow `num_samples` completions per prompt (e.g. a dataset's answers).
+    """
+    if repeats == 1:
+        return dict(batch)
+    sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0}
+    if len(sizes) > 1:
+        raise ValueError(f"repeat_rows: tensors with different batch sizes {sorted(sizes)}")
+    return {
+        k: v.repeat_interleave(repeats, 0) if isinstance(v, Tensor) and v.dim() > 0 else v
+        for k, v in batch.items()
+    }
+
+
 def generate_batch(
     model: nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_attention_mask: torch.Tensor,
+    prompt_ids: Tensor,
+    prompt_attention_mask: Tensor,
     settings: GenerationSettings,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Sample one completion per (left-padded) prompt and build a right-padded training batch.
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Sample completions of (left-padded) prompts and build a right-padded training batch.
 
     prompt_ids, prompt_attention_mask: [B, P]. Returns (batch, info): batch has input_ids /
-    attention_mask / labels [B, T] (labels = generated tokens up to and including the first EOS,
-    -100 on the prompt and after EOS) plus the prompt tensors unchanged; info has "generation_s"
-    (wall seconds), "new_tokens" (trained completion tokens) and "truncated" (rows without EOS).
-    The model is switched to eval mode for sampling (no dropout) and restored afterwards.
+    attention_mask / labels [B·G, T] (G = settings.num_samples; labels = generated tokens up to and
+    including the first EOS, -100 on the prompt and after EOS) plus the prompt tensors (rows
+    repeated G times); info has "generation_s" (wall seconds), "new_tokens" (trained completion
+    tokens) and "truncated" (rows without EOS). Sampling uses kdkit's settings only
+    (`sample_tokens`), never the model's generation_config. The model is switched to eval mode for
+    sampling (no dropout) and restored afterwards.
     """
-    eos = _special_id(model, "eos_token_id", settings.eos_token_id)
-    pad = _special_id(model, "pad_token_id", settings.pad_token_id)
-    pad = eos if pad is None else pad
-    if pad is None:
-        raise ValueError("generation needs a pad or EOS token id (set GenerationSettings.pad_token_id)")
-    sampling = settings.temperature > 0
-    options: dict[str, Any] = {"do_sample": sampling}
-    if sampling:
-        options |= {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
+    eos = eos_token_ids(model, settings.eos_token_id)
+    pad = _pad_id(model, settings.pad_token_id, eos)
     was_training = model.training
     model.eval()
     started = time.perf_counter()
     try:
-        out = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_attention_mask,
+        new_tokens = sample_tokens(
+            model,
+            prompt_ids,
+            prompt_attention_mask,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
             max_new_tokens=settings.max_new_tokens,
-            eos_token_id=eos,
+            eos_token_ids=eos,
             pad_token_id=pad,
-            use_cache=True,
-            **options,
+            num_samples=settings.num_samples,
         )
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - started
-    new_tokens = out[:, prompt_ids.shape[1] :]
+    g = settings.num_samples
+    prompt_ids = prompt_ids.repeat_interleave(g, 0) if g > 1 else prompt_ids
+    prompt_attention_mask = prompt_attention_mask.repeat_interleave(g, 0) if g > 1 else prompt_attention_mask
     lengths = completion_lengths(new_tokens, eos)
     prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_attention_mask)]
     completions = [row[: int(n)].tolist() for row, n in zip(new_tokens, lengths)]
     batch = build_lm_batch(prompts, completions, pad)
     batch = {k: v.to(prompt_ids.device) for k, v in batch.items()}
     batch["prompt_ids"], batch["prompt_attention_mask"] = prompt_ids, prompt_attention_mask
-    has_eos = (new_tokens == eos).any(1) if eos is not None else torch.zeros(len(lengths), dtype=torch.bool)
+    if eos:
+        has_eos = torch.isin(new_tokens, torch.tensor(eos, device=new_tokens.device)).any(1)
+    else:
+        has_eos = torch.zeros(len(lengths), dtype=torch.bool)
     info = {"generation_s": seconds, "new_tokens": int(lengths.sum()), "truncated": int((~has_eos).sum())}
     return batch, info

@@ -8,28 +8,20 @@ significant digit, each step restating the two digits and the incoming carry, th
 Every step has the same width ("a+b+c=ss|", 9 characters), so a tiny transformer learns where the
 next digits are from relative positions; the sum is always written with two digits so the carry is
 the first of them. Only the final answer after the last "=" is checked. The task, its character
-tokenizer and a small teacher trained from scratch (cached as a plain Hugging Face folder) are
-reused by the language-model methods to measure exposure bias: accuracy is reported by length.
+tokenizer and a tiny Llama builder are reused by the language-model methods to measure exposure
+bias: accuracy is reported by length. The teacher is trained and cached by
+`kdkit.pipelines.teachers.get_arithmetic_teacher` (tasks define problems; pipelines train models).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import random
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-
-from kdkit.paths import cache_dir
-
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the text format changes: it is part of the teacher cache key
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
@@ -183,31 +175,6 @@ def exact_match_by_length(
 # --------------------------------------------------------------------------- teacher
 
 
-@dataclass
-class ArithmeticTeacherConfig:
-    """Everything that determines the cached teacher; its hash names the cache folder.
-
-    The defaults (3 layers, width 64, ~0.15M parameters, 1000 steps of 32 problems with 1–4 digit
-    operands) reach ~97% exact match on 3–4 digits in ~3 single-thread CPU minutes.
-    """
-
-    digits: tuple[int, int] = (1, 4)
-    hidden_size: int = 64
-    num_layers: int = 3
-    num_heads: int = 4
-    intermediate_size: int = 192
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup_steps: int = 100
-    seed: int = 0
-    format_version: int = field(default=FORMAT_VERSION)
-
-    def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
-
-
 def build_arithmetic_lm(
     tokenizer: Any,
     *,
@@ -235,82 +202,3 @@ def build_arithmetic_lm(
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
-
-
-def get_arithmetic_teacher(
-    config: ArithmeticTeacherConfig | None = None, *, retrain: bool = False, device: str | None = None
-) -> tuple[nn.Module, Any, Path]:
-    """The arithmetic teacher, trained from scratch on first use and cached as a plain HF folder.
-
-    Returns (model in eval mode, tokenizer, folder). The folder is
-    `cache_dir("teachers", "arithmetic-<hash of config>")` and holds the model, the tokenizer and
-    `kdkit_teacher.json` (config, training seconds, exact match by length on 512 held-out problems,
-    including one length past the training range). The training run folder is `<folder>/run`.
-    """
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    config = config or ArithmeticTeacherConfig()
-    folder = cache_dir("teachers", f"arithmetic-{config.key()}")
-    if (folder / "kdkit_teacher.json").exists() and not retrain:
-        model = AutoModelForCausalLM.from_pretrained(folder)
-        return model.eval(), PreTrainedTokenizerFast.from_pretrained(folder), folder
-
-    tokenizer = arithmetic_tokenizer()
-    model = build_arithmetic_lm(
-        tokenizer,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        seed=config.seed,
-    )
-    # Fresh problems for every step (no epoch repeats): steps × batch_size samples.
-    samples = arithmetic_dataset(config.steps * config.batch_size, config.digits, seed=config.seed)
-    started = time.perf_counter()
-    train_causal_lm(model, tokenizer, samples, config, folder / "run")
-    seconds = time.perf_counter() - started
-    model = model.to(device or "cpu").eval()
-    held_out = make_problems(512, (config.digits[0], config.digits[1] + 1), seed=10_000 + config.seed)
-    accuracy = exact_match_by_length(model, tokenizer, held_out, batch_size=128)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    info = {"config": asdict(config), "train_seconds": seconds, "exact_match_by_length": accuracy}
-    (folder / "kdkit_teacher.json").write_text(json.dumps(info, indent=2))
-    log.info("arithmetic teacher trained in %.0f s: exact match %s", seconds, accuracy)
-    return model, tokenizer, folder
-
-
-def train_causal_lm(
-    model: nn.Module,
-    tokenizer: Any,
-    samples: Sequence[dict[str, Any]],
-    config: ArithmeticTeacherConfig,
-    run_dir: Path,
-    *,
-    progress: bool = True,
-) -> None:
-    """Cross-entropy on completion tokens with kdkit's engine (AdamW, cosine schedule, warmup).
-
-    An interrupted run resumes from its last checkpoint in `run_dir`.
-    """
-    from kdkit.config import TrainConfig
-    from kdkit.engine import train
-    from kdkit.methods.lm import LMDistiller
-    from kdkit.samplers import DatasetSampler
-    from kdkit.samplers.collate import PromptCompletionCollator
-
-    # A teacher-less LMDistiller with ce_weight=1 is plain supervised fine-tuning.
-    trainer = LMDistiller(model, None, sampler=DatasetSampler(), kd_weight=0.0, ce_weight=1.0)
-    cfg = TrainConfig(
-        steps=config.steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        warmup_steps=config.warmup_steps,
-        weight_decay=0.01,
-        seed=config.seed,
-        checkpoint_every=max(config.steps // 4, 1),
-        log_every=50,
-        mixed_precision="no",
-        progress=progress,
-    )
-    train(trainer, list(samples), cfg, run_dir, collate_fn=PromptCompletionCollator(tokenizer), resume=True)

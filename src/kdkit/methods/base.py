@@ -1,0 +1,156 @@
+"""What a method is: a small recipe that picks one entry per axis and sets defaults.
+
+Every method is a class registered in `METHODS` with a `kind` ("classifier" or "lm") and a flat
+pydantic `Params` model, so a run config writes `{name: s1, method: gkd, lmbda: 0.5, beta: 0.3}`
+and every field is checked before any model is loaded. Each default is written once: in the
+`Params` of the entry that owns it (a sampler, a signal, an objective), overridden by a method only
+where the method's paper chooses another value.
+
+- A classifier method returns its weighted objective entries (`ClassifierMethod.objectives`).
+- An LM method names a sampler, a teacher signal and an objective (`LMMethod.parts`); its `Params`
+  inherits the `Params` of those entries, and `LMMethod.build` splits them back out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, Field, model_validator
+
+from kdkit.objectives.lm import DivergenceParams
+from kdkit.registry import LM_OBJECTIVES, SAMPLERS, TEACHER_SIGNALS
+from kdkit.settings import LMContext, NoParams, ParamsModel
+from kdkit.specs import method_of_kind
+
+
+class Method:
+    """Base of registered methods."""
+
+    kind: ClassVar[str] = "?"
+    Params: ClassVar[type[ParamsModel]] = NoParams
+
+    @classmethod
+    def params(cls, given: dict[str, Any] | None = None) -> ParamsModel:
+        return cls.Params.model_validate(given or {})
+
+
+# ---------------------------------------------------------------------------- classifier
+
+
+class ClassifierMethod(Method):
+    """A named default list of weighted objective entries (`{name, weight, ...params}` dicts)."""
+
+    kind = "classifier"
+
+    @classmethod
+    def objectives(cls, params: Any) -> list[dict[str, Any]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- language models
+
+
+class LMWeights(ParamsModel):
+    """kd_weight: weight of the objective's term against the teacher; ce_weight: weight of a
+    cross-entropy term on *dataset* completions only (skipped on generated batches: their tokens
+    are not ground truth). Both 0 is refused: nothing would train."""
+
+    kd_weight: float = Field(1.0, ge=0.0)
+    ce_weight: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> LMWeights:
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight are both 0: nothing to train")
+        return self
+
+
+class DivergenceMethodParams(LMWeights, DivergenceParams):
+    """An LM method minimising a divergence; `fused` computes it from hidden states in token
+    chunks (the "hidden" teacher signal), never holding both [tokens × vocabulary] logits."""
+
+    fused: bool = False
+
+
+def divergence_signal(params: Any) -> str:
+    return "hidden" if params.fused else "logits"
+
+
+@dataclass(frozen=True)
+class LMParts:
+    """The registry names an LM method composes."""
+
+    sampler: str
+    signal: str
+    objective: str
+
+
+class LMMethod(Method):
+    """An LM method: which sampler, teacher signal and objective, with defaults in `Params`."""
+
+    kind = "lm"
+
+    @classmethod
+    def parts(cls, params: Any) -> LMParts:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def needs_teacher(cls, params: Any) -> bool:
+        parts = cls.parts(params)
+        return bool(params.kd_weight > 0 or parts.sampler in ("teacher", "student_teacher"))
+
+    @classmethod
+    def generates(cls, params: Any) -> bool:
+        sampler = SAMPLERS.get(cls.parts(params).sampler)
+        return bool(getattr(sampler, "generates", False)) and getattr(params, "lmbda", 1.0) > 0
+
+    @classmethod
+    def build(cls, params: Any, student: Any, teacher: Any, ctx: LMContext, **options: Any) -> Any:
+        """The `LMDistiller` of these params; `options` go to the distiller (e.g. tokenizers)."""
+        from kdkit.methods.lm_distiller import LMDistiller
+
+        parts = cls.parts(params)
+        sampler = _build(SAMPLERS, parts.sampler, params, ctx)
+        objective = _build(LM_OBJECTIVES, parts.objective, params, ctx)
+        signal = _build(TEACHER_SIGNALS, parts.signal, params, ctx) if params.kd_weight > 0 else None
+        return LMDistiller(
+            student,
+            teacher if cls.needs_teacher(params) else None,
+            sampler=sampler,
+            signal=signal,
+            objective=objective,
+            kd_weight=params.kd_weight,
+            ce_weight=params.ce_weight,
+            **options,
+        )
+
+
+def _build(registry: Any, name: str, params: BaseModel, ctx: LMContext) -> Any:
+    """Instantiate `registry[name]` with the fields of `params` that its own `Params` declares."""
+    entry = registry.get(name)
+    fields = set(entry.Params.model_fields)
+    return entry(entry.Params.model_validate(params.model_dump(include=fields)), ctx)
+
+
+def lm_method(name: str) -> type[LMMethod]:
+    """The LM method registered as `name`; ConfigError listing the LM methods otherwise."""
+    return method_of_kind(name, "lm")  # type: ignore[no-any-return]
+
+
+def classifier_method(name: str) -> type[ClassifierMethod]:
+    """The classifier method registered as `name`; ConfigError listing them otherwise."""
+    return method_of_kind(name, "classifier")  # type: ignore[no-any-return]
+
+
+__all__ = [
+    "ClassifierMethod",
+    "DivergenceMethodParams",
+    "divergence_signal",
+    "LMMethod",
+    "LMParts",
+    "LMWeights",
+    "Method",
+    "classifier_method",
+    "lm_method",
+]
