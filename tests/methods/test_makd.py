@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from kdkit.methods.makd import LOGIT_KD, SCRATCH, MaKDDistiller, MaKDParams
-from kdkit.methods.transformer_taps import block_module_names, transformer_features
+from kdkit.methods.makd_distiller import LOGIT_KD, SCRATCH, MaKDDistiller, MaKDParams
 from kdkit.models.builders import derive_student, factorize
+from kdkit.models.taps import block_module_names, transformer_features
 
 
 def tiny_bert(layers: int = 4, hidden: int = 32, seed: int = 0) -> BertForSequenceClassification:
@@ -97,11 +97,11 @@ def test_layer_selected_student_with_a_narrower_width_trains_through_a_projectio
     for _ in range(25):
         out = distiller.train()(fixed)
         loss = sum(v for k, v in out.items() if not k.startswith("_"))
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert float(loss) < 0.7 * first
+    assert float(loss.detach()) < 0.7 * first
     assert distiller.projection.weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())  # the teacher never trains
 
@@ -114,3 +114,19 @@ def test_layer_selected_student_starts_close_on_the_matched_layers() -> None:
     assert float(out["_raw_attn_kl"]) == pytest.approx(0.0, abs=1e-6)
     assert float(out["_raw_hidden_mse"]) == pytest.approx(0.0, abs=1e-6)
     assert float(out["_raw_kd"]) > 0  # but the logits differ (two layers are missing)
+
+
+def test_makd_is_a_registered_method_with_checked_parameters() -> None:
+    from kdkit.registry import METHODS, load_builtins
+    from kdkit.settings import ConfigError
+
+    load_builtins()
+    method = METHODS.get("makd")
+    assert method.kind == "classifier"
+    params = method.params({"attn_weight": 2.0, "layer_mapping": "last:2"})
+    distiller = method.distiller(params, tiny_bert(layers=4, seed=1), tiny_bert(layers=4))
+    assert distiller.pairs == [(2, 2), (3, 3)] and distiller.params.attn_weight == 2.0
+    with pytest.raises(ValueError, match="attn_wieght"):
+        method.params({"attn_wieght": 2.0})
+    with pytest.raises(ConfigError, match="transformer"):
+        method.objectives(params)

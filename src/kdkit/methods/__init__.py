@@ -1,7 +1,7 @@
 """Named methods (`METHODS`): one small file each, choosing one entry per axis with defaults.
 
-Classifier methods: scratch, kd, dkd, fitnet, at, dist. LM methods: supervised_kd, seqkd,
-on_policy, gkd, sampled_token, minillm. Importing this package registers them all.
+Classifier methods: scratch, kd, dkd, fitnet, at, dist, makd (transformer students). LM methods:
+supervised_kd, seqkd, on_policy, gkd, sampled_token, minillm. Importing this package registers them all.
 """
 
 from kdkit.methods import (
@@ -11,6 +11,7 @@ from kdkit.methods import (
     fitnet,
     gkd,
     kd,
+    makd,
     minillm,
     on_policy,
     sampled_token,
@@ -44,6 +45,7 @@ __all__ = [
     "gkd",
     "kd",
     "lm_method",
+    "makd",
     "minillm",
     "on_policy",
     "sampled_token",

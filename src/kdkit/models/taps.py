@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdkit.methods.hooks import FeatureHooks
 from kdkit.models.builders import layer_stack
+from kdkit.models.hooks import FeatureHooks
 
 # Inside one transformer block: the attention block's and the feed-forward block's output modules,
 # i.e. their contribution before the residual add (first match wins).
