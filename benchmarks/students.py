@@ -44,13 +44,40 @@ MAX_LEN = 32
 BATCH = 16
 EVAL_LIMIT = 400  # first examples of the fixed test split (the CPU budget; stated in the doc)
 
-STUDENTS = {  # name -> how it is built from the teacher
+RECIPE = ROOT / "recipes" / "minilm-rotten-tomatoes-students.yaml"
+STUDENTS = {  # name -> how it is built from the teacher (the recipe's defaults)
     "layers-2": {"keep_layers": 2},
     "layers-3": {"keep_layers": 3},
     "lowrank-50": {"budget": 0.5},
     "lowrank-25": {"budget": 0.25},
 }
-ARMS = {"kd": LOGIT_KD, "makd": {}, "scratch": SCRATCH}
+ARMS: dict[str, dict[str, Any]] = {"kd": LOGIT_KD, "makd": {}, "scratch": SCRATCH}
+ARM_LR = {"kd": 1e-4, "makd": 1e-4, "scratch": 3e-4}
+TEACHER_LR = 5e-5
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    """Read the recipe YAML into the module settings; returns its train section."""
+    import yaml
+
+    global MAX_LEN, BATCH, EVAL_LIMIT, TEACHER_LR
+    recipe = yaml.safe_load(path.read_text())
+    STUDENTS.clear()
+    STUDENTS.update(recipe["students"])
+    ARMS.clear()
+    for name, arm in recipe["arms"].items():
+        arm = dict(arm)
+        if arm.pop("method", "makd") != "makd":
+            raise SystemExit(f"{path}: arm {name!r}: only method makd (with its weights) is supported here")
+        ARM_LR[name] = float(arm.pop("lr", 1e-4))
+        MaKDParams(**arm)  # checked now, not after the teacher trained
+        ARMS[name] = arm
+    train_section = recipe.get("train", {})
+    MAX_LEN = int(train_section.get("max_length", MAX_LEN))
+    BATCH = int(train_section.get("batch_size", BATCH))
+    EVAL_LIMIT = int(train_section.get("eval_examples", EVAL_LIMIT))
+    TEACHER_LR = float(recipe.get("teacher", {}).get("lr", TEACHER_LR))
+    return {"steps": train_section.get("steps"), "teacher_steps": recipe.get("teacher", {}).get("steps")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +167,7 @@ def teacher(hf: Any, data: dict[str, list], steps: int) -> nn.Module:
     model = hf.load_minilm(2, attn_implementation="eager")
     distiller = MaKDDistiller(model, None, MaKDParams(**SCRATCH))
     with tempfile.TemporaryDirectory() as run:
-        train(distiller, data["train"], train_config(steps, 0, 5e-5), Path(run), collate_fn=collate)
+        train(distiller, data["train"], train_config(steps, 0, TEACHER_LR), Path(run), collate_fn=collate)
     model = distiller.student.cpu().eval()
     model.save_pretrained(folder)
     return model
@@ -164,7 +191,7 @@ def run_one(
     if arm == "makd" and "keep_layers" in STUDENTS[name]:
         params = MaKDParams(layer_mapping=list(layout))  # each kept layer learns from its source
     distiller = MaKDDistiller(student, None if arm == "scratch" else teacher_model, params)
-    lr = 1e-4 if arm != "scratch" else 3e-4
+    lr = ARM_LR.get(arm, 1e-4)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run:
         train(distiller, data["train"], train_config(steps, seed, lr), Path(run), collate_fn=collate)
@@ -262,16 +289,25 @@ def main(argv: list[str] | None = None) -> None:
     global DOC, RESULTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--teacher-steps", type=int, default=250)
+    parser.add_argument("--recipe", type=Path, default=RECIPE)
+    parser.add_argument("--students", nargs="+", default=None, help="default: every student of the recipe")
+    parser.add_argument("--arms", nargs="+", default=None, help="default: every arm of the recipe")
+    parser.add_argument("--steps", type=int, default=None, help="default: the recipe's train.steps")
+    parser.add_argument("--teacher-steps", type=int, default=None, help="default: the recipe's teacher.steps")
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "docs" / "benchmarks", help="folder of students.md/.jsonl"
     )
     args = parser.parse_args(argv)
+    defaults = load_recipe(args.recipe)
+    args.steps = args.steps or defaults["steps"] or 30
+    args.teacher_steps = args.teacher_steps or defaults["teacher_steps"] or 80
+    args.students = args.students or list(STUDENTS)
+    args.arms = args.arms or list(ARMS)
+    unknown = [n for n in args.students if n not in STUDENTS] + [a for a in args.arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"not in the recipe: {unknown}")
     DOC, RESULTS = args.out / "students.md", args.out / "students.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
 
