@@ -130,3 +130,17 @@ def test_makd_is_a_registered_method_with_checked_parameters() -> None:
         method.params({"attn_wieght": 2.0})
     with pytest.raises(ConfigError, match="transformer"):
         method.objectives(params)
+
+
+def test_student_attention_rows_stay_distributions_while_training() -> None:
+    teacher = tiny_bert()
+    student = copy.deepcopy(teacher).train()
+    student.config.attention_probs_dropout_prob = 0.5
+    for module in student.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    noisy = transformer_features(student, batch(), attentions=True).attentions[0].sum(-1)
+    assert not torch.allclose(noisy, torch.ones_like(noisy))  # dropout breaks the rows
+    MaKDDistiller(student, teacher, MaKDParams())  # switches attention dropout off
+    rows = transformer_features(student.train(), batch(), attentions=True).attentions[0].sum(-1)
+    torch.testing.assert_close(rows, torch.ones_like(rows))
