@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -20,6 +21,13 @@ class StrictModel(BaseModel):
     """Base of every kdkit config section: unknown fields are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def field_error(model: str, key: str, message: str, value: Any) -> ValidationError:
+    """A ValidationError located at field `key` (so a config error names `students.0.beta`),
+    for validators that check keys pydantic does not know as fields."""
+    error = PydanticCustomError("value_error", message.replace("{", "{{").replace("}", "}}"))
+    return ValidationError.from_exception_data(model, [InitErrorDetails(type=error, loc=(key,), input=value)])
 
 
 class ParamsModel(StrictModel):
@@ -53,7 +61,8 @@ class ParamsModel(StrictModel):
         unknown = [key for key in data if key not in allowed]
         if unknown:
             shown = ", ".join(sorted(allowed - set(cls.nested_params)))
-            raise ValueError(f"{unknown[0]!r} is not a parameter here (allowed: {shown})")
+            message = f"{unknown[0]!r} is not a parameter here (allowed: {shown})"
+            raise field_error(cls.__name__, unknown[0], message, data[unknown[0]])
         return data
 
 
@@ -85,4 +94,4 @@ class LMContext:
         return cls(tokenizer, tuple(int(i) for i in eos), getattr(tokenizer, "pad_token_id", None), seed)
 
 
-__all__ = ["ConfigError", "LMContext", "NoParams", "ParamsModel", "StrictModel"]
+__all__ = ["ConfigError", "LMContext", "NoParams", "ParamsModel", "StrictModel", "field_error"]

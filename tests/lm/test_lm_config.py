@@ -60,9 +60,9 @@ def test_classifier_method_is_not_an_lm_method():
 @pytest.mark.parametrize(
     ("student", "location", "text"),
     [
-        ({"name": "a", "method": "gkd", "lmbdaa": 0.3}, "students.0", "'lmbdaa' is not a parameter"),
-        ({"name": "a", "method": "gkd", "bta": 0.5}, "students.0", "'bta' is not a parameter"),
-        ({"name": "a", "method": "gkd", "beta": 1.5}, "students.0", "beta=1.5 is outside [0, 1]"),
+        ({"name": "a", "method": "gkd", "lmbdaa": 0.3}, "students.0.lmbdaa", "'lmbdaa' is not a parameter"),
+        ({"name": "a", "method": "gkd", "bta": 0.5}, "students.0.bta", "'bta' is not a parameter"),
+        ({"name": "a", "method": "gkd", "beta": 1.5}, "students.0.beta", "beta=1.5 is outside [0, 1]"),
         ({"name": "a", "method": "gkd", "lmbda": "half"}, "students.0.lmbda", "valid number"),
         ({"name": "a", "method": "gkd", "lmbda": 1.5}, "students.0.lmbda", "less than or equal to 1"),
         (
@@ -70,13 +70,21 @@ def test_classifier_method_is_not_an_lm_method():
             "students.0.divergence",
             "'rkll' is not a divergence",
         ),
-        ({"name": "a", "method": "supervised_kd", "alpha": 0.3}, "students.0", "'alpha' is not a parameter"),
+        (
+            {"name": "a", "method": "supervised_kd", "alpha": 0.3},
+            "students.0.alpha",
+            "'alpha' is not a parameter",
+        ),
         (
             {"name": "a", "method": "gkd", "divergence": "skl", "alpha": 0.3, "beta": 0.2},
-            "students.0",
+            "students.0.beta",
             "'beta'",
         ),
-        ({"name": "a", "method": "sampled_token", "fused": True}, "students.0", "'fused' is not a parameter"),
+        (
+            {"name": "a", "method": "sampled_token", "fused": True},
+            "students.0.fused",
+            "'fused' is not a parameter",
+        ),
         ({"name": "a b", "method": "gkd"}, "students.0.name", "pattern"),
         ({"name": "a", "method": "supervised_kd", "kd_weight": 0.0}, "students.0", "nothing to train"),
     ],

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator, model_validator
 
 from kdkit.losses import DIVERGENCES
-from kdkit.settings import ParamsModel
+from kdkit.settings import ParamsModel, field_error
 
 
 class DivergenceChoice(ParamsModel):
@@ -27,6 +27,11 @@ class DivergenceChoice(ParamsModel):
 
     @model_validator(mode="after")
     def _divergence_params(self) -> DivergenceChoice:
+        for key, value in self.divergence_params.items():
+            try:
+                DIVERGENCES.check_params(self.divergence, {key: value})
+            except ValueError as error:
+                raise field_error(type(self).__name__, key, str(error), value) from None
         # __dict__: validate_assignment would re-run this validator on a plain assignment
         self.__dict__["divergence_params"] = DIVERGENCES.check_params(self.divergence, self.divergence_params)
         return self

@@ -23,7 +23,7 @@ class DKDParams(StrictModel):
 )
 class DKDTerm(Objective):
     """Terms "dkd_target" = α·TCKD and "dkd_nontarget" = β·NCKD (both ×T², batch mean, nats),
-    scaled by min(1, step / warmup_steps) during warm-up, counting optimizer steps (the engine's
+    scaled by min(1, (step + 1) / warmup_steps) during warm-up, counting optimizer steps (the engine's
     step, restored on resume), as in Zhao et al. 2022."""
 
     Params = DKDParams
