@@ -142,6 +142,66 @@ def encoder(folder: str, texts: int, steps: int) -> dict[str, Any]:
     return prediction.as_dict() | {"tokens": int(acts.shape[0]), "steps": steps}
 
 
+def render(out: dict[str, Any]) -> str:
+    """The Markdown block written between the width markers of docs/benchmarks/students.md."""
+    lines = [
+        "Planted features (SAE estimate vs the planted truth; 12,000 activations, dictionary 8 × width, "
+        f"{out.get('steps', '?')} SAE steps):",
+        "",
+        "| planted F | width | planted α | seed | F̂ | α̂ | planted d* | predicted d* | error |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in out["planted"]:
+        lines.append(
+            f"| {r['F']} | {r['width']} | {r['alpha']} | {r['seed']} | {r['F_hat']} | {r['alpha_hat']:.4f} "
+            f"| {r['d_star']:.2f} | {r['d_star_hat']:.2f} | {100 * r['rel_error']:+.1f}% |"
+        )
+    toy = out.get("toy_students")
+    if toy:
+        lines += [
+            "",
+            f"Toy students (planted F = {toy['F']} in width {toy['width']}, α = {toy['alpha']}, importance "
+            f"∝ (i+1)^−{toy['importance_decay']}; a width-w bottleneck student recovers the feature codes "
+            f"from the teacher activation): SAE F̂ = {toy['F_hat']}, α̂ = {toy['alpha_hat']:.4f}, "
+            f"predicted d* = {toy['d_star_hat']:.2f} (planted {toy['d_star']:.2f}).",
+            "",
+            "| width | predicted floor | measured share of importance lost |",
+            "|---:|---:|---:|",
+        ]
+        for w, f, m in zip(toy["widths"], toy["predicted_floor"], toy["measured_loss_share"]):
+            lines.append(f"| {w} | {f:.4f} | {m:.4f} |")
+        fit = toy["affine"]
+        lines += [
+            "",
+            f"Pairwise ordering agreement of predicted floors and measured losses: "
+            f"{100 * toy['pairwise_order_agreement']:.0f}%; affine fit loss ≈ {fit['baseline']:.4f} + "
+            f"{fit['scale']:.3f} × floor, R² = {fit['r2']:.3f}.",
+            "",
+            "![predicted floor vs width](width_floor.png)",
+        ]
+    enc = out.get("encoder")
+    if enc:
+        lines += [
+            "",
+            f"Fine-tuned MiniLM teacher, last layer, {enc['tokens']} Rotten Tomatoes tokens: F = "
+            f"{enc['num_features']}, α = {enc['alpha']:.4f}, g(α) = {enc['capacity_per_dim']:.2f}, "
+            f"d* = {enc['critical_width']:.0f} (teacher width {enc['teacher_width']}); SAE explained "
+            f"variance {enc['sae']['explained_variance']:.3f}; {enc['steps']} SAE steps, dictionary "
+            f"{enc['sae']['dictionary_size']}. Command: `{out.get('encoder_command', out['command'])}`.",
+        ]
+    lines += ["", f"Command: `{out['command']}` ({out['machine']})."]
+    return "\n".join(lines)
+
+
+def write_doc(text: str) -> None:
+    doc_path = OUT / "students.md"
+    doc = doc_path.read_text()
+    start, end = "<!-- width:start -->", "<!-- width:end -->"
+    head, _, rest = doc.partition(start)
+    _, _, tail = rest.partition(end)
+    doc_path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -149,11 +209,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encoder", default=None, help="a Hugging Face teacher folder (optional)")
     parser.add_argument("--encoder-texts", type=int, default=1000)
     parser.add_argument("--encoder-steps", type=int, default=600)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the doc from width.json")
+    parser.add_argument(
+        "--encoder-only", action="store_true", help="add the encoder to an existing width.json"
+    )
     args = parser.parse_args(argv)
+    parser_only = args.report_only or args.encoder_only
+    if parser_only:
+        out = json.loads((OUT / "width.json").read_text())
+        if args.encoder_only:
+            if not args.encoder:
+                raise SystemExit("--encoder-only needs --encoder DIR")
+            out["encoder"] = encoder(args.encoder, args.encoder_texts, args.encoder_steps)
+            out["encoder_command"] = "benchmarks/width.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]
+            )
+            (OUT / "width.json").write_text(json.dumps(out, indent=1))
+        write_doc(render(out))
+        return
     torch.set_num_threads(1)
     out: dict[str, Any] = {
         "command": "benchmarks/width.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+        "steps": args.steps,
         "g_check": {
             "alpha": 0.992,
             "g": capacity_per_dim(0.992),
@@ -174,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         out["encoder"] = encoder(args.encoder, args.encoder_texts, args.encoder_steps)
         print(json.dumps({k: v for k, v in out["encoder"].items() if k != "sae"}), flush=True)
     (OUT / "width.json").write_text(json.dumps(out, indent=1))
+    write_doc(render(out))
 
 
 if __name__ == "__main__":
