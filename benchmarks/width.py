@@ -41,6 +41,7 @@ from kdkit.diagnostics.width import (
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks"
+DECAY = 0.3  # importance of planted feature i ∝ (i + 1)^−DECAY in the toy-student experiment
 CONFIGS = [(32, 32, 0.95), (64, 32, 0.95), (48, 24, 0.97)]  # (F, teacher width, α)
 
 
@@ -73,8 +74,9 @@ def planted(seeds: list[int], steps: int) -> list[dict[str, Any]]:
 def toy_students(widths: list[int], steps: int, seed: int = 0) -> tuple[dict[str, Any], Any]:
     """Students of each width on the first planted configuration with decaying importance."""
     features, width, alpha = 64, 32, 0.95
-    x, directions = planted_activations(features, width, alpha, 12_000, importance_decay=0.7, seed=seed)
-    codes = x @ torch.linalg.pinv(directions)  # [N, F]: the planted codes (directions are independent)
+    x, _, codes = planted_activations(
+        features, width, alpha, 12_000, importance_decay=DECAY, seed=seed, return_codes=True
+    )
     importance = codes.square().mean(0)
     sae = train_sae(x, dictionary_size=8 * width, steps=steps, seed=seed)
     stats = sae_stats(sae, x)
@@ -105,7 +107,7 @@ def toy_students(widths: list[int], steps: int, seed: int = 0) -> tuple[dict[str
         "F": features,
         "width": width,
         "alpha": alpha,
-        "importance_decay": 0.7,
+        "importance_decay": DECAY,
         "F_hat": stats.num_features,
         "alpha_hat": stats.alpha,
         "d_star": critical_width(features, alpha),
@@ -210,10 +212,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encoder-texts", type=int, default=1000)
     parser.add_argument("--encoder-steps", type=int, default=600)
     parser.add_argument("--report-only", action="store_true", help="rewrite the doc from width.json")
+    parser.add_argument("--toy-only", action="store_true", help="redo the toy students in width.json")
     parser.add_argument(
         "--encoder-only", action="store_true", help="add the encoder to an existing width.json"
     )
     args = parser.parse_args(argv)
+    if args.toy_only:
+        out = json.loads((OUT / "width.json").read_text())
+        toy, (prediction, measured) = toy_students([2, 4, 6, 8, 12, 16, 24, 32], args.steps)
+        out["toy_students"] = toy
+        out["toy_command"] = "benchmarks/width.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        print(json.dumps(toy), flush=True)
+        plot_floor(
+            prediction,
+            OUT / "width_floor.png",
+            measured=measured,
+            title=f"planted F=64, α=0.95, width 32: d* = {toy['d_star']:.1f}, "
+            f"predicted {toy['d_star_hat']:.1f}",
+        )
+        (OUT / "width.json").write_text(json.dumps(out, indent=1))
+        write_doc(render(out))
+        return
     parser_only = args.report_only or args.encoder_only
     if parser_only:
         out = json.loads((OUT / "width.json").read_text())

@@ -422,11 +422,13 @@ def planted_activations(
     importance_decay: float = 0.0,
     noise: float = 0.0,
     seed: int = 0,
-) -> tuple[Tensor, Tensor]:
+    return_codes: bool = False,
+) -> tuple[Tensor, ...]:
     """Synthetic activations with known features: x = Σ_i s_i·a_i·w_i·D_i (+ noise).
 
     D: [F, width] random unit directions; s_i ~ Bernoulli(1 − α) (feature i is on); a_i ~ U(0.5, 1.5);
-    w_i = (i + 1)^(−importance_decay) (importance falls with i). Returns (x [N, width], D).
+    w_i = (i + 1)^(−importance_decay) (importance falls with i). Returns (x [N, width], D), plus the
+    codes s·a·w [N, F] when `return_codes`.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -440,7 +442,7 @@ def planted_activations(
     x = codes @ directions
     if noise:
         x = x + noise * torch.randn(x.shape, generator=g)
-    return x, directions
+    return (x, directions, codes) if return_codes else (x, directions)
 
 
 __all__ = [
