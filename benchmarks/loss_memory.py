@@ -5,7 +5,11 @@ loss (forward) and the gradients to the student's hidden states and weight (back
 
 - ``unfused``: logits of both models materialised, ``DIVERGENCES[div]`` on them, autograd;
 - ``fused``:   ``kdkit.losses.fused.fused_linear_divergence`` (chunked, never holds all logits);
-- ``trl``:     logits materialised, TRL's ``GKDTrainer.generalized_jsd_loss`` (jsd only).
+- ``trl``:     logits materialised, TRL's ``GKDTrainer.generalized_jsd_loss`` (jsd only);
+- ``floor``:   the four large matrix multiplies any of them must do (teacher and student logits,
+  d/d hidden and d/d weight) on the same shapes and chunks as fused, outputs preallocated: the
+  hardware's floor. Each method's subprocess times floor steps interleaved with its own steps
+  (floor, method, method, floor, ...), so "x floor" is a ratio measured side by side.
 
 Each (case, method) runs in its own subprocess, strictly one after another, under an address-space
 cap (RLIMIT_AS) plus an RSS watchdog in the parent; a case that would not fit is recorded as
@@ -68,10 +72,34 @@ class Result:
     times_s: list[float] = field(default_factory=list)
     loss: float | None = None
     chunk_size: int | None = None
+    floor_times_s: list[float] = field(default_factory=list)  # interleaved with times_s
+    cpu_times_s: list[float] = field(default_factory=list)  # process CPU seconds of the same steps
+    floor_cpu_times_s: list[float] = field(default_factory=list)
 
     @property
     def time_s(self) -> float | None:
         return statistics.median(self.times_s) if self.times_s else None
+
+    @property
+    def floor_s(self) -> float | None:
+        return statistics.median(self.floor_times_s) if self.floor_times_s else None
+
+    @property
+    def floor_ratios(self) -> list[float]:
+        """Per-round time / floor time (each round's two steps ran back to back)."""
+        return [t / f for t, f in zip(self.times_s, self.floor_times_s)]
+
+    @property
+    def x_floor(self) -> float | None:
+        return statistics.median(self.floor_ratios) if self.floor_times_s else None
+
+    @property
+    def cpu_floor_ratios(self) -> list[float]:
+        return [t / f for t, f in zip(self.cpu_times_s, self.floor_cpu_times_s)]
+
+    @property
+    def x_floor_cpu(self) -> float | None:
+        return statistics.median(self.cpu_floor_ratios) if self.floor_cpu_times_s else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +135,14 @@ def _child(spec: dict) -> dict:
     from kdkit.losses.divergences import DIVERGENCES
     from kdkit.losses.fused import auto_chunk_size, fused_linear_divergence
 
+    if method == "fused_ref":  # another version of fused.py (e.g. from git), side by side
+        import importlib.util
+
+        ref_spec = importlib.util.spec_from_file_location("fused_ref", spec["reference_fused"])
+        ref_module = importlib.util.module_from_spec(ref_spec)
+        ref_spec.loader.exec_module(ref_module)
+        ref_fused = ref_module.fused_linear_divergence
+        ref_chunk = ref_module.auto_chunk_size(case.tokens, case.vocab)
     if method == "trl":
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         from trl.experimental.gkd import GKDTrainer
@@ -119,13 +155,22 @@ def _child(spec: dict) -> dict:
     h_t = torch.randn(n, h, generator=gen)
     w_t = torch.randn(v, h, generator=gen) * (2.0 / h**0.5)
     chunk = spec.get("chunk_size") or auto_chunk_size(n, v)
+    # the reference version keeps its own automatic chunk size (None) unless one is given
+    chunk_ref = spec.get("chunk_size")
 
     def step() -> float:
         h_s.grad = None
         w_s.grad = None
-        if method == "fused":
-            loss = fused_linear_divergence(
-                h_s, w_s, h_t, w_t, divergence=case.divergence, chunk_size=chunk, **kwargs
+        if method in ("fused", "fused_ref"):
+            fn = fused_linear_divergence if method == "fused" else ref_fused
+            loss = fn(
+                h_s,
+                w_s,
+                h_t,
+                w_t,
+                divergence=case.divergence,
+                chunk_size=chunk_ref if method == "fused_ref" else chunk,
+                **kwargs,
             )
         else:
             logits_s = h_s @ w_s.T
@@ -149,25 +194,76 @@ def _child(spec: dict) -> dict:
     reset = _reset_peak_rss()
     # The tiny step above already loaded everything, so the first full step is timed too; a step
     # longer than `long_s` is timed once (two CPU cores are shared by the whole team), a shorter
-    # one is taken as the warm-up and followed by `repeats` timed steps.
+    # one is taken as the warm-up and followed by `repeats` timed rounds. Each round also times one
+    # floor step right before or after (alternating), so every ratio to the floor is side by side.
     start = time.perf_counter()
     value = step()
     times = [time.perf_counter() - start]
-    if times[0] <= spec["long_s"]:
+    peak_kb = _rss_kb("VmHWM")  # the method's own peak, before any floor step
+    floor_times: list[float] = []
+    # Process CPU seconds next to wall seconds: with one torch thread on a machine shared by many
+    # jobs, CPU time is what this process computed, much less sensitive to the others' load.
+    cpu_times: list[float] = []
+    floor_cpu_times: list[float] = []
+    # the floor uses the chunks of the method it is compared with (the reference picks its own)
+    floor_chunk = (chunk_ref or ref_chunk) if method == "fused_ref" else chunk
+    floor = _floor_step(h_s, w_s, h_t, w_t, floor_chunk) if spec.get("floor") else None
+    if floor is not None:
+        floor()  # warm-up (allocates its preallocated outputs)
+
+    def timed(fn, wall: list[float], cpu: list[float]) -> None:  # type: ignore[no-untyped-def]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+
+    if times[0] > spec["long_s"]:
+        if floor is not None:
+            timed(floor, floor_times, floor_cpu_times)
+    else:
         times = []
-        for _ in range(spec["repeats"]):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    peak_kb = _rss_kb("VmHWM")  # without the reset it also covers creating the inputs
+        for round_index in range(spec["repeats"]):
+            order = ("floor", "method") if round_index % 2 == 0 else ("method", "floor")
+            for what in order:
+                if what == "floor" and floor is not None:
+                    timed(floor, floor_times, floor_cpu_times)
+                elif what == "method":
+                    timed(step, times, cpu_times)
     return {
         "baseline_mb": baseline_kb / 1024,
         "peak_mb": (peak_kb - baseline_kb) / 1024,
         "times_s": times,
         "loss": value,
-        "chunk_size": chunk if method == "fused" else None,
+        "chunk_size": chunk
+        if method == "fused"
+        else (chunk_ref or (ref_chunk if method == "fused_ref" else None)),
         "peak_reset": reset,
+        "floor_times_s": floor_times,
+        "cpu_times_s": cpu_times,
+        "floor_cpu_times_s": floor_cpu_times,
     }
+
+
+def _floor_step(h_s, w_s, h_t, w_t, chunk: int):  # type: ignore[no-untyped-def]
+    """The four matmuls of a fused step, same shapes and chunks, outputs preallocated once."""
+    import torch
+
+    n, v, h = h_s.shape[0], w_s.shape[0], h_s.shape[1]
+    rows = min(chunk, n)
+    logits_t, logits_s = torch.empty(rows, v), torch.empty(rows, v)
+    grad_h, grad_w = torch.empty(n, h), torch.empty(v, h)
+    hs, ws = h_s.detach(), w_s.detach()
+
+    def run() -> None:
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            a, b = logits_t[: stop - start], logits_s[: stop - start]
+            torch.mm(h_t[start:stop], w_t.t(), out=a)
+            torch.mm(hs[start:stop], ws.t(), out=b)
+            torch.mm(b, ws, out=grad_h[start:stop])  # b stands in for d loss / d logits
+            grad_w.addmm_(b.t(), hs[start:stop], beta=0.0 if start == 0 else 1.0)
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +295,8 @@ def _run_one(case: Case, method: str, args: argparse.Namespace) -> Result:
         "repeats": args.repeats,
         "long_s": args.long_s,
         "chunk_size": args.chunk_size,
+        "floor": not args.no_floor,
+        "reference_fused": args.reference_fused,
     }
     cap = int(args.cap_gb * GiB)
 
@@ -241,6 +339,9 @@ def _run_one(case: Case, method: str, args: argparse.Namespace) -> Result:
         times_s=data["times_s"],
         loss=data["loss"],
         chunk_size=data["chunk_size"],
+        floor_times_s=data.get("floor_times_s", []),
+        cpu_times_s=data.get("cpu_times_s", []),
+        floor_cpu_times_s=data.get("floor_cpu_times_s", []),
     )
 
 
@@ -288,18 +389,22 @@ def _machine() -> str:
 def _table(results: list[Result], methods: list[str]) -> list[str]:
     by = {(r.case, r.method): r for r in results}
     cases = list(dict.fromkeys(r.case for r in results))
-    head = ["case"]
+    head = ["case", "floor s"]
     for m in methods:
-        head += [f"{m} peak MB", f"{m} time s"]
+        head += [f"{m} peak MB", f"{m} time s", f"{m} × floor", f"{m} × floor (CPU s)"]
     head += ["fused/unfused mem", "fused/unfused time"]
     if "trl" in methods:
         head += ["fused/TRL mem", "fused/TRL time"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case in cases:
         fused = by.get((case, "fused"))
-        row = [case.label]
+        floors = [r.floor_s for m in methods if (r := by.get((case, m))) is not None and r.floor_s]
+        row = [case.label, _fmt(statistics.median(floors) if floors else None, ".2f")]
         for m in methods:
-            row += list(_cell(by.get((case, m))))
+            result = by.get((case, m))
+            row += list(_cell(result))
+            row += [_fmt(result.x_floor if result is not None else None, ".2f")]
+            row += [_fmt(result.x_floor_cpu if result is not None else None, ".2f")]
         if fused is not None:
             row += [_ratio(fused, by.get((case, "unfused")), "peak_mb")]
             row += [_ratio(fused, by.get((case, "unfused")), "time_s")]
@@ -312,14 +417,21 @@ def _table(results: list[Result], methods: list[str]) -> list[str]:
 
 def _details(results: list[Result]) -> list[str]:
     rows = [
-        "| case | method | status | baseline RSS MB | peak − baseline MB | times s | loss | chunk |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | method | status | baseline RSS MB | peak − baseline MB | times s | floor times s | "
+        "per-round × floor | CPU s | floor CPU s | per-round × floor (CPU) | loss | chunk |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         times = ", ".join(f"{t:.2f}" for t in r.times_s) or "–"
+        floors = ", ".join(f"{t:.2f}" for t in r.floor_times_s) or "–"
+        ratios = ", ".join(f"{t:.2f}" for t in r.floor_ratios) or "–"
+        cpu = ", ".join(f"{t:.2f}" for t in r.cpu_times_s) or "–"
+        floor_cpu = ", ".join(f"{t:.2f}" for t in r.floor_cpu_times_s) or "–"
+        cpu_ratios = ", ".join(f"{t:.2f}" for t in r.cpu_floor_ratios) or "–"
         rows.append(
             f"| {r.case.label} | {r.method} | {r.status} | {_fmt(r.baseline_mb, ',.0f')} | "
-            f"{_fmt(r.peak_mb, ',.0f')} | {times} | {_fmt(r.loss, '.6f')} | {r.chunk_size or '–'} |"
+            f"{_fmt(r.peak_mb, ',.0f')} | {times} | {floors} | {ratios} | {cpu} | {floor_cpu} | "
+            f"{cpu_ratios} | {_fmt(r.loss, '.6f')} | {r.chunk_size or '–'} |"
         )
     return rows
 
@@ -381,7 +493,13 @@ def _write(results: list[Result], args: argparse.Namespace, command: str, elapse
         "student and a teacher (both of width H), computes the loss and backpropagates to the student's "
         "hidden states and weight. *unfused*: both logits materialised + `DIVERGENCES[...]`; *fused*: "
         "`fused_linear_divergence` (chunk = tokens per chunk, chosen by `auto_chunk_size` unless set); "
-        "*trl*: logits materialised + TRL's `GKDTrainer.generalized_jsd_loss`. Peak MB = the "
+        "*trl*: logits materialised + TRL's `GKDTrainer.generalized_jsd_loss`. *floor s*: the four "
+        "large matmuls every method must do (teacher and student logits, d/d hidden, d/d weight) on "
+        "the same shapes and chunks, outputs preallocated; it is timed inside each method's "
+        "subprocess, one floor step next to each timed step (order alternating), and *× floor* is the "
+        "median of those per-round ratios (per-round values in the details table); *× floor (CPU s)* "
+        "is the same ratio of process CPU seconds (one torch thread), far less sensitive to other "
+        "jobs' load than wall time. Peak MB = the "
         "subprocess's peak RSS minus its RSS after the inputs were created (baselines in the details "
         f"table). Each run is its own subprocess under a {args.cap_gb:.0f} GB cap (RLIMIT_AS + an RSS "
         "watchdog); cases whose estimated need (N × V × 4 bytes × "
@@ -394,7 +512,9 @@ def _write(results: list[Result], args: argparse.Namespace, command: str, elapse
         "",
         "## Generalized JSD, β = 0.5: unfused vs fused vs TRL",
         "",
-        *_table(main, ["unfused", "trl", "fused"]),
+        *_table(
+            main, [m for m in ("unfused", "trl", "fused_ref", "fused") if any(r.method == m for r in main)]
+        ),
         "",
         f"![peak memory]({plot.name})",
         "",
@@ -403,7 +523,9 @@ def _write(results: list[Result], args: argparse.Namespace, command: str, elapse
         lines += [
             "## Other divergences: fused vs unfused",
             "",
-            *_table(others, ["unfused", "fused"]),
+            *_table(
+                others, [m for m in ("unfused", "fused_ref", "fused") if any(r.method == m for r in others)]
+            ),
             "",
         ]
     lines += ["## Details", "", *_details(results), ""]
@@ -439,6 +561,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--divergence", default="jsd", help="with --case: the divergence (default jsd, β=0.5)"
+    )
+    parser.add_argument("--no-floor", action="store_true", help="do not time the matmul floor")
+    parser.add_argument(
+        "--reference-fused",
+        help="method fused_ref: another fused.py to compare (git show REV:src/kdkit/losses/fused.py > f.py)",
     )
     parser.add_argument("--out", help="output folder (default docs/benchmarks; runs/benchmarks with --quick)")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -34,6 +34,7 @@ BUILTIN_PACKAGES = (
     "kdkit.samplers",
     "kdkit.signals",
     "kdkit.objectives",
+    "kdkit.rewards",
     "kdkit.methods",
 )
 

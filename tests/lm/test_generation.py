@@ -212,3 +212,68 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     draws = torch.stack([sample_from_logits(logits, 1.0, top_p=0.75) for _ in range(400)])
     assert set(draws.flatten().tolist()) == {0, 1}  # 0.5 < 0.75 <= 0.8: tokens 0 and 1 only
     assert sample_from_logits(logits, 0.0).tolist() == [0]
+
+
+def test_registered_student_sampler_takes_num_samples(tokenizer) -> None:
+    """`num_samples: G` in a method's parameters: G completions per prompt, dataset fields repeated."""
+    from kdkit.samplers import StudentSampler
+    from kdkit.samplers.base import GenerationParams
+
+    model = peaked_lm(tokenizer, seed=2)
+    data = prompts(tokenizer, 3, seed=7)
+    sampler = StudentSampler(GenerationParams(max_new_tokens=6, num_samples=2))
+    out = sampler(data, student=model, teacher=None)
+    assert out["input_ids"].shape[0] == 6 and out["labels"].shape[0] == 6
+    assert out["digits"].tolist() == data["digits"].repeat_interleave(2).tolist()
+    assert torch.equal(out["prompt_ids"], data["prompt_ids"].repeat_interleave(2, 0))
+
+
+FAMILIES = {
+    "gpt2": {"n_embd": 16, "n_layer": 1, "n_head": 2},
+    "qwen2": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1},
+    "gemma2": {  # sliding-window layers, soft-capped logits
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "sliding_window": 4,
+    },
+}
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_greedy_decode_loop_equals_generate_across_families(model_type: str) -> None:
+    """Cache handling, positions under left padding and row dropping agree with HF generate."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {"intermediate_size": 32} if model_type != "gpt2" else {}
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=50,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **FAMILIES[model_type],
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 50, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded prompt
+    free = sample_tokens(model, ids, mask, temperature=0, max_new_tokens=8)
+    stop = int(free[1, 2])  # ends row 1 early: the other rows continue after it is dropped
+    ours = sample_tokens(
+        model, ids, mask, temperature=0, max_new_tokens=8, eos_token_ids=(stop,), pad_token_id=0
+    )
+    reference = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=8,
+        eos_token_id=stop,
+        pad_token_id=0,
+    )[:, ids.shape[1] :]
+    assert torch.equal(ours, reference[:, : ours.shape[1]])
+    assert int(completion_lengths(ours, stop)[1]) <= 3

@@ -441,7 +441,7 @@ def test_reduce_positions_contract():
 
 
 def test_registry_names_aliases_and_error():
-    assert DIVERGENCES.names() == ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "f"]
+    assert DIVERGENCES.names() == ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "f", "akl"]
     aliases = {
         "forward_kl": forward_kl,
         "reverse_kl": reverse_kl,

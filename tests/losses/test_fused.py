@@ -10,10 +10,12 @@ from torch import Tensor
 
 from kdkit.losses import DIVERGENCES, UnknownNameError
 from kdkit.losses.fused import (
+    ACCELERATOR_CHUNK_BYTES,
     DEFAULT_CHUNK_BYTES,
     FusedLinearDivergence,
     auto_chunk_size,
     fused_linear_divergence,
+    release_workspace,
 )
 
 N, V, H_S, H_T = 50, 300, 16, 24
@@ -46,6 +48,7 @@ DIVERGENCE_CASES: list[tuple[str, dict[str, Any]]] = [
     ("f", {"f": "chi2"}),
     ("f", {"f": "js"}),
     ("f", {"f": lambda t: (t - 1.0).square()}),  # a callable f takes the generic (clipped) path
+    ("akl", {"mu": 0.5}),
 ]
 
 
@@ -314,10 +317,11 @@ def test_module_wrapper_and_auto_chunk_size() -> None:
 
 
 def test_auto_chunk_size_targets_a_fixed_logit_budget() -> None:
-    assert auto_chunk_size(10_000, 151_936) * 151_936 * 4 <= DEFAULT_CHUNK_BYTES
+    budget = DEFAULT_CHUNK_BYTES
+    assert auto_chunk_size(10_000, 151_936, chunk_bytes=budget) * 151_936 * 4 <= budget
     assert auto_chunk_size(10_000, 49_152) > auto_chunk_size(10_000, 151_936) >= 8
     assert auto_chunk_size(5, 49_152) == 5  # never more than the tokens there are
-    assert auto_chunk_size(10, 10**9) == 1
+    assert auto_chunk_size(10, 10**9, chunk_bytes=budget) == 1
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -436,3 +440,21 @@ def test_cross_entropy_needs_valid_targets() -> None:
         _fused(x, "fkl", None, 1.0, ce_weight=1.0)
     with pytest.raises(ValueError, match=r"target id in \[0, 300\)"):
         _fused(x, "fkl", None, 1.0, targets=torch.full((N,), -100), ce_weight=1.0)
+
+
+def test_cpu_workspace_is_kept_between_calls_and_released() -> None:
+    """The chunk buffers are allocated once and reused by the next call (no fresh page faults)."""
+    x = _inputs()
+    release_workspace()
+    first = _fused(x, "jsd", None, 1.0, chunk_size=16, beta=0.5)
+    second = _fused(x, "jsd", None, 1.0, chunk_size=16, beta=0.5)  # same buffers, same result
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert release_workspace() == 5 * 16 * V * 4  # S, T and jsd's three [16, V] float32 buffers
+    assert release_workspace() == 0
+
+
+def test_auto_chunk_size_is_larger_on_an_accelerator() -> None:
+    assert auto_chunk_size(10_000, 49_152, device="cpu") * 49_152 * 4 <= DEFAULT_CHUNK_BYTES
+    assert auto_chunk_size(10_000, 151_936, device="cpu") == 128  # the CPU minimum, above 32 MiB
+    assert auto_chunk_size(10_000, 151_936, device="meta") * 151_936 * 4 <= ACCELERATOR_CHUNK_BYTES
+    assert auto_chunk_size(10_000, 151_936, device="meta") > auto_chunk_size(10_000, 151_936)

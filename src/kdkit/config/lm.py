@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from kdkit.config.students import StudentRun, unique_student_names
+from kdkit.engine.privacy_settings import PrivacyConfig
 from kdkit.engine.settings import TrainConfig
 from kdkit.settings import StrictModel
 
@@ -190,11 +191,33 @@ class LMRunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=100, batch_size=8, lr=1e-4))
     eval: LMEvalConfig = Field(default_factory=LMEvalConfig)
     output_dir: str = "runs"
+    # DP-SGD for every student (kdkit.engine.private): σ or a target ε, clipping norm, accountant;
+    # only methods whose loss is a mean of per-example losses can run under it (dp_opd, dp_kd, dp_ft)
+    privacy: PrivacyConfig | None = None
     # torch CPU threads (None: torch's default). On a CPU shared with other work, 1 thread avoids
     # oversubscription and was ~2x faster than 2 on a loaded 2-core machine.
     threads: PositiveInt | None = None
 
     _unique_names = field_validator("students")(unique_student_names)
+
+    @model_validator(mode="after")
+    def _private_methods(self) -> LMRunConfig:
+        per_example = {s.name: bool(getattr(s.method_class(), "per_example", False)) for s in self.students}
+        if self.privacy is not None:
+            others = [f"{s.name} ({s.method})" for s in self.students if not per_example[s.name]]
+            if others:
+                raise ValueError(
+                    f"privacy: students {others} use methods whose loss is normalised over the whole batch "
+                    "(one example's gradient then depends on the others), which DP-SGD cannot clip per "
+                    "example; use dp_opd, dp_kd or dp_ft"
+                )
+        else:
+            private = [f"{s.name} ({s.method})" for s in self.students if per_example[s.name]]
+            if private:
+                raise ValueError(f"students {private} are DP-SGD methods: add a privacy: section "
+                                 "(e.g. privacy: {target_epsilon: 2.0}), or use on_policy / gkd / "
+                                 "supervised_kd for the same loss without privacy")
+        return self
 
     @model_validator(mode="after")
     def _prompts_for_generation(self) -> LMRunConfig:

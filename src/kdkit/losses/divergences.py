@@ -180,6 +180,25 @@ def _chi2(log_s: Tensor, log_t: Tensor) -> Tensor:
     return (weight * torch.expm1(log_ratio).square()).sum(-1)
 
 
+def _akl(log_s: Tensor, log_t: Tensor, mu: float) -> Tensor:
+    """Adaptive KL (Wu et al., COLING 2025): g_head·FKL + g_tail·RKL per position (see `adaptive_kl`)."""
+    if mu == 0.0:  # empty tail: forward KL exactly
+        return _forward_kl(log_s, log_t)
+    if mu == 1.0:  # everything is tail: reverse KL exactly
+        return _reverse_kl(log_s, log_t)
+    with torch.no_grad():
+        p_t, p_s = log_t.exp(), log_s.exp()
+        sorted_t, order = p_t.sort(dim=-1)  # ascending: the tail comes first
+        gap = (sorted_t - p_s.gather(-1, order)).abs()
+        tail = torch.cumsum(sorted_t, dim=-1) < mu  # smallest tokens holding < mu of the teacher's mass
+        gap_tail = (gap * tail).sum(-1)
+        gap_head = (gap * ~tail).sum(-1)
+        total = gap_head + gap_tail
+        # identical distributions (no gap anywhere): both KLs are 0, any weights do; take ½, ½
+        w_head = torch.where(total > 0, gap_head / total.clamp_min(1e-30), torch.full_like(total, 0.5))
+    return w_head * _forward_kl(log_s, log_t) + (1.0 - w_head) * _reverse_kl(log_s, log_t)
+
+
 def _generic_f(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
     def per_position(log_s: Tensor, log_t: Tensor) -> Tensor:
         # Clip the ratio to [e^-L, e^L] and weight by max(p_S, p_T·e^-L): equal to p_S·f(p_T/p_S) when the
@@ -426,11 +445,53 @@ def f_divergence(
     return _apply(per_position, student_logits, teacher_logits, temperature, mask, reduction)
 
 
+@DIVERGENCES.register(
+    "akl",
+    "adaptive KL: forward and reverse KL weighted per token by the head / tail gap (AKL)",
+    aliases=("adaptive_kl",),
+    params={
+        "mu": Param("teacher mass of the tail (0 = forward KL, 1 = reverse KL)", low=0.0, high=1.0),
+    },
+)
+def adaptive_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    mu: float = 0.5,
+) -> Tensor:
+    """Adaptive Kullback–Leibler divergence (AKL; Wu et al., "Rethinking KL divergence in KD for LLMs").
+
+    Per position, the vocabulary is split by the teacher: the *tail* is the set of lowest-probability
+    tokens whose cumulative teacher mass stays below `mu`; the *head* is the rest. With
+    gap_head = Σ_head |p_T − p_S| and gap_tail = Σ_tail |p_T − p_S|:
+        AKL = g_head·KL(p_T ‖ p_S) + g_tail·KL(p_S ‖ p_T),  g = gap / (gap_head + gap_tail)
+    Forward KL fits the head and reverse KL the tail early in training, so the weight goes to the
+    divergence that fixes the larger gap. The weights are detached (no gradient flows through the
+    split). mu ∈ [0, 1] (paper default 0.5): mu = 0 is forward KL exactly, mu = 1 reverse KL exactly.
+    Where p_S = p_T the weights are ½, ½ (and both KLs 0).
+    student_logits, teacher_logits: [..., V]   mask: [...] bool, True = counts
+    Returns nats: a scalar for "mean"/"sum", else [...]. No T² factor.
+    """
+    _check_unit("mu", mu)
+    return _apply(
+        lambda log_s, log_t: _akl(log_s, log_t, mu),
+        student_logits,
+        teacher_logits,
+        temperature,
+        mask,
+        reduction,
+    )
+
+
 __all__ = [
     "DIVERGENCES",
     "F_GENERATORS",
     "LOGIT_FLOOR",
     "LOG_RATIO_LIMIT",
+    "adaptive_kl",
     "f_divergence",
     "forward_kl",
     "generalized_jsd",

@@ -8,14 +8,21 @@ accumulated; backward only scales them by the incoming gradient. This is the des
 Liger-Kernel's fused linear distillation losses, in plain torch (runs on CPU and GPU).
 
 Memory: one chunk's logits of each model plus the divergence's intermediates, instead of the
-whole sequence's (fkl, rkl and jsd have closed-form chunk gradients, computed in place without
-an autograd graph; other divergences use local autograd on the chunk); plus float32 gradient
-accumulators of the student's hidden states [N, H_S] and weight [V, H_S]. Any divergence of
+whole sequence's (fkl, rkl and jsd have closed-form chunk gradients, computed in place in a few
+reused [chunk, V] buffers without an autograd graph; other divergences use local autograd on the
+chunk); plus float32 gradient accumulators of the student's hidden states [N, H_S] and weight
+[V, H_S]. On CPU the chunk buffers (~100-220 MiB at the default chunk size) are kept between calls
+so that no step pays page faults for them again (`release_workspace` frees them). Under autocast
+the loss still computes in float32. Optionally a cross-entropy term on the same tokens (targets,
+ce_weight) and each model's post-head logit transform (scale, soft-cap) are applied in the same
+chunk pass. Any divergence of
 `DIVERGENCES` (or any callable with its signature) works.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -25,22 +32,42 @@ from torch import Tensor, nn
 
 from kdkit.losses.divergences import DIVERGENCES, LOGIT_FLOOR, forward_kl, generalized_jsd, reverse_kl
 
-# Default budget for one chunk's float32 logits of one model. With the closed-form divergences
-# (fkl, rkl, jsd) a chunk's working set is ~6x this, i.e. ~0.8 GB, under a quarter of the unfused
-# loss from 1k tokens at a 150k vocabulary (measured: 0.76 GB at V = 49,152, N = 2,048 and 1.23 GB
-# at V = 151,936, N = 1,024, vs 4.6-5.9 and 7.1 GB unfused). Larger chunks read the [V, H] weights
-# fewer times: 128 MiB was ~15% faster than 64 MiB on CPU (docs/benchmarks/loss_memory.md).
-DEFAULT_CHUNK_BYTES = 128 * 2**20
+# Default budget for one chunk's float32 logits of one model ([chunk, V] x 4 bytes). On CPU the
+# chunk buffers are kept between calls (see `_Workspace`), so small chunks cost no page faults and
+# keep the kept memory small: 32 MiB per buffer, ~5-7 buffers (fkl/rkl 3, jsd 5, +1 for a soft-cap,
+# +1 for a CE term at T != 1), i.e. 96-224 MiB, plus the [V, H] gradient. Measured side by side on
+# the loaded 2-core CPU (jsd, one thread): 160-token chunks 1.11-1.27x the matmul floor vs 1.2-1.4x
+# for 680 at V = 49,152, H = 576. At V = 151,936, H = 1,024 the 48 tokens of 32 MiB were ~10-20%
+# slower than 192-216-token chunks (each BLAS call packs the [V, H] weight): at least 128 tokens.
+# On GPU the caching allocator reuses memory and larger matmuls
+# pay off: 128 MiB (the earlier CPU default; not re-measured on a GPU).
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+MIN_CPU_CHUNK_TOKENS = 128
+ACCELERATOR_CHUNK_BYTES = 128 * 2**20
 
 DivergenceFn = Callable[..., Tensor]
 
 
-def auto_chunk_size(n_tokens: int, vocab_size: int, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+def auto_chunk_size(
+    n_tokens: int,
+    vocab_size: int,
+    *,
+    chunk_bytes: int | None = None,
+    device: torch.device | str | None = None,
+) -> int:
     """Tokens per chunk so that one chunk's float32 logits [chunk, V] take about `chunk_bytes`.
 
-    Returns an int in [1, max(n_tokens, 1)]; rounded down to a multiple of 8 when above 8.
+    chunk_bytes: None = `DEFAULT_CHUNK_BYTES` on CPU (or no device given) but at least
+    `MIN_CPU_CHUNK_TOKENS` tokens (a BLAS matmul packs the [V, H] weight once per call, so very few
+    rows per call waste that work at large V), `ACCELERATOR_CHUNK_BYTES` on any other device.
+    Returns an int in [1, max(n_tokens, 1)]; a multiple of 8 when above 8.
     """
-    tokens = max(1, chunk_bytes // (4 * max(vocab_size, 1)))
+    minimum = 1
+    if chunk_bytes is None:
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        chunk_bytes = DEFAULT_CHUNK_BYTES if on_cpu else ACCELERATOR_CHUNK_BYTES
+        minimum = MIN_CPU_CHUNK_TOKENS if on_cpu else 1
+    tokens = max(minimum, chunk_bytes // (4 * max(vocab_size, 1)))
     if tokens > 8:
         tokens -= tokens % 8  # friendlier matmul shapes
     return max(1, min(tokens, max(n_tokens, 1)))
@@ -110,187 +137,205 @@ class LinearHead:
         return self.transform(nn.functional.linear(hidden, self.weight, self.bias))
 
 
-def _transform_(logits: Tensor, transform: LogitTransform, keep_slope: bool) -> tuple[Tensor, Tensor | None]:
-    """Apply `transform` to a chunk's raw logits [C, V], in place where possible.
-
-    Returns (transformed logits, slope) where slope [C, V] = dz'/dz (only for a soft-cap with
-    keep_slope; a pure scale's slope is the constant `transform.scale`, applied by the caller).
-    """
-    if transform.scale != 1.0:
-        logits.mul_(transform.scale)
-    if transform.softcap is None:
-        return logits, None
-    cap = transform.softcap
-    tanh = logits.div_(cap).tanh_()
-    if not keep_slope:
-        return tanh.mul_(cap), None
-    capped = tanh * cap
-    # d/dz [c·tanh(s·z/c)] = s·(1 − tanh²)
-    slope = tanh.square_().neg_().add_(1.0)
-    if transform.scale != 1.0:
-        slope.mul_(transform.scale)
-    return capped, slope
-
-
 # ----------------------------------------------------------------------------------------------
 # Closed-form value and student-logit gradient of the common divergences, in place.
 #
 # Autograd through a divergence's elementwise graph was ~60% of a fused step (measured: V = 49,152,
 # N = 2,048, H = 576, jsd) and keeps ~12-16 [C, V] intermediates alive. The formulas below give the
-# same value and d(sum)/d(student logits) with ~5 [C, V] buffers and no graph. They mirror
-# `kdkit.losses.divergences` (same clamping, same stable mixture) so results agree to float rounding.
+# same value and d(sum)/d(student logits) = c·G with a few [C, V] buffers and no graph. Every
+# [C, V] result goes into a buffer of a workspace that all chunks reuse: a fresh 100 MB tensor per
+# operation costs more in page faults than the operation itself (measured ~0.45 s vs ~0.05 s for a
+# [680, 49152] float32 subtraction on this CPU). The scalar c is not applied here; it is folded into
+# the alpha of the gradient matmuls. The forms agree with `kdkit.losses.divergences` to float
+# rounding (the JSD mixture is formed in probability space, clamped at LOGIT_FLOOR after its log).
 #
-# Each form also takes `ce`: a cross-entropy weight w at temperature 1 (0 = none); it adds w·p_S to
-# the gradient (the softmax part of d CE / d logits; the caller subtracts w at the target ids), so a
+# Each form also takes `ce`: a cross-entropy weight (already divided by c) at temperature 1; it adds
+# ce·p_S to G (the softmax part of d CE / d logits; the caller subtracts ce at the target ids), so a
 # CE term on the same tokens costs no extra pass over the chunk.
 
 
-def _log_softmax_(logits: Tensor, temperature: float) -> Tensor:
-    """In place: logits [C, V] -> log softmax(logits / T) over V, as `temperature_log_probs`."""
-    if temperature != 1.0:
-        logits.div_(temperature)
-    logits.clamp_min_(LOGIT_FLOOR)
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """[C, V] · [C, V] -> [C]: per-row dot products without a [C, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Sum of a ⊙ b over all entries of two contiguous [C, V] tensors, without a temporary."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _log_softmax_(logits: Tensor, floor: bool) -> Tensor:
+    """In place: already temperature-scaled logits [C, V] -> log softmax over V.
+
+    floor: clamp at LOGIT_FLOOR first (needed only when a logit can be -inf, i.e. a -inf bias).
+    """
+    if floor:
+        logits.clamp_min_(LOGIT_FLOOR)
+    if logits.device.type == "cpu":  # the CPU kernel reads each row before writing it: in place is safe
+        return torch._log_softmax(logits, -1, False, out=logits)
+    return logits.copy_(torch.log_softmax(logits, dim=-1))  # elsewhere not verified in place
 
 
 def _forward_kl_closed(
-    log_s: Tensor, log_t: Tensor, temperature: float, ce: float = 0.0
-) -> tuple[Tensor, Tensor]:
-    """KL(p_T ‖ p_S) summed over the chunk; d/d(student logits) = (p_S − p_T) / T."""
-    p_t = log_t.exp()
-    value = (p_t * (log_t - log_s)).sum()
-    p_s = log_s.exp_()  # log_s is consumed
+    log_s: Tensor, log_t: Tensor, work: list[Tensor], need_grad: bool, ce: float = 0.0
+) -> tuple[Tensor, Tensor | None]:
+    """KL(p_T ‖ p_S) summed over the chunk; G = p_S − p_T (c = 1/T). Consumes log_s, log_t."""
+    p_t = torch.exp(log_t, out=work[0])
+    value = _dot(p_t, log_t.sub_(log_s))
+    if not need_grad:
+        return value, None
+    p_s = log_s.exp_()
     if ce:
-        grad = p_s.mul_(1.0 + ce * temperature).sub_(p_t).div_(temperature)
-    else:
-        grad = p_s.sub_(p_t).div_(temperature)
-    return value, grad
+        p_s.mul_(1.0 + ce)
+    return value, p_s.sub_(p_t)
 
 
 def _reverse_kl_closed(
-    log_s: Tensor, log_t: Tensor, temperature: float, ce: float = 0.0
-) -> tuple[Tensor, Tensor]:
-    """KL(p_S ‖ p_T) summed; d/dp_S = log p_S − log p_T (+1, which the softmax Jacobian cancels)."""
-    diff = log_s - log_t
-    p_s = log_s.exp_()  # log_s is consumed
-    per_token = (p_s * diff).sum(-1, keepdim=True)
+    log_s: Tensor, log_t: Tensor, work: list[Tensor], need_grad: bool, ce: float = 0.0
+) -> tuple[Tensor, Tensor | None]:
+    """KL(p_S ‖ p_T) summed; G = p_S·(log p_S − log p_T − KL per token) (c = 1/T)."""
+    p_s = torch.exp(log_s, out=work[0])
+    diff = torch.sub(log_s, log_t, out=log_t)
+    per_token = _rowdot(p_s, diff)  # [C]
     value = per_token.sum()
-    diff.sub_(per_token)
-    if ce:
-        diff.add_(ce * temperature)
-    grad = diff.mul_(p_s).div_(temperature)
-    return value, grad
+    if not need_grad:
+        return value, None
+    shift = per_token.unsqueeze(1) - ce if ce else per_token.unsqueeze(1)
+    return value, diff.sub_(shift).mul_(p_s)
 
 
 def _jsd_closed(
-    log_s: Tensor, log_t: Tensor, temperature: float, beta: float, ce: float = 0.0
-) -> tuple[Tensor, Tensor]:
+    log_s: Tensor, log_t: Tensor, work: list[Tensor], need_grad: bool, beta: float, ce: float = 0.0
+) -> tuple[Tensor, Tensor | None]:
     """β·KL(p_T ‖ M) + (1−β)·KL(p_S ‖ M), M = β·p_T + (1−β)·p_S, summed over the chunk.
 
-    d/dp_S of the sum is (1−β)·(log p_S − log M) + const (the p_T/M and p_S/M terms add up to 1).
+    d/dp_S of the sum is (1−β)·(log p_S − log M) + const (the p_T/M and p_S/M terms add up to 1),
+    so G = p_S·(log p_S − log M − KL(p_S ‖ M) per token) with c = (1−β)/T. β = 0 and 1 are fkl/rkl.
     """
     if beta == 0.0:
-        return _forward_kl_closed(log_s, log_t, temperature, ce)
+        return _forward_kl_closed(log_s, log_t, work, need_grad, ce)
     if beta == 1.0:
-        return _reverse_kl_closed(log_s, log_t, temperature, ce)
-    # log M as in `_log_mix`: shifted by max(log p_S, log p_T) so p_S = p_T gives exactly log p_S.
-    shift = torch.maximum(log_s, log_t)
-    log_m = torch.sub(log_t, shift).exp_().mul_(beta)
-    log_m.add_(torch.sub(log_s, shift).exp_(), alpha=1.0 - beta).log_().add_(shift)
-    del shift
-    p_t = log_t.exp()
-    teacher_term = p_t.mul_(log_t.sub_(log_m)).sum()  # log_t is consumed
-    del p_t
-    diff = torch.sub(log_s, log_m, out=log_m)  # log p_S − log M, in log_m's buffer
-    p_s = log_s.exp_()  # log_s is consumed
-    kl_s = (p_s * diff).sum(-1, keepdim=True)  # KL(p_S ‖ M) per token [C, 1]
+        return _reverse_kl_closed(log_s, log_t, work, need_grad, ce)
+    p_t = torch.exp(log_t, out=work[0])
+    p_s = torch.exp(log_s, out=work[1])
+    # log M = log(1−β) + log(p_S + p_T·β/(1−β)); exact zeros (both banned) floor to LOGIT_FLOOR.
+    log_m = torch.add(p_s, p_t, alpha=beta / (1.0 - beta), out=work[2]).log_()
+    log_m.add_(math.log1p(-beta)).clamp_min_(LOGIT_FLOOR)
+    teacher_term = _dot(p_t, log_t.sub_(log_m))
+    diff = log_s.sub_(log_m)  # log p_S − log M
+    kl_s = _rowdot(p_s, diff)  # KL(p_S ‖ M) per token [C]
     value = beta * teacher_term + (1.0 - beta) * kl_s.sum()
-    diff.sub_(kl_s).mul_(1.0 - beta)
-    if ce:
-        diff.add_(ce * temperature)
-    grad = diff.mul_(p_s).div_(temperature)
-    return value, grad
+    if not need_grad:
+        return value, None
+    shift = kl_s.unsqueeze(1) - ce if ce else kl_s.unsqueeze(1)
+    return value, diff.sub_(shift).mul_(p_s)
 
 
-_CLOSED_FORMS: dict[Callable[..., Tensor], tuple[Callable[..., tuple[Tensor, Tensor]], frozenset[str]]] = {
-    forward_kl: (_forward_kl_closed, frozenset()),
-    reverse_kl: (_reverse_kl_closed, frozenset()),
-    generalized_jsd: (_jsd_closed, frozenset({"beta"})),
+# name -> (form, the divergence kwargs it understands, extra [C, V] buffers it needs)
+_CLOSED_FORMS: dict[
+    Callable[..., Tensor], tuple[Callable[..., tuple[Tensor, Tensor | None]], frozenset[str], int]
+] = {
+    forward_kl: (_forward_kl_closed, frozenset(), 1),
+    reverse_kl: (_reverse_kl_closed, frozenset(), 1),
+    generalized_jsd: (_jsd_closed, frozenset({"beta"}), 3),
 }
 
 
-def _closed_form(
-    fn: DivergenceFn, divergence_kwargs: dict[str, Any]
-) -> tuple[Callable[..., Any], dict] | None:
-    """(closed form, its kwargs) for `fn`, or None when it has none (then local autograd is used)."""
+@dataclass(frozen=True)
+class _Closed:
+    form: Callable[..., tuple[Tensor, Tensor | None]]
+    kwargs: dict[str, float]
+    buffers: int
+    grad_scale: float  # c without the 1/T: (1 − β) for jsd, 1 otherwise
+
+
+def _closed_form(fn: DivergenceFn, divergence_kwargs: dict[str, Any]) -> _Closed | None:
+    """The closed form for `fn` with its kwargs, or None when it has none (then local autograd)."""
     # By identity, not a dict lookup: a user's callable need not be hashable.
     closed = next((form for known, form in _CLOSED_FORMS.items() if known is fn), None)
     if closed is None or not set(divergence_kwargs) <= closed[1]:
         return None
-    form, _ = closed
+    form, _, buffers = closed
     if form is _jsd_closed:
         beta = float(divergence_kwargs.get("beta", 0.5))
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
-        return form, {"beta": beta}
-    return form, {}
+        return _Closed(form, {"beta": beta}, buffers, 1.0 - beta if beta < 1.0 else 1.0)
+    return _Closed(form, {}, buffers, 1.0)
 
 
-def _chunk_terms(
-    fn: DivergenceFn,
-    closed: tuple[Callable[..., Any], dict] | None,
-    logits_s: Tensor,
-    logits_t: Tensor,
-    temperature: float,
-    divergence_kwargs: dict[str, Any],
-    need_grad: bool,
-    targets: Tensor | None,
-    ce_weight: float,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(divergence summed over the chunk, CE summed or None, d(div + w·CE)/d(student logits) [C, V] or None).
+class _Workspace:
+    """[rows, V] compute buffers reused by every chunk of a loss call (and, on CPU, across calls).
 
-    logits_s, logits_t: [C, V] (transformed) logits, consumed (overwritten). targets: [C] ids for
-    the cross-entropy at temperature 1 (None = no CE term); ce_weight: its weight in the gradient.
-    Uses the closed form where one exists for `fn`, else local autograd on this chunk only.
+    On CPU a fresh 100 MB tensor costs ~0.1-1 s of page faults on first touch (more on a loaded
+    machine), more than the matmuls' overhead we are removing, so the last workspace is kept per
+    thread (`release_workspace` frees it). CUDA's caching allocator already reuses memory.
     """
-    ce_value: Tensor | None = None
-    ce_grad: Tensor | None = None
-    rows = None
-    fold_ce = closed is not None and temperature == 1.0  # CE's softmax part joins the closed form
-    if targets is not None:
-        rows = torch.arange(targets.shape[0], device=targets.device)
-        if not fold_ce:  # its own log-softmax at temperature 1, before the logits are consumed
-            log_ce = torch.log_softmax(logits_s, dim=-1)
-            ce_value = -log_ce[rows, targets].sum()
-            if need_grad and ce_weight:
-                ce_grad = log_ce.exp_()
-                ce_grad[rows, targets] -= 1.0
-            del log_ce
-    if closed is not None:
-        form, kwargs = closed
-        log_s = _log_softmax_(logits_s, temperature)
-        if targets is not None and fold_ce:
-            ce_value = -log_s[rows, targets].sum()
-        log_t = _log_softmax_(logits_t, temperature)
-        w = ce_weight if (fold_ce and targets is not None and need_grad) else 0.0
-        value, grad = form(log_s, log_t, temperature, **kwargs, ce=w)
-        if w:
-            grad[rows, targets] -= w
-        if not need_grad:
-            return value, ce_value, None
-    elif not need_grad:
-        with torch.no_grad():
-            value = fn(logits_s, logits_t, temperature=temperature, reduction="sum", **divergence_kwargs)
-        return value, ce_value, None
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows, self.vocab, self.dtype, self.device = rows, vocab, dtype, device
+        self.buffers: list[Tensor] = []
+
+    def take(self, count: int, rows: int) -> list[Tensor]:
+        while len(self.buffers) < count:
+            self.buffers.append(torch.empty((self.rows, self.vocab), dtype=self.dtype, device=self.device))
+        return [buffer[:rows] for buffer in self.buffers[:count]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers)
+
+
+_LOCAL = threading.local()
+
+
+def _workspace(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> _Workspace:
+    if device.type != "cpu":
+        return _Workspace(rows, vocab, dtype, device)
+    kept: _Workspace | None = getattr(_LOCAL, "workspace", None)
+    if kept is None or kept.vocab != vocab or kept.dtype != dtype or kept.rows < rows:
+        _LOCAL.workspace = None  # free the old buffers before allocating new ones
+        kept = _LOCAL.workspace = _Workspace(rows, vocab, dtype, device)
+    return kept
+
+
+def release_workspace() -> int:
+    """Free this thread's kept CPU chunk buffers; returns the bytes released."""
+    kept: _Workspace | None = getattr(_LOCAL, "workspace", None)
+    _LOCAL.workspace = None
+    return 0 if kept is None else kept.nbytes
+
+
+def _project(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    transform: LogitTransform,
+    temperature: float,
+    out: Tensor,
+    slope_out: Tensor | None,
+) -> Tensor | None:
+    """out [C, V] = transform(hidden @ weightᵀ + bias) / temperature, in place; returns the slope.
+
+    The scale and 1/T ride on the matmul's alpha when there is no soft-cap. With a soft-cap and
+    `slope_out`, slope_out = 1 − tanh² (d z'/d z without the scale, which the caller folds in).
+    """
+    cap = transform.softcap
+    alpha = transform.scale / (cap if cap is not None else temperature)
+    if bias is None:
+        torch.mm(hidden, weight.t(), out=out)
+        if alpha != 1.0:
+            out.mul_(alpha)
     else:
-        logits_s.requires_grad_(True)
-        with torch.enable_grad():
-            value = fn(logits_s, logits_t, temperature=temperature, reduction="sum", **divergence_kwargs)
-            (grad,) = torch.autograd.grad(value, logits_s)  # [C, V]
-        value = value.detach()
-    if ce_grad is not None:
-        grad.add_(ce_grad, alpha=ce_weight)
-    return value, ce_value, grad
+        torch.addmm(bias, hidden, weight.t(), beta=alpha, alpha=alpha, out=out)
+    if cap is None:
+        return None
+    tanh = out.tanh_()
+    slope = None
+    if slope_out is not None:
+        slope = torch.mul(tanh, tanh, out=slope_out).neg_().add_(1.0)
+    tanh.mul_(cap / temperature)
+    return slope
 
 
 class _FusedLinearDivergence(torch.autograd.Function):
@@ -344,17 +389,16 @@ class _FusedLinearDivergence(torch.autograd.Function):
             options.teacher_transform,
             options.ce_weight,
         )
-        closed = _closed_form(fn, options.divergence_kwargs)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        closed = _closed_form(fn, options.divergence_kwargs)
 
         # Only counted tokens are computed: padding and prompt tokens cost nothing. A chunk is
         # then always fully counted, so the divergence gets mask=None.
         rows = mask.nonzero().squeeze(1) if mask is not None else None
         h_s = student_hidden if rows is None else student_hidden.index_select(0, rows)
         h_t = teacher_hidden if rows is None else teacher_hidden.index_select(0, rows)
-        ids = None if targets is None or rows is None else targets.index_select(0, rows)
-        ids = targets if rows is None else ids
+        ids = targets if rows is None or targets is None else targets.index_select(0, rows)
         n_counted = h_s.shape[0]
         if ids is not None and n_counted and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise ValueError(
@@ -367,60 +411,109 @@ class _FusedLinearDivergence(torch.autograd.Function):
         w_t = teacher_weight.to(dtype)
         b_s = None if student_bias is None else student_bias.to(dtype)
         b_t = None if teacher_bias is None else teacher_bias.to(dtype)
+        # Clamping at LOGIT_FLOOR matters only where a logit can be -inf: a -inf bias entry.
+        s_floor = b_s is not None and not bool(torch.isfinite(b_s).all())
+        t_floor = b_t is not None and not bool(torch.isfinite(b_t).all())
 
         total = torch.zeros((), dtype=dtype, device=device)
         ce_total = torch.zeros((), dtype=dtype, device=device)
-        grad_h = torch.zeros((n_counted, h_s.shape[1]), dtype=dtype, device=device) if need_h else None
-        grad_w = torch.zeros_like(w_s) if need_w else None
+        grad_h = torch.empty((n_counted, h_s.shape[1]), dtype=dtype, device=device) if need_h else None
+        # Written (beta = 0) by the first chunk's addmm: no zero-fill pass over [V, H_S].
+        grad_w = torch.empty_like(w_s) if need_w else None
+        grad_w_written = False
         grad_b = torch.zeros(vocab, dtype=dtype, device=device) if need_b else None
+        mean_scale = 1.0 / max(n_counted, 1) if options.reduction == "mean" else 1.0
+
+        # CE at temperature 1 joins the closed form's pass when the divergence's temperature is 1
+        # too; otherwise it takes its own log-softmax of the temperature-1 logits first.
+        fold_ce = ids is not None and closed is not None and temperature == 1.0
+        own_ce = ids is not None and not fold_ce
+        want_slope = need_any and s_transform.softcap is not None
+        n_extra = closed.buffers if closed is not None else 0
+        n_buffers = 2 + n_extra + int(want_slope) + int(own_ce)
+        work = _workspace(max(1, min(chunk_size, n_counted)), vocab, dtype, device)
 
         for start in range(0, n_counted, chunk_size):
             stop = min(start + chunk_size, n_counted)
+            buffers = work.take(n_buffers, stop - start)
+            logits_s, logits_t, extra = buffers[0], buffers[1], buffers[2 : 2 + n_extra]
+            slope_buffer = buffers[2 + n_extra] if want_slope else None
+            ce_buffer = buffers[-1] if own_ce else None
             h_s_chunk = h_s[start:stop].to(dtype)
+            chunk_ids = None if ids is None else ids[start:stop]
+            at = torch.arange(stop - start, device=device)
+            # Closed forms take logits already divided by T; the generic divergence divides itself.
+            t_temp = temperature if closed is not None else 1.0
+            s_temp = 1.0 if (own_ce or closed is None) else temperature
             with torch.no_grad():
-                logits_t = nn.functional.linear(h_t[start:stop].to(dtype), w_t, b_t)  # [C, V]
-                logits_s = nn.functional.linear(h_s_chunk, w_s, b_s)  # [C, V]
-                logits_t, _ = _transform_(logits_t, t_transform, keep_slope=False)
-                logits_s, slope = _transform_(logits_s, s_transform, keep_slope=need_any)
-            value, ce_value, grad_logits = _chunk_terms(
-                fn,
-                closed,
-                logits_s,
-                logits_t,
-                temperature,
-                options.divergence_kwargs,
-                need_any,
-                None if ids is None else ids[start:stop],
-                ce_weight,
-            )
-            del logits_s, logits_t
+                _project(h_t[start:stop].to(dtype), w_t, b_t, t_transform, t_temp, logits_t, None)
+                slope = _project(h_s_chunk, w_s, b_s, s_transform, s_temp, logits_s, slope_buffer)
+                ce_grad = None
+                if own_ce:
+                    log_ce = torch._log_softmax(logits_s, -1, False, out=ce_buffer)
+                    ce_total -= log_ce[at, chunk_ids].sum()
+                    if need_any and ce_weight:
+                        ce_grad = log_ce.exp_()
+                        ce_grad[at, chunk_ids] -= 1.0
+                    if closed is not None and temperature != 1.0:
+                        logits_s.div_(temperature)
+                if closed is not None:
+                    log_s = _log_softmax_(logits_s, s_floor)
+                    if fold_ce:
+                        ce_total -= log_s[at, chunk_ids].sum()
+                    log_t = _log_softmax_(logits_t, t_floor)
+                    c = closed.grad_scale / temperature
+                    ce_term = ce_weight / c if (fold_ce and need_any and ce_weight) else 0.0
+                    value, grad_logits = closed.form(
+                        log_s, log_t, extra, need_any, **closed.kwargs, ce=ce_term
+                    )
+                    if ce_term:
+                        grad_logits[at, chunk_ids] -= ce_term
+                elif not need_any:
+                    value = fn(
+                        logits_s,
+                        logits_t,
+                        temperature=temperature,
+                        reduction="sum",
+                        **options.divergence_kwargs,
+                    )
+                    grad_logits, c = None, 1.0
+            if closed is None and need_any:
+                leaf = logits_s.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    value = fn(
+                        leaf, logits_t, temperature=temperature, reduction="sum", **options.divergence_kwargs
+                    )
+                    (grad_logits,) = torch.autograd.grad(value, leaf)  # [C, V]
+                value, c = value.detach(), 1.0
             total += value
-            if ce_value is not None:
-                ce_total += ce_value
             if grad_logits is None:
                 continue
-            # Back through the transform: d/dz = dz'/dz · d/dz'.
-            if slope is not None:
-                grad_logits.mul_(slope)
-                del slope
-            elif s_transform.scale != 1.0:
-                grad_logits.mul_(s_transform.scale)
-            if grad_h is not None:
-                torch.mm(grad_logits, w_s, out=grad_h[start:stop])  # [C, H_S]
-            if grad_w is not None:
-                grad_w.addmm_(grad_logits.t(), h_s_chunk)  # in place: no [V, H_S] temporary per chunk
-            if grad_b is not None:
-                grad_b += grad_logits.sum(0)
+            with torch.no_grad():
+                if ce_grad is not None:
+                    grad_logits.add_(ce_grad, alpha=ce_weight / c)
+                if slope is not None:  # back through the soft-cap: d z'/d z = scale · (1 − tanh²)
+                    grad_logits.mul_(slope)
+                # c, the transform's scale and the mean's 1/n ride on the matmuls' alpha.
+                alpha = c * s_transform.scale * mean_scale
+                if grad_h is not None:
+                    torch.mm(grad_logits, w_s, out=grad_h[start:stop])  # [C, H_S]
+                    if alpha != 1.0:
+                        grad_h[start:stop].mul_(alpha)
+                if grad_w is not None:  # in place: no [V, H_S] temporary
+                    grad_w.addmm_(
+                        grad_logits.t(), h_s_chunk, beta=1.0 if grad_w_written else 0.0, alpha=alpha
+                    )
+                    grad_w_written = True
+                if grad_b is not None:
+                    grad_b.add_(grad_logits.sum(0), alpha=alpha)
             del grad_logits, value
+        del work
+        if grad_w is not None and not grad_w_written:
+            grad_w.zero_()
 
-        scale = 1.0 / max(n_counted, 1) if options.reduction == "mean" else 1.0
-        if scale != 1.0:
-            total *= scale
-            ce_total *= scale
-            for grad in (grad_h, grad_w, grad_b):
-                if grad is not None:
-                    grad.mul_(scale)
-
+        total *= mean_scale
+        ce_total *= mean_scale
         if grad_h is not None and rows is not None:
             # Uncounted tokens get exactly zero gradient.
             full = torch.zeros((n_tokens, grad_h.shape[1]), dtype=dtype, device=device)
@@ -542,7 +635,7 @@ def _fused(
     elif ce_weight:
         raise ValueError(f"{name}: ce_weight={ce_weight} needs the target ids (targets=...)")
     if chunk_size is None:
-        chunk_size = auto_chunk_size(h_s.shape[0], vocab)
+        chunk_size = auto_chunk_size(h_s.shape[0], vocab, device=h_s.device)
     if chunk_size < 1:
         raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
 
@@ -603,8 +696,9 @@ def fused_linear_divergence(
     temperature: softmax temperature of both models (no T^2 factor is applied)
     reduction: "mean" (sum over counted tokens / number of counted tokens, over ALL chunks; 0 when
         none count) or "sum". "none" is not supported: per-token gradients are not kept.
-    chunk_size: tokens per chunk; None picks it so one chunk's float32 logits take ~128 MiB
-        (`auto_chunk_size`), e.g. 680 tokens at V = 49,152 and 216 at V = 151,936.
+    chunk_size: tokens per chunk; None picks it so one chunk's float32 logits take ~32 MiB on CPU
+        (`auto_chunk_size`: 168 tokens at V = 49,152; at least 128 tokens, so 128 at V = 151,936)
+        and ~128 MiB on a GPU.
 
     Vocabulary padding: a teacher with V_T > V (same tokenizer, embedding padded to a multiple
     of 64/128, as Qwen's 151,936 vs 152,064) is cut to the student's first V rows; the padded
@@ -773,6 +867,7 @@ class FusedLinearDivergence(nn.Module):
 
 
 __all__ = [
+    "ACCELERATOR_CHUNK_BYTES",
     "DEFAULT_CHUNK_BYTES",
     "FusedLinearDivergence",
     "FusedLosses",
@@ -782,4 +877,5 @@ __all__ = [
     "fused_causal_lm_losses",
     "fused_head_losses",
     "fused_linear_divergence",
+    "release_workspace",
 ]

@@ -300,7 +300,11 @@ def _save_model(model: nn.Module, path: Path) -> None:
 
 
 def _describe(entry: dict[str, Any]) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in entry.items() if k not in ("name", "weight"))
+    """"0.9·kd(temperature=1.0, divergence=jsd, beta=0.5)": a divergence's own parameters flat."""
+    entry = {**entry, **entry.get("divergence_params", {})}
+    params = ", ".join(
+        f"{k}={v}" for k, v in entry.items() if k not in ("name", "weight", "divergence_params")
+    )
     return f"{entry['weight']:g}·{entry['name']}" + (f"({params})" if params else "")
 
 

@@ -408,6 +408,7 @@ def evaluate_lm_run(
 
     rows: list[dict[str, Any]] = []
     histories: dict[str, Path] = {}
+    privacy_notes: list[str] = []
     for name, method, model, folder in models:
         log(f"kdkit: evaluating {name}")
         model = model.to(device).eval()
@@ -428,6 +429,10 @@ def evaluate_lm_run(
             row["ce_raw"] = losses.get("diag/ce_raw")
             if (folder / "metrics.jsonl").is_file():
                 histories[name] = folder / "metrics.jsonl"
+            if (folder / "privacy.json").is_file():  # a DP-SGD student: its (ε, δ) and what they cover
+                statement = read_json(folder / "privacy.json")
+                row["epsilon"], row["delta"] = statement["epsilon"], statement["delta"]
+                privacy_notes.append(privacy_note(name, statement))
         if model is not teacher:
             model.cpu()
         rows.append(row)
@@ -439,7 +444,7 @@ def evaluate_lm_run(
         columns=report_columns(rows),
         histories=histories,
         config=cfg.model_dump(mode="json"),
-        notes=report_notes(cfg, rows, data),
+        notes=report_notes(cfg, rows, data) + privacy_notes,
         extra={"students": {s.name: s.method_params().model_dump(mode="json") for s in cfg.students}},
         scatter=("parameters", "perplexity"),
     )
@@ -449,15 +454,31 @@ def evaluate_lm_run(
 
 
 def report_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """The fixed columns plus one exact-match column per problem length present."""
+    """The fixed columns plus one exact-match column per problem length present (and ε, δ for DP runs)."""
     exact = [(k, f"Exact match, {k.removeprefix('exact_match_d')}-digit") for k in exact_keys(rows)]
-    return COLUMNS_HEAD + exact + COLUMNS_TAIL
+    private = [("epsilon", "ε (DP-SGD)"), ("delta", "δ")] if any("epsilon" in r for r in rows) else []
+    return COLUMNS_HEAD + private + exact + COLUMNS_TAIL
+
+
+def privacy_note(name: str, statement: dict[str, Any]) -> str:
+    """One report note: a DP student's (ε, δ), its parameters, what it covers and what it does not."""
+    p = statement["parameters"]
+    return (
+        f"Privacy of {name}: (ε, δ) = ({statement['epsilon']:.3g}, {statement['delta']:.3g}), "
+        f"{statement['accountant'].upper()} accountant, {statement['steps_taken']} steps, "
+        f"q = {p['sample_rate']:.4g} "
+        f"over N = {p['records']} records, σ = {p['noise_multiplier']:.4g}, C = {p['max_grad_norm']:.3g}. "
+        f"Covered: {statement['covered']}. Sampling assumed: {statement['sampling_scheme']}. "
+        f"Not covered: {'; '.join(statement['not_covered'])}. Randomness: {statement['randomness']}."
+    )
 
 
 def describe_student(student_cfg: LMStudentRun) -> str:
     """One line: sampler (and its sampling temperature), teacher signal, objective (and the loss's
     distillation temperature), term weights — the two temperatures always named apart."""
     method, p = student_cfg.method_class(), student_cfg.method_params()
+    if hasattr(method, "describe"):  # private methods describe themselves (no kd/ce weights)
+        return f"{student_cfg.method}: {method.describe(p)}"
     parts = method.parts(p)
     sampler = parts.sampler + (f" (λ={p.lmbda:g})" if hasattr(p, "lmbda") else "")
     sampling = (

@@ -88,7 +88,15 @@ def run_students(
         torch.manual_seed(cfg.train.seed)
         distiller = adapter.build_distiller(student_cfg)
         log(f"kdkit: training student {student_cfg.name}: {adapter.describe(student_cfg)}")
-        result = train(
+        privacy = getattr(cfg, "privacy", None)
+        trainer: Any = train
+        if privacy is not None:  # the engine's DP-SGD mode (kdkit.engine.private)
+            from kdkit.engine.private import train_private
+
+            def trainer(distiller: Any, dataset: Any, train_cfg: Any, folder: Path, *,
+                        _privacy: Any = privacy, **kw: Any) -> Any:
+                return train_private(distiller, dataset, train_cfg, _privacy, folder, **kw)
+        result = trainer(
             distiller,
             adapter.train_set,
             cfg.train,
@@ -107,6 +115,8 @@ def run_students(
             "final_losses": result.final_losses,
             "resumed_from": result.resumed_from,
         }
+        if privacy is not None:  # the full statement is in out/privacy.json
+            info["privacy"] = {"epsilon": result.epsilon, **result.plan.to_dict()}
         (out / "train.json").write_text(json.dumps(info, indent=2) + "\n")
         if adapter.delete_checkpoints:
             import shutil

@@ -93,10 +93,13 @@ def train_causal_lm(
     run_dir: Path,
     *,
     progress: bool = True,
+    collate_fn: Any | None = None,
 ) -> None:
     """Cross-entropy on completion tokens with kdkit's engine (AdamW, cosine schedule, warmup).
 
-    An interrupted run resumes from its last checkpoint in `run_dir`.
+    An interrupted run resumes from its last checkpoint in `run_dir`. `collate_fn` defaults to
+    `PromptCompletionCollator(tokenizer)` (completion + EOS trained on). `config` is any object with
+    steps, batch_size, lr, warmup_steps and seed (the judge and planning teachers reuse this).
     """
     # A teacher-less LMDistiller with ce_weight=1 is plain supervised fine-tuning.
     trainer = LMDistiller(model, None, kd_weight=0.0, ce_weight=1.0)
@@ -112,7 +115,8 @@ def train_causal_lm(
         mixed_precision="no",
         progress=progress,
     )
-    train(trainer, list(samples), cfg, run_dir, collate_fn=PromptCompletionCollator(tokenizer), resume=True)
+    collate_fn = collate_fn or PromptCompletionCollator(tokenizer)
+    train(trainer, list(samples), cfg, run_dir, collate_fn=collate_fn, resume=True)
 
 
 __all__ = ["arithmetic_teacher_key", "get_arithmetic_teacher", "train_causal_lm"]

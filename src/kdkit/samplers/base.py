@@ -13,7 +13,7 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from kdkit.samplers.generation import GenerationSettings, generate_batch
+from kdkit.samplers.generation import GenerationSettings, generate_batch, repeat_rows
 from kdkit.settings import LMContext, NoParams, ParamsModel
 
 Batch = dict[str, Any]
@@ -27,6 +27,9 @@ class GenerationParams(ParamsModel):
     sampling_temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: PositiveInt = 64
+    #: completions per prompt (G of group methods); they share one prompt prefill and come back as
+    #: consecutive rows, the batch's other per-row fields repeated to match.
+    num_samples: PositiveInt = 1
 
 
 def generation_settings(params: GenerationParams, ctx: LMContext) -> GenerationSettings:
@@ -36,6 +39,7 @@ def generation_settings(params: GenerationParams, ctx: LMContext) -> GenerationS
         max_new_tokens=params.max_new_tokens,
         eos_token_id=ctx.eos_token_ids or None,
         pad_token_id=ctx.pad_token_id,
+        num_samples=params.num_samples,
     )
 
 
@@ -73,6 +77,7 @@ class GeneratingSampler:
         generated, info = generate_batch(self.model(student, teacher), prompt_ids, prompt_mask, self.settings)
         # Keep the dataset's extra fields (e.g. "digits"), but never its completion tokens.
         out = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
+        out = repeat_rows(out, self.settings.num_samples)
         out |= generated
         out["source"] = self.source
         out["sampler_info"] = {k: float(v) for k, v in info.items()}

@@ -110,7 +110,9 @@ def sample_from_logits(logits: Tensor, temperature: float, top_p: float = 1.0) -
 
     logits: [B, V] (any float dtype; computed in float32). temperature 0 = argmax. top_p < 1 keeps
     the most probable tokens whose preceding cumulative probability is below top_p (so at least one)
-    and renormalises. Uses torch's global RNG.
+    and renormalises. Draws by the exponential race argmax_i p_i / E_i with E_i ~ Exp(1), which
+    picks i with probability exactly p_i / Σp (and is several times cheaper than
+    `torch.multinomial` for a small batch). Uses torch's global RNG.
     """
     if temperature == 0:
         return logits.argmax(-1)
@@ -120,7 +122,7 @@ def sample_from_logits(logits: Tensor, temperature: float, top_p: float = 1.0) -
         outside = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # mass before this token already >= top_p
         sorted_p.masked_fill_(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1).squeeze(-1)
+    return probs.div_(torch.empty_like(probs).exponential_()).argmax(-1)
 
 
 def _accepts(model: nn.Module, name: str) -> bool:

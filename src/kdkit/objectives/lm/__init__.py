@@ -7,6 +7,7 @@ from kdkit.objectives.lm.ce import (
     student_cross_entropy,
 )
 from kdkit.objectives.lm.divergence import DivergenceObjective, DivergenceParams, token_divergence
+from kdkit.objectives.lm.dpo import DPOObjective, DPOParams
 from kdkit.objectives.lm.sampled_token import (
     SampledTokenObjective,
     SampledTokenParams,
@@ -15,6 +16,8 @@ from kdkit.objectives.lm.sampled_token import (
 )
 
 __all__ = [
+    "DPOObjective",
+    "DPOParams",
     "DivergenceObjective",
     "DivergenceParams",
     "LMObjective",
