@@ -136,3 +136,10 @@ def _parameters(registry: object, name: str, entry: object) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in defaults.items())
     declared = registry.params(name) if hasattr(registry, "params") else {}  # type: ignore[attr-defined]
     return ", ".join(f"{key}={spec.default!r}" for key, spec in declared.items())
+
+
+def limit(model: str, texts: Path, widths: list[int], **options: object) -> object:
+    """The minimum-width predictor (`kdkit limit`): see `kdkit.diagnostics.limit.run_limit`."""
+    from kdkit.diagnostics.limit import run_limit
+
+    return run_limit(model, texts, widths, **options)  # type: ignore[arg-type]

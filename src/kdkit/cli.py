@@ -5,6 +5,7 @@
     kdkit eval RUN_DIR                            re-evaluate a finished run and rewrite its report
     kdkit cache CONFIG [overrides...] [--only N]  run an LM config's teacher once: its logit caches
     kdkit methods                                 every registered method, objective and divergence
+    kdkit limit MODEL --texts FILE --widths W...  predict the narrowest student (minimum-width theorem)
 
 Overrides are `key.sub=value` (YAML values). A config a person must fix is refused before any
 work starts with one line naming the field, and exit code 2.
@@ -51,6 +52,20 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("config", type=Path)
     cache.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     cache.add_argument("--only", action="append", help="build only this cache (repeatable)")
+
+    limit = commands.add_parser("limit", help="predict loss floors and the critical width of a student")
+    limit.add_argument("model", help="teacher: a Hugging Face model folder or hub id")
+    limit.add_argument(
+        "--texts", type=Path, required=True, help=".txt (one per line), .csv or .jsonl with 'text'"
+    )
+    limit.add_argument("--widths", type=int, nargs="+", required=True, help="candidate student widths")
+    limit.add_argument("--layer", type=int, default=-1, help="hidden-state index (0 = embeddings, -1 = last)")
+    limit.add_argument("--out", type=Path, default=Path("limit"), help="folder for limit.json/.md/.png")
+    limit.add_argument("--max-tokens", type=int, default=20_000)
+    limit.add_argument("--steps", type=int, default=3000, help="sparse-autoencoder training steps")
+    limit.add_argument("--l1", type=float, default=0.3, help="SAE sparsity penalty (standardised inputs)")
+    limit.add_argument("--dictionary-size", type=int, default=None, help="SAE entries (default 8 x width)")
+    limit.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -78,6 +93,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "cache":
         summaries = api.cache(args.config, args.overrides, only=args.only)
         return 0 if summaries else 1
+
+    if args.command == "limit":
+        prediction = api.limit(
+            args.model,
+            args.texts,
+            args.widths,
+            out=args.out,
+            layer=args.layer,
+            max_tokens=args.max_tokens,
+            steps=args.steps,
+            l1=args.l1,
+            dictionary_size=args.dictionary_size,
+            seed=args.seed,
+        )
+        print((args.out / "limit.md").read_text(), end="")
+        return 0 if prediction.num_features else 1
     if args.command == "demo":
         run_dir = api.demo(args.overrides, resume=args.resume, output_dir=args.output_dir)
     elif args.command == "run":

@@ -1,10 +1,10 @@
 """Named methods (`METHODS`): one small file each, choosing one entry per axis with defaults.
 
-Classifier methods: scratch, kd, dkd, fitnet, at, dist. LM methods: supervised_kd, seqkd,
-on_policy, gkd, gkd_scheduled, sampled_token, minillm, grpo, reinforce; private (DP-SGD via
-`privacy:`): dp_opd, dp_kd, dp_ft. Text-teacher methods (kind "text": the teacher is reached only
-as text, through `kdkit.teachers`): text_seqkd, soda, gen_ssd. Importing this package registers
-them all.
+Classifier methods: scratch, kd, dkd, fitnet, at, dist; makd (transformer students). LM
+methods: supervised_kd, seqkd, on_policy, gkd, gkd_scheduled, sampled_token, minillm, grpo,
+reinforce; private (DP-SGD via `privacy:`): dp_opd, dp_kd, dp_ft. Text-teacher methods (kind
+"text": the teacher is reached only as text, through `kdkit.teachers`): text_seqkd, soda, gen_ssd.
+Importing this package registers them all.
 """
 
 from kdkit.methods import (
@@ -18,6 +18,7 @@ from kdkit.methods import (
     gen_ssd,
     gkd,
     kd,
+    makd,
     minillm,
     on_policy,
     policy_gradient,
@@ -59,6 +60,7 @@ __all__ = [
     "gkd",
     "kd",
     "lm_method",
+    "makd",
     "minillm",
     "on_policy",
     "policy_gradient",
