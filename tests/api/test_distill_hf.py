@@ -10,7 +10,7 @@ import torch
 import kdkit
 from kdkit.data.examples import as_examples
 from kdkit.methods.any_model import LogitsAdapter
-from kdkit.models.hf import select_encoder_layers
+from kdkit.models.builders import derive_student
 from kdkit.pipelines.distill import predict
 from tests.api.hf_tiny import save_tiny, sentences, tiny_bert, tiny_tokenizer
 
@@ -67,18 +67,18 @@ def test_folders_by_name_with_the_teachers_tokenizer(text_data, tmp_path):
 
 def test_layer_selected_student_starts_from_the_teachers_blocks():
     teacher = tiny_bert(layers=4)
-    student = select_encoder_layers(teacher, [0, 3])
+    student = derive_student(teacher, keep_layers=[0, 3])
     assert student.config.num_hidden_layers == 2 and len(student.bert.encoder.layer) == 2
     torch.testing.assert_close(student.bert.encoder.layer[1].output.dense.weight,
                                teacher.bert.encoder.layer[3].output.dense.weight)
     assert student.bert.encoder.layer[1].output.dense.weight.data_ptr() != \
         teacher.bert.encoder.layer[3].output.dense.weight.data_ptr()  # a copy, not shared
     assert len(teacher.bert.encoder.layer) == 4  # the teacher is untouched
-    assert select_encoder_layers(teacher, 2).config.num_hidden_layers == 2
+    assert derive_student(teacher, keep_layers=2).config.num_hidden_layers == 2
 
 
 def test_a_frozen_teachers_layer_selected_copy_still_trains():
     teacher = tiny_bert(layers=4).requires_grad_(False)
-    student = select_encoder_layers(teacher, 2)
+    student = derive_student(teacher, keep_layers=2)
     assert all(p.requires_grad for p in student.parameters())
     assert not any(p.requires_grad for p in teacher.parameters())

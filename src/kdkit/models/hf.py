@@ -11,22 +11,19 @@
 - `"package.module:factory"`: any callable returning an `nn.Module`, called with `kwargs`.
 
 Nothing here reaches the hub unless a hub id is given and the machine is online; kdkit's tests use
-locally saved tiny models. `select_encoder_layers` derives a shallower student from an encoder (or
-decoder) by copying chosen transformer blocks.
+locally saved tiny models. A shallower student of any encoder or decoder comes from
+`kdkit.models.builders.derive_student` (layer selection).
 """
 
 from __future__ import annotations
 
-import copy
 import importlib
 import importlib.util
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
-
-from kdkit.models.lm import decoder_layers, select_layers
 
 TASKS: dict[str, str] = {
     "image-classification": "AutoModelForImageClassification",
@@ -132,33 +129,6 @@ def load_minilm(num_labels: int = 2, *, attn_implementation: str | None = "eager
     )
 
 
-def select_encoder_layers(model: nn.Module, keep_layers: Sequence[int] | int | str) -> nn.Module:
-    """A copy of a Hugging Face transformer that keeps only some of its blocks (layer selection).
-
-    keep_layers: indices (e.g. [0, 5]), a number of evenly spaced blocks including the first and
-    last (2 → [0, 5] of 6), or "every_k:K" (see `kdkit.models.lm.select_layers`). Embeddings,
-    pooler and head are copied unchanged; kept block i is a copy of block keep[i]. The config's
-    `num_hidden_layers` (and per-layer lists) are updated, so `save_pretrained` output reloads.
-    """
-    student = copy.deepcopy(model).requires_grad_(True)  # a frozen teacher's copy must still train
-    prefix, layers = decoder_layers(student)
-    kept = select_layers(len(layers), keep_layers)
-    new_layers = nn.ModuleList([layers[i] for i in kept])
-    for new_index, layer in enumerate(new_layers):
-        for module in layer.modules():  # blocks that index a cache by their position
-            if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
-                module.layer_idx = new_index
-    parent_name, _, child = prefix.rpartition(".")
-    parent = student.get_submodule(parent_name) if parent_name else student
-    setattr(parent, child, new_layers)
-    config = student.config
-    for key, value in list(config.to_dict().items()):
-        if isinstance(value, list) and len(value) == config.num_hidden_layers and key != "architectures":
-            setattr(config, key, [value[i] for i in kept])
-    config.num_hidden_layers = len(kept)
-    return student
-
-
 def _timm(name: str, num_labels: int | None, kwargs: dict[str, Any]) -> nn.Module:
     if importlib.util.find_spec("timm") is None:
         raise ModelSourceError(f"timm:{name}: timm is not installed (pip install timm)")
@@ -205,5 +175,4 @@ __all__ = [
     "load_tokenizer",
     "package_folder",
     "resolve_source",
-    "select_encoder_layers",
 ]

@@ -20,7 +20,8 @@ from kdkit.config.any_model import AnyModelRunConfig, FilesDataConfig, SourceMod
 from kdkit.data.examples import Examples, as_examples, default_image_transform
 from kdkit.data.generic import check_columns, load_files
 from kdkit.methods.any_model import LogitsAdapter
-from kdkit.models.hf import load_model, load_tokenizer, select_encoder_layers
+from kdkit.models.builders import derive_student
+from kdkit.models.hf import load_model, load_tokenizer
 from kdkit.pipelines.distill import _evaluate_examples, check_models_and_data, distill, predict
 from kdkit.pipelines.run_folder import resolve_run_dir
 
@@ -57,7 +58,7 @@ def build_teacher(cfg: AnyModelRunConfig, train_data: Any, eval_data: Any, log: 
 def build_student(spec: SourceModelConfig, teacher: nn.Module, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if spec.from_teacher is not None:
-        return select_encoder_layers(teacher, spec.from_teacher.keep_layers).train()
+        return derive_student(teacher, keep_layers=spec.from_teacher.keep_layers).train()
     assert spec.source is not None
     return load_model(spec.source, task=spec.task, num_labels=spec.num_labels, kwargs=spec.kwargs)
 
