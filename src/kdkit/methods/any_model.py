@@ -24,7 +24,7 @@ from kdkit.eval.classifier import _as_logits
 from kdkit.methods.base import classifier_method
 from kdkit.methods.classifier_distiller import ClassifierDistiller
 from kdkit.models.hooks import FeatureHooks
-from kdkit.objectives.classifier import FeatureShapes, ObjectiveSpec, Outputs
+from kdkit.objectives.classifier import ObjectiveSpec, Outputs
 from kdkit.registry import OBJECTIVES
 
 
@@ -121,23 +121,6 @@ class AnyModelDistiller(ClassifierDistiller):
         super().__init__(student, teacher, objectives, example_inputs)
         self.label_terms = [bool(getattr(term, "needs_labels", True)) for term in self.terms]
 
-    @torch.no_grad()
-    def _feature_shapes(self, example_inputs: Any) -> FeatureShapes:
-        student, teacher = self.student, self.teacher
-        was_training = student.training
-        student.eval()
-        try:
-            with FeatureHooks(student, self.student_layers) as hooks:
-                student(example_inputs)
-                s_shapes = {n: tuple(hooks.get(n).shape[1:]) for n in self.student_layers}
-        finally:
-            student.train(was_training)
-        t_shapes: dict[str, tuple[int, ...]] = {}
-        if teacher is not None and self.teacher_layers:
-            with FeatureHooks(teacher, self.teacher_layers) as hooks:
-                teacher(example_inputs)
-                t_shapes = {n: tuple(hooks.get(n).shape[1:]) for n in self.teacher_layers}
-        return FeatureShapes(s_shapes, t_shapes)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         inputs, labels = batch["inputs"], batch["labels"]

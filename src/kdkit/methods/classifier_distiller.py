@@ -57,7 +57,7 @@ class ClassifierDistiller(Distiller):
                 term.build(shapes)
 
     @torch.no_grad()
-    def _feature_shapes(self, example_inputs: Tensor) -> FeatureShapes:
+    def _feature_shapes(self, example_inputs: Any) -> FeatureShapes:
         # Eval mode: a probe pass must not update BatchNorm running statistics.
         student, teacher = self.student, self.teacher
         was_training = student.training
@@ -71,7 +71,9 @@ class ClassifierDistiller(Distiller):
         t_shapes: dict[str, tuple[int, ...]] = {}
         if teacher is not None and self.teacher_layers:
             with FeatureHooks(teacher, self.teacher_layers) as hooks:
-                teacher(example_inputs.to(next(teacher.parameters()).device))
+                if isinstance(example_inputs, Tensor):  # dict inputs (tokenized text) stay where they are
+                    example_inputs = example_inputs.to(next(teacher.parameters()).device)
+                teacher(example_inputs)
                 t_shapes = {n: tuple(hooks.get(n).shape[1:]) for n in self.teacher_layers}
         return FeatureShapes(s_shapes, t_shapes)
 

@@ -36,22 +36,11 @@ from kdkit.paths import cache_dir
 from kdkit.pipelines.run_folder import read_json
 from kdkit.pipelines.skeleton import run_students
 from kdkit.report import classifier_results_table, write_report
+from kdkit.report.tables import CLASSIFIER_COLUMNS
 
 logger = logging.getLogger(__name__)
 Log = Callable[[str], None]
 
-COLUMNS = [
-    ("model", "Model"),
-    ("method", "Method"),
-    ("accuracy", "Accuracy"),
-    ("agreement", "Agreement with teacher"),
-    ("kl_to_teacher", "KL(T‖S) (nats)"),
-    ("ece", "ECE"),
-    ("parameters", "Parameters"),
-    ("size_on_disk_bytes", "Size on disk"),
-    ("latency_ms_per_example", "Latency / example"),
-    ("train_time_s", "Train time (s)"),
-]
 
 
 class ClassifierRun:
@@ -299,7 +288,7 @@ def evaluate_classifier_run(
         run_dir,
         title=f"Classifier distillation: {cfg.name}",
         rows=rows,
-        columns=COLUMNS,
+        columns=CLASSIFIER_COLUMNS,
         histories=histories,
         reliability=reliability,
         config=cfg.model_dump(mode="json"),

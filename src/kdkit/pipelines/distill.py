@@ -56,22 +56,11 @@ from kdkit.models.hf import load_model, load_tokenizer
 from kdkit.pipelines.run_folder import resolve_run_dir
 from kdkit.registry import OBJECTIVES, load_builtins
 from kdkit.report import write_report
+from kdkit.report.tables import CLASSIFIER_COLUMNS
 
 logger = logging.getLogger(__name__)
 Log = Callable[[str], None]
 
-COLUMNS = [
-    ("model", "Model"),
-    ("method", "Method"),
-    ("accuracy", "Accuracy"),
-    ("agreement", "Agreement with teacher"),
-    ("kl_to_teacher", "KL(T‖S) (nats)"),
-    ("ece", "ECE"),
-    ("parameters", "Parameters"),
-    ("size_on_disk_bytes", "Size on disk"),
-    ("latency_ms_per_example", "Latency / example"),
-    ("train_time_s", "Train time (s)"),
-]
 
 
 @dataclass
@@ -372,7 +361,7 @@ def distill(
         if teacher_model is not None:
             metrics["teacher_accuracy"] = evaluation.row("teacher")["accuracy"]
     elif report:
-        write_report(run_dir, title=f"Distillation: {label}", rows=[], columns=COLUMNS,
+        write_report(run_dir, title=f"Distillation: {label}", rows=[], columns=CLASSIFIER_COLUMNS,
                      histories={label: out / "metrics.jsonl"}, config=record, notes=notes, scatter=None)
     return DistillResult(student_model, metrics, run_dir, rows, notes, trained_s, cache_s)
 
@@ -496,7 +485,7 @@ def _evaluate_examples(
         *notes,
     ]
     write_report(
-        run_dir, title=title, rows=rows, columns=COLUMNS,
+        run_dir, title=title, rows=rows, columns=CLASSIFIER_COLUMNS,
         histories={k: v for k, v in (histories or {}).items() if Path(v).is_file()},
         reliability=reliability, config=config, notes=shown_notes, scatter=("parameters", "accuracy"),
     )

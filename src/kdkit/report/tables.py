@@ -5,6 +5,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
+#: The report columns of a classifier run (key in a metrics row, header).
+CLASSIFIER_COLUMNS = [
+    ("model", "Model"),
+    ("method", "Method"),
+    ("accuracy", "Accuracy"),
+    ("agreement", "Agreement with teacher"),
+    ("kl_to_teacher", "KL(T‖S) (nats)"),
+    ("ece", "ECE"),
+    ("parameters", "Parameters"),
+    ("size_on_disk_bytes", "Size on disk"),
+    ("latency_ms_per_example", "Latency / example"),
+    ("train_time_s", "Train time (s)"),
+]
+
 
 def exact_keys(rows: list[dict[str, Any]]) -> list[str]:
     """exact_match_d<k> keys present in any row, by k."""
@@ -51,4 +65,4 @@ def lm_results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["classifier_results_table", "exact_keys", "lm_results_table"]
+__all__ = ["CLASSIFIER_COLUMNS", "classifier_results_table", "exact_keys", "lm_results_table"]
