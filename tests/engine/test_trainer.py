@@ -118,12 +118,17 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(crashed, TinyDataset(), cfg, tmp_path / "run")
     assert [r["step"] for r in history(tmp_path / "run")] == [2, 4, 6]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000005" / "state.json"
+    crashed_elapsed = json.loads(checkpoint.read_text())["elapsed_s"]
 
     torch.manual_seed(123)  # a different global RNG state must not matter: the checkpoint restores it
     resumed = TinyKD(*make_models())
     result = train(resumed, TinyDataset(), cfg, tmp_path / "run", resume=True)
 
     assert result.resumed_from == 5 and result.steps == 12 and resumed.calls == 7
+    # the training time counts the crashed session's steps too (train.json reports it)
+    assert result.train_time_s > crashed_elapsed > 0
+    assert result.train_time_s >= history(tmp_path / "run")[-1]["elapsed_s"] - 1e-3
     for key, value in student_weights(reference).items():
         assert torch.equal(student_weights(resumed)[key], value), key
     drop = ("elapsed_s", "examples_per_s")

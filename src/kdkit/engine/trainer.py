@@ -38,13 +38,18 @@ TOKENS = "_tokens"
 
 @dataclass
 class TrainResult:
-    """What `train` hands back. final_losses: the last logged window's averaged terms (nats, etc.)."""
+    """What `train` hands back. final_losses: the last logged window's averaged terms (nats, etc.).
+
+    wall_time_s: this call's wall time (set-up included); train_time_s: training time over every
+    session of the run, earlier (killed, resumed) ones included, up to the last step.
+    """
 
     steps: int
     final_losses: dict[str, float]
     history_path: Path
     wall_time_s: float
     resumed_from: int | None
+    train_time_s: float = 0.0
 
 
 @dataclass
@@ -317,6 +322,7 @@ def train(
         finally:
             bar.close()
             metrics.close()
+        session_s = time.perf_counter() - session_start
         accelerator.wait_for_everyone()
         # drops Accelerate's autocast wrapper from the caller's object; DDP never owned the weights
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)
@@ -332,6 +338,7 @@ def train(
         history_path=history,
         wall_time_s=time.perf_counter() - started,
         resumed_from=resumed_from,
+        train_time_s=state.elapsed_s + session_s,
     )
 
 

@@ -334,11 +334,7 @@ def distill(
                 parameter.requires_grad_(flag)
     student_model = distiller.student.model.cpu()
     _save(student_model, out, tokenizer)
-    # training time over every session of this student (a resumed run counts its earlier ones)
-    history = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-        if (out / "metrics.jsonl").is_file() else []
-    trained_s = float(json.loads(history[-1]).get("elapsed_s", result.wall_time_s)) if history \
-        else result.wall_time_s
+    trained_s = result.train_time_s  # over every session of this student, resumed ones too
     (out / "train.json").write_text(json.dumps(
         {"steps": result.steps, "wall_time_s": trained_s, "final_losses": result.final_losses,
          "teacher_cache_s": cache_s}, indent=2) + "\n")

@@ -111,7 +111,7 @@ def run_students(
             "method": student_cfg.method,
             "params": None if params is None else params.model_dump(mode="json"),
             "steps": result.steps,
-            "wall_time_s": result.wall_time_s,
+            "wall_time_s": result.train_time_s,  # every session's training time, resumed ones too
             "final_losses": result.final_losses,
             "resumed_from": result.resumed_from,
         }
@@ -122,7 +122,7 @@ def run_students(
             import shutil
 
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        log(f"kdkit: student {student_cfg.name} trained in {result.wall_time_s:.0f} s")
+        log(f"kdkit: student {student_cfg.name} trained in {result.train_time_s:.0f} s")
     return adapter.evaluate(run_dir)
 
 
