@@ -95,7 +95,8 @@ def plan_privacy(privacy: PrivacyConfig, records: int, cfg: TrainConfig) -> Priv
 
 @dataclass
 class PrivateTrainResult:
-    """What `train_private` hands back: the TrainResult fields plus the privacy spent."""
+    """What `train_private` hands back: the TrainResult fields plus the privacy spent.
+    train_time_s: training time over every session of the run (resumed ones too)."""
 
     steps: int
     final_losses: dict[str, float]
@@ -105,6 +106,7 @@ class PrivateTrainResult:
     epsilon: float
     plan: PrivacyPlan
     mean_batch_size: float
+    train_time_s: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -276,6 +278,7 @@ def train_private(
     try:
         gsm.train()
         session_start = window_start = time.perf_counter()
+        train_time_s = elapsed
         while step < cfg.steps:
             lr = optimizer.param_groups[0]["lr"]
             indices = poisson_batch(records, plan.sample_rate, cfg.seed, step)
@@ -325,6 +328,7 @@ def train_private(
                 _save(run_dir, cfg, distiller, optimizer, scheduler, step,
                       elapsed + time.perf_counter() - session_start, window,
                       {"steps": accounted, "sampled": sampled_total, "plan": plan.to_dict()})
+        train_time_s = elapsed + time.perf_counter() - session_start
     finally:
         quiet.__exit__(None, None, None)
         bar.close()
@@ -351,6 +355,7 @@ def train_private(
         epsilon=epsilon,
         plan=plan,
         mean_batch_size=statement["mean_batch_size"],
+        train_time_s=train_time_s,
     )
 
 

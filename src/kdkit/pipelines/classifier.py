@@ -176,7 +176,7 @@ def load_or_train_teacher(
                 "data": cfg.data.model_dump(),
                 "eval_split": cfg.data.eval_split,
                 "metrics": {k: v for k, v in metrics.items() if k != "reliability"},
-                "wall_time_s": result.wall_time_s,
+                "wall_time_s": result.train_time_s,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             },
             indent=2,
@@ -185,7 +185,7 @@ def load_or_train_teacher(
     )
     # The engine's checkpoints are only needed to resume a killed training; the weights suffice now.
     shutil.rmtree(folder / "train" / "checkpoints", ignore_errors=True)
-    log(f"kdkit: teacher trained in {result.wall_time_s:.0f} s, accuracy {metrics['accuracy']:.2%}")
+    log(f"kdkit: teacher trained in {result.train_time_s:.0f} s, accuracy {metrics['accuracy']:.2%}")
     return teacher
 
 
