@@ -68,7 +68,7 @@ def test_plan_metrics_of_an_untrained_policy_are_rates_by_difficulty() -> None:
 def test_planning_teacher_is_trained_once_then_cached(kdkit_cache, monkeypatch) -> None:
     import json
 
-    from kdkit.pipelines import planning_teacher
+    from kdkit.pipelines import teachers
     from kdkit.pipelines.planning_teacher import PlanningTeacherConfig, get_planning_teacher
 
     config = PlanningTeacherConfig(
@@ -78,6 +78,6 @@ def test_planning_teacher_is_trained_once_then_cached(kdkit_cache, monkeypatch) 
     info = json.loads((folder / "kdkit_teacher.json").read_text())
     assert set(info["metrics_by_difficulty"]) == set(DIFFICULTIES)
     monkeypatch.setattr(
-        planning_teacher, "train_causal_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError)
+        teachers, "train_causal_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError)
     )
     assert get_planning_teacher(config)[2] == folder

@@ -136,7 +136,7 @@ def test_teacher_log_likelihood_reward_matches_a_direct_computation() -> None:
 def test_judge_is_trained_once_then_loaded_from_cache_with_its_accuracy(kdkit_cache, monkeypatch) -> None:
     import json
 
-    from kdkit.pipelines import judges
+    from kdkit.pipelines import teachers
     from kdkit.pipelines.judges import get_arithmetic_judge
     from kdkit.tasks.arithmetic_judge import ArithmeticJudgeConfig
 
@@ -152,7 +152,7 @@ def test_judge_is_trained_once_then_loaded_from_cache_with_its_accuracy(kdkit_ca
     def no_training(*args, **kwargs):
         raise AssertionError("the cached judge was retrained")
 
-    monkeypatch.setattr(judges, "train_causal_lm", no_training)
+    monkeypatch.setattr(teachers, "train_causal_lm", no_training)  # every cached LM trains there
     again, _, folder2 = get_arithmetic_judge(config)
     assert folder2 == folder
     for name, tensor in judge.state_dict().items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -21,10 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.pipelines.teachers import train_causal_lm
+from kdkit.pipelines.teachers import load_cached_lm, train_tiny_lm
 from kdkit.rewards.judge import JudgeReward
 from kdkit.samplers.collate import PromptCompletionCollator
-from kdkit.tasks.arithmetic import build_arithmetic_lm
 from kdkit.tasks.arithmetic_judge import (
     JUDGE_TEMPLATE,
     NO,
@@ -60,36 +58,23 @@ def get_arithmetic_judge(
     `<folder>/kdkit_judge.json` holds the config, training seconds and the judge's accuracy on 1000
     held-out labelled solutions (lengths up to one past the training range).
     """
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
     config = config or ArithmeticJudgeConfig()
     folder = config.folder()
-    if (folder / "kdkit_judge.json").exists() and not retrain:
-        model = AutoModelForCausalLM.from_pretrained(folder)
-        return model.eval(), PreTrainedTokenizerFast.from_pretrained(folder), folder
+    cached = load_cached_lm(folder, "kdkit_judge.json", retrain=retrain)
+    if cached is not None:
+        return (*cached, folder)
     tokenizer = judge_tokenizer()
-    model = build_arithmetic_lm(
-        tokenizer,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        seed=config.seed,
-    )
     n = config.steps * config.batch_size
     samples = judge_samples(n, config.digits, seed=config.seed, generative_aux=config.generative_aux)
-    started = time.perf_counter()
     # no EOS after the verdict: the judge is read at the verdict position only
-    train_causal_lm(
-        model,
+    model, seconds = train_tiny_lm(
         tokenizer,
+        config,
         samples,
-        config,  # type: ignore[arg-type]
         folder / "run",
         progress=progress,
         collate_fn=PromptCompletionCollator(tokenizer, add_eos=False),
     )
-    seconds = time.perf_counter() - started
     model = model.eval()
     held_out = judge_samples(1000, (config.digits[0], config.digits[1] + 1), seed=20_000 + config.seed)
     accuracy = judge_accuracy(model, tokenizer, held_out)

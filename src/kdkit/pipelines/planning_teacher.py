@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,7 @@ from typing import Any
 from torch import nn
 
 from kdkit.paths import cache_dir
-from kdkit.pipelines.teachers import train_causal_lm
-from kdkit.tasks.arithmetic import build_arithmetic_lm
+from kdkit.pipelines.teachers import load_cached_lm, train_tiny_lm
 from kdkit.tasks.planning import (
     DIFFICULTIES,
     PLANNING_FORMAT_VERSION,
@@ -62,26 +60,14 @@ def get_planning_teacher(
     training seconds and its success / collision / off-grid rates by difficulty on 400 held-out
     scenarios (including "ood", larger than its training grids).
     """
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
     config = config or PlanningTeacherConfig()
     folder = cache_dir("teachers", f"planning-{config.key()}")
-    if (folder / "kdkit_teacher.json").exists() and not retrain:
-        model = AutoModelForCausalLM.from_pretrained(folder)
-        return model.eval(), PreTrainedTokenizerFast.from_pretrained(folder), folder
+    cached = load_cached_lm(folder, "kdkit_teacher.json", retrain=retrain)
+    if cached is not None:
+        return (*cached, folder)
     tokenizer = planning_tokenizer()
-    model = build_arithmetic_lm(
-        tokenizer,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        seed=config.seed,
-    )
     samples = planning_dataset(config.steps * config.batch_size, config.difficulties, seed=config.seed)
-    started = time.perf_counter()
-    train_causal_lm(model, tokenizer, samples, config, folder / "run", progress=progress)  # type: ignore[arg-type]
-    seconds = time.perf_counter() - started
+    model, seconds = train_tiny_lm(tokenizer, config, samples, folder / "run", progress=progress)
     model = model.eval()
     held_out = make_scenarios(400, tuple(DIFFICULTIES), seed=30_000 + config.seed)
     metrics = plan_metrics(model, tokenizer, held_out)

@@ -38,6 +38,36 @@ def arithmetic_teacher_key(config: ArithmeticTeacherConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def load_cached_lm(folder: Path, marker: str, *, retrain: bool = False) -> tuple[nn.Module, Any] | None:
+    """(model in eval mode, tokenizer) from a cache folder that holds `marker` (written last, after
+    the weights), or None when it is missing or `retrain` is set."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    if retrain or not (folder / marker).exists():
+        return None
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    return model, PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def train_tiny_lm(
+    tokenizer: Any, config: Any, samples: Sequence[dict[str, Any]], run_dir: Path, **options: Any
+) -> tuple[nn.Module, float]:
+    """A tiny Llama of `config`'s shape (hidden_size, num_layers, num_heads, intermediate_size,
+    seed) trained by `train_causal_lm` on `samples` in `run_dir`; returns (model, training seconds).
+    `options` go to `train_causal_lm` (progress, collate_fn)."""
+    model = build_arithmetic_lm(
+        tokenizer,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        seed=config.seed,
+    )
+    started = time.perf_counter()
+    train_causal_lm(model, tokenizer, samples, config, run_dir, **options)
+    return model, time.perf_counter() - started
+
+
 def get_arithmetic_teacher(
     config: ArithmeticTeacherConfig | None = None, *, retrain: bool = False, device: str | None = None
 ) -> tuple[nn.Module, Any, Path]:
@@ -48,28 +78,16 @@ def get_arithmetic_teacher(
     `kdkit_teacher.json` (config, training seconds, exact match by length on 512 held-out problems,
     including one length past the training range). The training run folder is `<folder>/run`.
     """
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
     config = config or ArithmeticTeacherConfig()
     folder = cache_dir("teachers", f"arithmetic-{arithmetic_teacher_key(config)}")
-    if (folder / "kdkit_teacher.json").exists() and not retrain:
-        model = AutoModelForCausalLM.from_pretrained(folder)
-        return model.eval(), PreTrainedTokenizerFast.from_pretrained(folder), folder
+    cached = load_cached_lm(folder, "kdkit_teacher.json", retrain=retrain)
+    if cached is not None:
+        return (*cached, folder)
 
     tokenizer = arithmetic_tokenizer()
-    model = build_arithmetic_lm(
-        tokenizer,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        seed=config.seed,
-    )
     # Fresh problems for every step (no epoch repeats): steps × batch_size samples.
     samples = arithmetic_dataset(config.steps * config.batch_size, config.digits, seed=config.seed)
-    started = time.perf_counter()
-    train_causal_lm(model, tokenizer, samples, config, folder / "run")
-    seconds = time.perf_counter() - started
+    model, seconds = train_tiny_lm(tokenizer, config, samples, folder / "run")
     model = model.to(device or "cpu").eval()
     held_out = make_problems(512, (config.digits[0], config.digits[1] + 1), seed=10_000 + config.seed)
     accuracy = exact_match_by_length(model, tokenizer, held_out, batch_size=128)
@@ -119,4 +137,10 @@ def train_causal_lm(
     train(trainer, list(samples), cfg, run_dir, collate_fn=collate_fn, resume=True)
 
 
-__all__ = ["arithmetic_teacher_key", "get_arithmetic_teacher", "train_causal_lm"]
+__all__ = [
+    "arithmetic_teacher_key",
+    "get_arithmetic_teacher",
+    "load_cached_lm",
+    "train_causal_lm",
+    "train_tiny_lm",
+]
