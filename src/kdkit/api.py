@@ -19,10 +19,12 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "fashion_mnist_demo.yaml"
 PIPELINES: dict[str, str] = {
     "classifier": "kdkit.pipelines.classifier:run_classifier",
     "lm": "kdkit.pipelines.lm:run_lm",
+    "text": "kdkit.pipelines.text:run_text",
 }
 EVALUATORS: dict[str, str] = {
     "classifier": "kdkit.pipelines.classifier:evaluate_classifier_run",
     "lm": "kdkit.pipelines.lm:evaluate_lm_run",
+    "text": "kdkit.pipelines.text:evaluate_text_run",
 }
 
 

@@ -41,7 +41,7 @@ def method_of_kind(name: str, kind: str) -> Any:
     ConfigError listing the methods of that kind otherwise."""
     load_builtins()
     known = ", ".join(methods_of_kind(kind))
-    noun = {"lm": "language-model", "classifier": "classifier"}.get(kind, kind)
+    noun = {"lm": "language-model", "classifier": "classifier", "text": "black-box text"}.get(kind, kind)
     method = METHODS.get(name) if name in METHODS else None
     if getattr(method, "kind", None) != kind:
         raise ConfigError(f"{name!r} is not a {noun} method (known: {known})")

@@ -145,11 +145,16 @@ class LMDataConfig(StrictModel):
             raise ValueError("dataset jsonl needs a path")
         if self.prompt_tokens >= self.block_size:
             raise ValueError(f"prompt_tokens={self.prompt_tokens} must be < block_size={self.block_size}")
-        for key in ("train_digits", "eval_digits"):
-            low, high = getattr(self, key)
-            if low > high:
-                raise ValueError(f"{key} must be (min, max) with min <= max, got ({low}, {high})")
+        check_digit_ranges(self)
         return self
+
+
+def check_digit_ranges(data: Any) -> None:
+    """ValueError unless `data.train_digits` and `data.eval_digits` are (min, max) with min <= max."""
+    for key in ("train_digits", "eval_digits"):
+        low, high = getattr(data, key)
+        if low > high:
+            raise ValueError(f"{key} must be (min, max) with min <= max, got ({low}, {high})")
 
 
 class LMStudentRun(StudentRun):
@@ -252,4 +257,5 @@ __all__ = [
     "LMStudentConfig",
     "LMStudentRun",
     "LMTeacherConfig",
+    "check_digit_ranges",
 ]

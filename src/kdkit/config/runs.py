@@ -14,6 +14,7 @@ from kdkit.config.loading import ConfigError, apply_overrides, load_yaml
 RUN_KINDS: dict[str, str] = {
     "classifier": "kdkit.config.classifier:ClassifierRunConfig",
     "lm": "kdkit.config.lm:LMRunConfig",
+    "text": "kdkit.config.text:TextRunConfig",
 }
 
 

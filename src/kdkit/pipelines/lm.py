@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from kdkit.config.lm import LMRunConfig, LMStudentRun
+from kdkit.config.lm import LMRunConfig, LMStudentConfig, LMStudentRun, LMTeacherConfig
 from kdkit.models.lm import (
     build_causal_lm,
     derive_student,
@@ -73,7 +73,13 @@ class LMData:
 
 def load_teacher(cfg: LMRunConfig, *, dtype: str | None = None, log: Log = print) -> tuple[nn.Module, Any]:
     """The teacher (eval mode, CPU, `dtype` or `teacher.dtype`) and its tokenizer (with a pad token)."""
-    spec = cfg.teacher
+    return load_teacher_model(cfg.teacher, dtype=dtype, log=log)
+
+
+def load_teacher_model(
+    spec: LMTeacherConfig, *, dtype: str | None = None, log: Log = print
+) -> tuple[nn.Module, Any]:
+    """The teacher `spec` names (eval mode, CPU, `dtype` or `spec.dtype`) and its tokenizer."""
     dtype = dtype or spec.dtype
     if spec.source == "smollm2":
         from kdkit.models.smollm2 import load_smollm2
@@ -90,17 +96,19 @@ def load_teacher(cfg: LMRunConfig, *, dtype: str | None = None, log: Log = print
     return model.eval(), tokenizer
 
 
-def load_models(cfg: LMRunConfig, *, log: Log = print) -> tuple[nn.Module, Any, nn.Module, Any]:
-    """(teacher in `teacher.dtype`, its tokenizer, the initial student, the student's tokenizer).
+def load_models(
+    teacher_spec: LMTeacherConfig, student_spec: LMStudentConfig, *, log: Log = print
+) -> tuple[nn.Module, Any, nn.Module, Any]:
+    """(teacher in `teacher_spec.dtype`, its tokenizer, the initial student, the student's tokenizer).
 
     A student derived by layer selection copies the teacher's weights at full precision: the
     teacher is loaded in float32, the student derived, and only then is the teacher cast (e.g. to
     bf16), so a bf16 teacher does not leave the student with bf16-rounded weights.
     """
-    derives = cfg.student.keep_layers is not None and cfg.student.copy_weights
-    teacher, tokenizer = load_teacher(cfg, dtype="float32" if derives else None, log=log)
-    student, student_tokenizer = build_student(cfg, teacher, tokenizer)
-    return teacher.to(resolve_dtype(cfg.teacher.dtype)), tokenizer, student, student_tokenizer
+    derives = student_spec.keep_layers is not None and student_spec.copy_weights
+    teacher, tokenizer = load_teacher_model(teacher_spec, dtype="float32" if derives else None, log=log)
+    student, student_tokenizer = build_lm_student(student_spec, teacher, tokenizer)
+    return teacher.to(resolve_dtype(teacher_spec.dtype)), tokenizer, student, student_tokenizer
 
 
 def _vocab_size(model: nn.Module) -> int:
@@ -108,13 +116,20 @@ def _vocab_size(model: nn.Module) -> int:
 
 
 def build_student(cfg: LMRunConfig, teacher: nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
-    """The initial student (float `student.dtype`, train mode) and its tokenizer.
+    """The initial student of `cfg.student` (see `build_lm_student`)."""
+    return build_lm_student(cfg.student, teacher, tokenizer)
+
+
+def build_lm_student(
+    spec: LMStudentConfig, teacher: nn.Module | None, tokenizer: Any
+) -> tuple[nn.Module, Any]:
+    """The initial student (float `spec.dtype`, train mode) and its tokenizer.
 
     Deterministic for a config: every student of a run starts from these same weights. Refuses a
     student whose tokenizer differs from the teacher's (TokenizerMismatchError); vocabularies that
-    differ only by embedding padding are aligned by the distiller.
+    differ only by embedding padding are aligned by the distiller. Without a teacher model (a
+    text-only teacher), `tokenizer` is the student's and a config-built student's vocabulary is its.
     """
-    spec = cfg.student
     torch.manual_seed(spec.seed)
     student_tokenizer = tokenizer
     if spec.keep_layers is not None:
@@ -128,13 +143,14 @@ def build_student(cfg: LMRunConfig, teacher: nn.Module, tokenizer: Any) -> tuple
         student, student_tokenizer = load_causal_lm(spec.path, dtype=spec.dtype)
     else:
         options = dict(spec.config or {})
-        options.setdefault("vocab_size", _vocab_size(teacher))
+        options.setdefault("vocab_size", len(tokenizer) if teacher is None else _vocab_size(teacher))
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             options.setdefault(key, getattr(tokenizer, key))
         student = build_causal_lm(options, seed=spec.seed)
         student.generation_config.pad_token_id = tokenizer.pad_token_id
         student.generation_config.eos_token_id = tokenizer.eos_token_id
-    check_vocabularies(tokenizer, student_tokenizer, _vocab_size(teacher), _vocab_size(student))
+    if teacher is not None:
+        check_vocabularies(tokenizer, student_tokenizer, _vocab_size(teacher), _vocab_size(student))
     return student.to(resolve_dtype(spec.dtype)).train(), student_tokenizer
 
 
@@ -189,6 +205,20 @@ def _read_jsonl(path: str | Path) -> list[Any]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def split_jsonl(data: Any) -> tuple[list[Any], list[Any]]:
+    """(training records, held-out records) of a jsonl data config: held-out from `data.eval_path`,
+    else the last `data.eval_size` records of `data.path`."""
+    records = _read_jsonl(data.path)
+    if data.eval_path is not None:
+        return records, _read_jsonl(data.eval_path)
+    if len(records) <= data.eval_size:
+        raise ValueError(
+            f"{data.path} has {len(records)} records; holding out eval_size={data.eval_size} leaves "
+            "none to train on (set data.eval_path or a smaller data.eval_size)"
+        )
+    return records[: -data.eval_size], records[-data.eval_size :]
+
+
 def load_lm_data(cfg: LMRunConfig, tokenizer: Any) -> LMData:
     """Training and held-out samples for the configured dataset (held-out capped at eval_size)."""
     data = cfg.data
@@ -214,16 +244,7 @@ def load_lm_data(cfg: LMRunConfig, tokenizer: Any) -> LMData:
     else:
         from kdkit.data.text import TextDataset
 
-        records = _read_jsonl(data.path)
-        if data.eval_path is not None:
-            eval_records = _read_jsonl(data.eval_path)
-        else:
-            if len(records) <= data.eval_size:
-                raise ValueError(
-                    f"{data.path} has {len(records)} records; holding out eval_size={data.eval_size} leaves "
-                    "none to train on (set data.eval_path or a smaller data.eval_size)"
-                )
-            records, eval_records = records[: -data.eval_size], records[-data.eval_size :]
+        records, eval_records = split_jsonl(data)
         train = TextDataset(records, tokenizer, max_length=data.max_length)
         held_out = TextDataset(eval_records, tokenizer, max_length=data.max_length)
     count = min(len(held_out), data.eval_size)
@@ -251,7 +272,7 @@ class LMRun:
 
     def prepare(self, run_dir: Path) -> None:
         self.teacher, self.tokenizer, self.initial, self.student_tokenizer = load_models(
-            self.cfg, log=self.log
+            self.cfg.teacher, self.cfg.student, log=self.log
         )
         self.data = load_lm_data(self.cfg, self.tokenizer)
         from kdkit.pipelines.cache import prepare_cached_training
@@ -398,7 +419,7 @@ def evaluate_lm_run(
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
     if teacher is None or tokenizer is None or initial is None:
-        teacher, tokenizer, initial, _ = load_models(cfg, log=log)
+        teacher, tokenizer, initial, _ = load_models(cfg.teacher, cfg.student, log=log)
     if data is None:
         data = load_lm_data(cfg, tokenizer)
     device = _device()
@@ -553,14 +574,17 @@ def report_notes(cfg: LMRunConfig, rows: list[dict[str, Any]], data: LMData) -> 
 __all__ = [
     "LMData",
     "build_distiller",
+    "build_lm_student",
     "build_student",
     "evaluate_lm_run",
     "evaluate_model",
     "load_lm_data",
     "load_models",
     "load_teacher",
+    "load_teacher_model",
     "LMRun",
     "describe_student",
     "generation_eos_ids",
     "run_lm",
+    "split_jsonl",
 ]
