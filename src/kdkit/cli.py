@@ -1,7 +1,7 @@
 """`kdkit` command line: a thin skin over the Python API in `kdkit.pipelines`.
 
     kdkit demo [overrides...] [--resume]          Fashion-MNIST: teacher, scratch/KD/DKD students, report
-    kdkit run CONFIG [overrides...] [--resume]    any validated YAML config (classifier or LM)
+    kdkit run CONFIG [overrides...] [--resume]    any validated YAML config (classifier, LM or text)
     kdkit eval RUN_DIR                            re-evaluate a finished run and rewrite its report
     kdkit cache CONFIG [overrides...] [--only N]  run an LM config's teacher once: its logit caches
     kdkit methods                                 every registered method, objective and divergence
@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"kdkit: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except Exception as error:
+        from kdkit.teachers.base import TeacherError  # a text teacher's final word (never a credential)
+
+        if not isinstance(error, TeacherError):
+            raise
+        print(f"kdkit: teacher error: {error}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -115,12 +115,15 @@ def test_cli_run_resume_and_eval_against_a_served_teacher(server, tmp_path, monk
     assert json.loads((run_dir / "config.json").read_text())["teacher"]["api"]["api_key_env"] == KEY_ENV
 
 
-def test_a_wrong_key_is_one_clear_error_that_does_not_echo_it(server, tmp_path, monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "sk-wrong-key-123456")
+def test_a_wrong_or_missing_key_is_one_clear_line_that_never_echoes_it(server, tmp_path, monkeypatch, capsys):
     config = write(tmp_path / "run.yaml", api_config(server.url, tmp_path / "runs"))
-    with pytest.raises(Exception) as caught:
-        main(["run", str(config)])
-    assert "401" in str(caught.value) and "sk-wrong-key-123456" not in str(caught.value)
+    monkeypatch.setenv(KEY_ENV, "sk-wrong-key-123456")
+    assert main(["run", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "kdkit: teacher error:" in err and "401" in err and "sk-wrong-key-123456" not in err
+    monkeypatch.delenv(KEY_ENV)
+    assert main(["run", str(config)]) == 1
+    assert f"the environment variable {KEY_ENV} (api_key_env) is not set" in capsys.readouterr().err
 
 
 def error_of(data: dict) -> str:
@@ -174,3 +177,54 @@ def test_local_teacher_with_keep_layers_and_the_recipe_validate(tmp_path):
     assert isinstance(cfg, TextRunConfig) and cfg.teacher.form == "local"
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "arithmetic-blackbox.yaml"
     assert parse_run_config(yaml.safe_load(recipe.read_text())).teacher.form == "local"
+
+
+def test_local_teacher_and_jsonl_prompts(tmp_path):
+    """A local teacher (a model folder) derives the keep_layers student and generates in-process;
+    jsonl prompts train, held-out completions give the perplexity; the teacher is evaluated too."""
+    from kdkit.models.lm import save_pretrained_folder
+    from kdkit.pipelines.text import run_text
+    from kdkit.tasks.arithmetic import arithmetic_dataset
+
+    model, tokenizer = tiny_arithmetic_lm(seed=1)
+    save_pretrained_folder(model, tokenizer, tmp_path / "teacher")
+    records = arithmetic_dataset(12, (1, 2), seed=3)
+    train = [{"prompt": r["prompt"]} for r in records[:8]] + [{"prompt": records[0]["prompt"]}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    held_out = [{"prompt": r["prompt"], "completion": r["completion"]} for r in records[8:]]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    cfg = parse_run_config(
+        api_config("http://unused/v1", tmp_path / "runs")
+        | {
+            "teacher": {"local": {"source": str(tmp_path / "teacher"), "batch_size": 4}},
+            "student": {"keep_layers": 1, "intermediate_size": 8},
+            "data": {
+                "dataset": "jsonl",
+                "path": str(tmp_path / "train.jsonl"),
+                "eval_path": str(tmp_path / "eval.jsonl"),
+            },
+        }
+    )
+    run_dir = run_text(cfg, log=lambda _: None)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rows = {row["model"]: row for row in metrics["rows"]}
+    assert set(rows) == {"teacher", "student_init", "seqkd"}
+    assert all(row["perplexity"] > 1 and "exact_match_d1" not in row for row in rows.values())
+    assert rows["seqkd"]["parameters"] < rows["teacher"]["parameters"]
+    store = metrics["extra"]["store"]
+    assert store["teacher"]["teacher_id"].startswith("local:")
+    assert (
+        store["prompts"] == store["responses"] == rows["seqkd"]["teacher_responses"] == 8
+    )  # duplicate asked once
+
+
+def test_a_jsonl_record_without_a_prompt_is_named(tmp_path):
+    from kdkit.pipelines.text import load_text_data
+
+    (tmp_path / "train.jsonl").write_text('{"prompt": "1+1="}\n{"text": "no prompt"}\n{"prompt": "2+2="}\n')
+    cfg = parse_run_config(
+        api_config("http://unused/v1", tmp_path)
+        | {"data": {"dataset": "jsonl", "path": str(tmp_path / "train.jsonl"), "eval_size": 1}}
+    )
+    with pytest.raises(ValueError, match=r"train.jsonl: record 2 needs a \"prompt\" string"):
+        load_text_data(cfg)

@@ -252,9 +252,10 @@ def load_lm_data(cfg: LMRunConfig, tokenizer: Any) -> LMData:
     return LMData(train, held_out, text_collator(tokenizer))
 
 
-def _batches(
+def eval_batches(
     dataset: Dataset, collate: Callable[[list[Any]], Batch], batch_size: int, limit: int
 ) -> list[Batch]:
+    """The first `limit` samples of `dataset` collated in batches of `batch_size`."""
     items = [dataset[i] for i in range(min(limit, len(dataset)))]
     return [collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
@@ -333,7 +334,8 @@ def run_lm(
 # ---------------------------------------------------------------------------- evaluation
 
 
-def _device() -> torch.device:
+def eval_device() -> torch.device:
+    """Where models are evaluated: the GPU when there is one."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -357,7 +359,7 @@ def evaluate_model(
     from kdkit.eval.lm import perplexity, sample_log_likelihoods, token_agreement
     from kdkit.samplers import GenerationSettings
 
-    batches = _batches(data.held_out, data.collate, cfg.eval.batch_size, len(data.held_out))
+    batches = eval_batches(data.held_out, data.collate, cfg.eval.batch_size, len(data.held_out))
     row: dict[str, Any] = {}
     ppl = perplexity(model, batches)
     row |= {"perplexity": ppl["perplexity"], "nll": ppl["nll"], "eval_tokens": ppl["tokens"]}
@@ -366,7 +368,7 @@ def evaluate_model(
     else:
         row["agreement"] = token_agreement(model, teacher, batches)["agreement"]
     if cfg.eval.samples > 0:
-        prompts = _batches(data.held_out, data.collate, cfg.eval.batch_size, cfg.eval.samples)
+        prompts = eval_batches(data.held_out, data.collate, cfg.eval.batch_size, cfg.eval.samples)
         settings = GenerationSettings(
             temperature=cfg.eval.sampling_temperature,
             max_new_tokens=cfg.eval.max_new_tokens,
@@ -422,7 +424,7 @@ def evaluate_lm_run(
         teacher, tokenizer, initial, _ = load_models(cfg.teacher, cfg.student, log=log)
     if data is None:
         data = load_lm_data(cfg, tokenizer)
-    device = _device()
+    device = eval_device()
     teacher = teacher.to(device).eval()
     log(f"kdkit: evaluating on {len(data.held_out)} held-out samples")
 
@@ -576,6 +578,8 @@ __all__ = [
     "build_distiller",
     "build_lm_student",
     "build_student",
+    "eval_batches",
+    "eval_device",
     "evaluate_lm_run",
     "evaluate_model",
     "load_lm_data",

@@ -30,7 +30,7 @@ from torch import nn
 
 from kdkit.config.text import TextRunConfig, TextStudentRun, TextTeacherConfig
 from kdkit.models.lm import ensure_pad_token, save_pretrained_folder
-from kdkit.pipelines.lm import _batches, build_lm_student, load_models, split_jsonl
+from kdkit.pipelines.lm import build_lm_student, eval_batches, eval_device, load_models, split_jsonl
 from kdkit.pipelines.run_folder import read_json
 from kdkit.pipelines.skeleton import run_students
 from kdkit.registry import METHODS
@@ -190,7 +190,8 @@ class TextRun:
         return {
             "method": student_cfg.method,
             "params": params.model_dump(mode="json"),
-            "wall_time_s": time.perf_counter() - started,  # the session that finished the student
+            # both measured in the session that finished the student
+            "wall_time_s": time.perf_counter() - started,
             "teacher_responses": self.store.count(self.teacher.teacher_id) - before,
             "summary": summary,
         }
@@ -234,7 +235,7 @@ def evaluate_text_model(
         from kdkit.eval.lm import perplexity
         from kdkit.samplers.collate import PromptCompletionCollator
 
-        batches = _batches(
+        batches = eval_batches(
             references, PromptCompletionCollator(tokenizer), cfg.eval.batch_size, len(references)
         )
         ppl = perplexity(model, batches)
@@ -310,7 +311,8 @@ def evaluate_text_run(
     for name, method, model, model_tokenizer, folder in entries:
         log(f"kdkit: evaluating {name}")
         row: dict[str, Any] = {"model": name, "method": method}
-        row |= evaluate_text_model(model.eval(), model_tokenizer, cfg, data)
+        row |= evaluate_text_model(model.to(eval_device()).eval(), model_tokenizer, cfg, data)
+        model.cpu()
         if folder is not None:
             info = read_json(folder / "train.json")
             row["train_time_s"] = info.get("wall_time_s")
@@ -370,8 +372,8 @@ def report_notes(
         + (
             f"The run's store holds {store['responses']} teacher responses to {store['prompts']} prompts "
             f"({store['tokens']} tokens by the student's tokenizer; {store['failed_prompts']} prompts failed "
-            "and would be asked again). New teacher responses per student: what its run added to the "
-            "store (responses an earlier student already paid for are reused, not asked again)."
+            "and would be asked again). New teacher responses per student: what its run (in the session "
+            "that finished it) added to the store; responses an earlier student paid for are reused."
             if store
             else "No response store found."
         ),
