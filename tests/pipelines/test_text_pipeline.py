@@ -169,18 +169,23 @@ def test_cli_refuses_a_bad_config_before_any_work(tmp_path, capsys):
     assert "config error at teacher" in capsys.readouterr().err
 
 
-def test_local_teacher_with_keep_layers_and_the_recipe_validate(tmp_path):
-    cfg = parse_run_config(
-        api_config("http://x/v1", tmp_path)
-        | {"teacher": {"local": {"source": "arithmetic"}}, "student": {"keep_layers": 2}}
-    )
-    assert isinstance(cfg, TextRunConfig) and cfg.teacher.form == "local"
-    recipe = Path(__file__).resolve().parents[2] / "recipes" / "arithmetic-blackbox.yaml"
-    assert parse_run_config(yaml.safe_load(recipe.read_text())).teacher.form == "local"
+def test_the_recipe_and_the_documented_api_config_validate(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    recipe = parse_run_config(yaml.safe_load((root / "recipes" / "arithmetic-blackbox.yaml").read_text()))
+    assert isinstance(recipe, TextRunConfig) and recipe.teacher.form == "local"
+    assert {s.method for s in recipe.students} == {"text_seqkd", "soda", "gen_ssd"}
+    docs = (root / "docs" / "teachers.md").read_text().split("## From the command line: `kind: text`")[1]
+    documented = parse_run_config(yaml.safe_load(docs.split("```yaml")[1].split("```")[0]))
+    assert documented.teacher.form == "api" and documented.teacher.api.api_key_env == "EXAMPLE_API_KEY"
 
 
-def test_local_teacher_and_jsonl_prompts(tmp_path):
-    """A local teacher (a model folder) derives the keep_layers student and generates in-process;
+@pytest.mark.parametrize(
+    "student",
+    [{"keep_layers": 1, "intermediate_size": 8}, {"config": TINY_LLAMA | {"intermediate_size": 8}}],
+    ids=["derived", "config-with-the-teachers-tokenizer"],
+)
+def test_local_teacher_and_jsonl_prompts(tmp_path, student):
+    """A local teacher (a model folder) generates in-process (and derives a keep_layers student);
     jsonl prompts train, held-out completions give the perplexity; the teacher is evaluated too."""
     from kdkit.models.lm import save_pretrained_folder
     from kdkit.pipelines.text import run_text
@@ -197,7 +202,7 @@ def test_local_teacher_and_jsonl_prompts(tmp_path):
         api_config("http://unused/v1", tmp_path / "runs")
         | {
             "teacher": {"local": {"source": str(tmp_path / "teacher"), "batch_size": 4}},
-            "student": {"keep_layers": 1, "intermediate_size": 8},
+            "student": student,
             "data": {
                 "dataset": "jsonl",
                 "path": str(tmp_path / "train.jsonl"),

@@ -30,7 +30,14 @@ from torch import nn
 
 from kdkit.config.text import TextRunConfig, TextStudentRun, TextTeacherConfig
 from kdkit.models.lm import ensure_pad_token, save_pretrained_folder
-from kdkit.pipelines.lm import build_lm_student, eval_batches, eval_device, load_models, split_jsonl
+from kdkit.pipelines.lm import (
+    build_lm_student,
+    eval_batches,
+    eval_device,
+    load_models,
+    load_teacher_model,
+    split_jsonl,
+)
 from kdkit.pipelines.run_folder import read_json
 from kdkit.pipelines.skeleton import run_students
 from kdkit.registry import METHODS
@@ -85,21 +92,25 @@ def load_text_data(cfg: TextRunConfig) -> TextData:
 def load_text_models(cfg: TextRunConfig, *, log: Log = print) -> tuple[nn.Module | None, Any, nn.Module, Any]:
     """(the local teacher model or None, its tokenizer or None, the initial student, its tokenizer).
 
-    A local teacher is loaded as for `kind: lm` (a keep_layers student is derived from it); with an
-    API or vLLM teacher the student comes from student.path or student.config + student.tokenizer.
+    A keep_layers student is derived from the local teacher as for `kind: lm`. Otherwise the student
+    comes from student.path (its own tokenizer) or student.config with student.tokenizer (default:
+    the local teacher's): teacher and student exchange only text, so their tokenizers may differ.
     """
+    teacher = tokenizer = None
     if cfg.teacher.local is not None:
-        teacher, tokenizer, student, student_tokenizer = load_models(cfg.teacher.local, cfg.student, log=log)
-        return teacher, tokenizer, student, student_tokenizer
-    tokenizer = None
-    if cfg.student.path is None:
-        tokenizer = load_tokenizer(cfg.student.tokenizer)
-    student, student_tokenizer = build_lm_student(cfg.student, None, tokenizer)
-    return None, None, student, student_tokenizer
+        if cfg.student.keep_layers is not None:
+            return load_models(cfg.teacher.local, cfg.student, log=log)
+        teacher, tokenizer = load_teacher_model(cfg.teacher.local, log=log)
+    student_tokenizer = tokenizer
+    if cfg.student.tokenizer is not None:
+        student_tokenizer = load_tokenizer(cfg.student.tokenizer)
+    student, student_tokenizer = build_lm_student(cfg.student, None, student_tokenizer)
+    return teacher, tokenizer, student, student_tokenizer
 
 
 def load_tokenizer(name: str) -> Any:
-    """ "arithmetic" (the task's character tokenizer) or a tokenizer folder / hub id (with a pad token)."""
+    """The tokenizer a config names: "arithmetic" (the arithmetic task's character tokenizer) or a
+    tokenizer folder / hub id (given a pad token if it has none)."""
     if name == "arithmetic":
         from kdkit.tasks.arithmetic import arithmetic_tokenizer
 
