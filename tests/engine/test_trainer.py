@@ -98,6 +98,8 @@ def test_resume_without_checkpoint_starts_fresh_with_a_log_line(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="kdkit"):
         result = train(TinyKD(*make_models()), TinyDataset(), tiny_config(steps=3), tmp_path, resume=True)
     assert "no checkpoint" in caplog.text and "starting fresh" in caplog.text
+    # the CLI's log format adds "kdkit: "; messages carrying it too printed "kdkit: kdkit: ..."
+    assert not any(r.getMessage().startswith("kdkit:") for r in caplog.records)
     assert result.resumed_from is None and result.steps == 3
     assert [r["step"] for r in history(tmp_path)] == [1, 2, 3]
 

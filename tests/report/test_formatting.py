@@ -13,6 +13,7 @@ from kdkit.report.formatting import best_row, format_value, header, infer_column
         ("accuracy", 0.9312, "93.12%"),
         ("token_agreement", 0.61, "61.00%"),
         ("ece", 0.0234, "2.34%"),
+        ("exact_match_d3", 0.97, "97.00%"),  # LM and text reports printed 0.97
         ("accuracy", 93.1, "93.1"),  # already a percentage: shown as given
         ("parameters", 1.2e6, "1,200,000"),
         ("size_on_disk_bytes", 4_940_000, "4.94 MB"),
@@ -46,4 +47,5 @@ def test_best_row_knows_the_direction_of_known_metrics():
     assert best_row(rows, "ece") == 1
     assert best_row(rows, "kl_to_teacher") == 0
     assert best_row(rows, "parameters") is None
+    assert best_row([{"exact_match_d4": 0.2}, {"exact_match_d4": 0.7}], "exact_match_d4") == 1
     assert best_row(rows[:1], "accuracy") is None

@@ -257,9 +257,9 @@ def train_private(
         if saved["privacy"]["plan"] != plan.to_dict():
             raise ConfigError(f"kdkit: {latest} was trained with privacy parameters "
                               f"{saved['privacy']['plan']}, not {plan.to_dict()}; resume with the same ones")
-        logger.info("kdkit: resuming DP training from %s", latest)
+        logger.info("resuming DP training from %s", latest)
     elif resume:
-        logger.warning("kdkit: resume requested but %s has no checkpoint; starting fresh", run_dir)
+        logger.warning("resume requested but %s has no checkpoint; starting fresh", run_dir)
     truncate_history(history, step)
     metrics = MetricsWriter(run_dir, enabled=True, purge_after=resumed_from)
 

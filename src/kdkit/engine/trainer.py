@@ -93,7 +93,7 @@ class TokenWeighting:
             return None
         if not self.enabled:
             if not self._warned:
-                logger.warning("kdkit: under DeepSpeed micro-batches weigh alike, not by their `_tokens`")
+                logger.warning("under DeepSpeed micro-batches weigh alike, not by their `_tokens`")
                 self._warned = True
             return None
         tokens = float(losses[TOKENS])
@@ -174,7 +174,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         gradient_accumulation_plugin=plugin,
     )
     if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
-        logger.warning("kdkit: fp16 on %s: Accelerate neither autocasts nor scales the loss there, so "
+        logger.warning("fp16 on %s: Accelerate neither autocasts nor scales the loss there, so "
                        "this run trains in float32 (bf16 is the mixed precision CPUs support)",
                        accelerator.device.type)
     return accelerator
@@ -366,7 +366,7 @@ def _start_or_resume(
             truncate_history(run_dir / "metrics.jsonl", 0)
         return _Progress(), None, None
     if latest is None:
-        logger.warning("kdkit: resume requested but %s has no checkpoint; starting fresh", run_dir)
+        logger.warning("resume requested but %s has no checkpoint; starting fresh", run_dir)
         if accelerator.is_main_process:
             truncate_history(run_dir / "metrics.jsonl", 0)
         return _Progress(), None, None
@@ -376,17 +376,17 @@ def _start_or_resume(
     _restore_scaler(accelerator, latest)
     if saved["samples_per_batch"] != samples_per_batch or saved["num_processes"] != accelerator.num_processes:
         logger.warning(
-            "kdkit: resuming with %d processes × batch %d, the checkpoint used %d samples per micro-batch "
+            "resuming with %d processes × batch %d, the checkpoint used %d samples per micro-batch "
             "over %d processes; the run continues but will not match an uninterrupted one exactly",
             accelerator.num_processes, samples_per_batch // accelerator.num_processes,
             saved["samples_per_batch"], saved["num_processes"],
         )
     if rng is None:
-        logger.warning("kdkit: %s has no RNG state for process %d", latest, accelerator.process_index)
+        logger.warning("%s has no RNG state for process %d", latest, accelerator.process_index)
     if accelerator.is_main_process:
         truncate_history(run_dir / "metrics.jsonl", saved["step"])
     accelerator.wait_for_everyone()
-    logger.info("kdkit: resuming from %s", latest)
+    logger.info("resuming from %s", latest)
     progress = _Progress(
         step=saved["step"],
         position=DataPosition(saved["epoch"], saved["start"]),
@@ -405,10 +405,10 @@ def _restore_scaler(accelerator: Accelerator, folder: Path) -> None:
     if scaler is not None and state:
         scaler.load_state_dict(state)
     elif scaler is not None:
-        logger.warning("kdkit: %s has no loss-scaler state (not an fp16 run); the loss scale starts "
+        logger.warning("%s has no loss-scaler state (not an fp16 run); the loss scale starts "
                        "afresh at %g", folder, scaler.get_scale())
     elif state:
-        logger.warning("kdkit: %s was written by an fp16 run with loss scaling; this run has no "
+        logger.warning("%s was written by an fp16 run with loss scaling; this run has no "
                        "loss scaler, so the saved scale is ignored", folder)
 
 

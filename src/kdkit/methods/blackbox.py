@@ -84,6 +84,7 @@ def fine_tune(
     cfg: a `TrainConfig`. Returns the engine's `TrainResult`; `student` holds the trained weights.
     """
     from kdkit.engine import train
+    from kdkit.engine.checkpoint import latest_checkpoint
     from kdkit.samplers.collate import PromptCompletionCollator
 
     if not samples:
@@ -94,7 +95,7 @@ def fine_tune(
         cfg,
         Path(run_dir),
         collate_fn=PromptCompletionCollator(tokenizer),
-        resume=resume,
+        resume=resume and latest_checkpoint(Path(run_dir)) is not None,  # a fresh stage starts quietly
         description=description,
     )
 

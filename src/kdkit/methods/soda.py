@@ -26,6 +26,7 @@ import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
+from kdkit.engine.checkpoint import latest_checkpoint
 from kdkit.engine.distiller import Distiller
 from kdkit.losses.preference import dpo_loss
 from kdkit.losses.tokens import IGNORE_INDEX
@@ -270,7 +271,7 @@ def run_soda(
         config(s.dpo_steps, s.dpo_lr),
         run_dir / "dpo",
         collate_fn=PairCollator(tokenizer),
-        resume=True,
+        resume=latest_checkpoint(run_dir / "dpo") is not None,
         description="dpo",
     )
     return {

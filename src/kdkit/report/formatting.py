@@ -10,7 +10,7 @@ from typing import Any
 MISSING = "—"
 
 # Fractions shown as percentages. Matched as whole words of the key ("token_agreement", "val_acc").
-PERCENT_WORDS = {"accuracy", "acc", "agreement", "ece", "top1", "top5", "f1", "precision", "recall"}
+PERCENT_WORDS = {"accuracy", "acc", "agreement", "ece", "top1", "top5", "f1", "precision", "recall", "match"}
 
 HEADERS = {
     "model": "Model",
@@ -106,7 +106,7 @@ def infer_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
 def best_row(rows: Sequence[dict[str, Any]], key: str) -> int | None:
     """Index of the best row for a metric whose direction is known; None if unknown or < 2 values."""
     last = _words(key)[-1]
-    if last in HIGHER_IS_BETTER:
+    if last in HIGHER_IS_BETTER or key.startswith("exact_match"):  # exact_match, exact_match_d3
         sign = 1.0
     elif last in LOWER_IS_BETTER and (last != "teacher" or key.startswith("kl")):
         sign = -1.0
