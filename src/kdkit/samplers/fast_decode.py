@@ -90,13 +90,20 @@ def lean_decoder_support(model: nn.Module, total_length: int | None = None) -> s
     layers = list(base.layers)[: config.num_hidden_layers]
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
-        if type(layer).__module__ != family or type(attn).__module__ != family or type(mlp).__module__ != family:
+        if (
+            type(layer).__module__ != family
+            or type(attn).__module__ != family
+            or type(mlp).__module__ != family
+        ):
             return f"layer {i} is not the family's own decoder layer"
         if not all(_plain_linear(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             return f"layer {i} attention projections are not plain nn.Linear (an adapter or quantised layer?)"
         if not all(_plain_linear(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj")):
             return f"layer {i} MLP projections are not plain nn.Linear"
-        if not all(_is_rms_norm(getattr(layer, n, None), family) for n in ("input_layernorm", "post_attention_layernorm")):
+        if not all(
+            _is_rms_norm(getattr(layer, n, None), family)
+            for n in ("input_layernorm", "post_attention_layernorm")
+        ):
             return f"layer {i} norms are not the family's RMSNorm"
         qk_norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
         if model_type == "qwen3" and not all(_is_rms_norm(m, family) for m in qk_norms):
@@ -295,7 +302,9 @@ class LeanDecoder:
         """Feed one token per row [B] (at each row's next position): logits [B, V] for the next."""
         slot = self.width + self.step_index
         if slot >= self.valid.shape[1]:
-            raise RuntimeError(f"LeanDecoder: more decode steps than the {self.valid.shape[1] - self.width} prepared")
+            raise RuntimeError(
+                f"LeanDecoder: more decode steps than the {self.valid.shape[1] - self.width} prepared"
+            )
         self.step_index += 1
         batch = tokens.shape[0]
         self.valid[:, slot] = True
