@@ -122,15 +122,29 @@ def lean_decoder_support(model: nn.Module, total_length: int | None = None) -> s
     return None
 
 
-def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Hugging Face's Llama RMSNorm over the last dim: weight · (x in float32 normalised, cast back).
-
-    weight: [D], or [..., D] broadcast over x's leading dims (per-head q/k norm weights).
+def _rms(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """Hugging Face's Llama RMSNorm over the last dim: weight · (x in float32 · rsqrt(mean(x²) + eps)),
+    cast back. weight: [D], or [..., D] broadcast over x's leading dims (per-head q/k norms), or None
+    when it was folded into the next matmul's weight. (Written out: `F.rms_norm` and `mean` are
+    several times slower than these six ops on small CPU tensors.)
     """
-    size = x.shape[-1:]
-    if x.dtype == torch.float32 and weight.dim() == 1:
-        return F.rms_norm(x, size, weight, eps)
-    return weight * F.rms_norm(x.float(), size, None, eps).to(x.dtype)
+    h = x.float()
+    h = h * h.square().sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_()
+    h = h.to(x.dtype)
+    return h if weight is None else weight * h
+
+
+def _linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
+    """residual + x·Wᵀ + b with W given transposed ([in, out]): one `addmm` per step for 2-D x."""
+    if x.dim() == 2:
+        if residual is not None:
+            out = torch.addmm(residual, x, weight_t)
+            return out if bias is None else out.add_(bias)
+        return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+    out = torch.matmul(x, weight_t)
+    if bias is not None:
+        out = out + bias
+    return out if residual is None else residual + out
 
 
 def _fused(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
@@ -145,15 +159,15 @@ def _fused(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
 
 @dataclass
 class _Layer:
-    ln1: Tensor
+    ln1: Tensor | None  # None: folded into qkv
     ln1_eps: float
-    qkv: Tensor
+    qkv: Tensor  # weights stored transposed: [in, out]
     qkv_bias: Tensor | None
     qk_norm: Tensor | None  # [Hq + Hkv, D]: q_norm's weight per query head, k_norm's per key head
     qk_norm_eps: float
     o: Tensor
     o_bias: Tensor | None
-    ln2: Tensor
+    ln2: Tensor | None  # None: folded into gate_up
     ln2_eps: float
     gate_up: Tensor
     gate_up_bias: Tensor | None
@@ -182,8 +196,14 @@ class LeanDecoder:
         self.n_kv = attn0.k_proj.out_features // self.head_dim
         self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
         self.embed = base.embed_tokens.weight.detach()
+        # In float32/64 the norms' weights are folded into the next matmul (W·diag(w): one op less
+        # per norm, equal up to rounding); in 16-bit the model's own order of roundings is kept.
+        fold = self.embed.dtype in (torch.float32, torch.float64)
         self.norm, self.norm_eps = base.norm.weight.detach(), base.norm.variance_epsilon
         self.head = model.lm_head.weight.detach()
+        if fold:
+            self.head, self.norm = self.head * self.norm, None
+        self.head = self.head.t()
         self.head_bias = model.lm_head.bias.detach() if model.lm_head.bias is not None else None
         self.rotary = base.rotary_emb
         self.layers: list[_Layer] = []
@@ -191,6 +211,9 @@ class LeanDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             qkv, qkv_bias = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
             gate_up, gate_up_bias = _fused([mlp.gate_proj, mlp.up_proj])
+            ln1, ln2 = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
+            if fold:  # _fused returned fresh copies: scaling them leaves the model untouched
+                qkv, gate_up, ln1, ln2 = qkv.mul_(ln1), gate_up.mul_(ln2), None, None
             qk_norm, qk_eps = None, 0.0
             if getattr(attn, "q_norm", None) is not None:
                 qk_norm = torch.cat(
@@ -202,19 +225,19 @@ class LeanDecoder:
                 qk_eps = attn.q_norm.variance_epsilon
             self.layers.append(
                 _Layer(
-                    layer.input_layernorm.weight.detach(),
+                    ln1,
                     layer.input_layernorm.variance_epsilon,
-                    qkv,
+                    qkv.t(),
                     qkv_bias,
                     qk_norm,
                     qk_eps,
-                    attn.o_proj.weight.detach(),
+                    attn.o_proj.weight.detach().t(),
                     attn.o_proj.bias.detach() if attn.o_proj.bias is not None else None,
-                    layer.post_attention_layernorm.weight.detach(),
+                    ln2,
                     layer.post_attention_layernorm.variance_epsilon,
-                    gate_up,
+                    gate_up.t(),
                     gate_up_bias,
-                    mlp.down_proj.weight.detach(),
+                    mlp.down_proj.weight.detach().t(),
                     mlp.down_proj.bias.detach() if mlp.down_proj.bias is not None else None,
                 )
             )
@@ -230,24 +253,27 @@ class LeanDecoder:
         self.cos, self.sin = cos, torch.cat([-sin[:, :half], sin[:, half:]], -1)
 
     def _qkv(self, layer: _Layer, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """h [..., H] -> q [..., Hq, D], k [..., Hkv, D], v [..., Hkv, D] (normed, rotated)."""
-        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-        split = (self.n_q + self.n_kv) * self.head_dim
-        qk = qkv[..., :split].unflatten(-1, (self.n_q + self.n_kv, self.head_dim))
-        v = qkv[..., split:].unflatten(-1, (self.n_kv, self.head_dim))
+        """h [..., H] -> q [..., Hq, D], k [..., Hkv, D], v [..., Hkv, D] (normed, rotated).
+
+        cos, sin: [..., 1, D] (sin with its first half negated, see `_rope_tables`).
+        """
+        qk, v = _linear(h, layer.qkv, layer.qkv_bias).split(
+            [(self.n_q + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], -1
+        )
+        qk = qk.unflatten(-1, (self.n_q + self.n_kv, self.head_dim))
         if layer.qk_norm is not None:
             qk = _rms(qk, layer.qk_norm, layer.qk_norm_eps)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        qk = qk * cos + qk.roll(self.head_dim // 2, -1) * sin
-        return qk[..., : self.n_q, :], qk[..., self.n_q :, :], v
+        qk = torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, -1), sin)
+        q, k = qk.split([self.n_q, self.n_kv], -2)
+        return q, k, v.unflatten(-1, (self.n_kv, self.head_dim))
 
     def _mlp(self, layer: _Layer, x: Tensor) -> Tensor:
         h = _rms(x, layer.ln2, layer.ln2_eps)
-        gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, -1)
-        return x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        gate, up = _linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, -1)
+        return _linear(F.silu(gate).mul_(up), layer.down, layer.down_bias, residual=x)
 
     def _logits(self, x: Tensor) -> Tensor:
-        return F.linear(_rms(x, self.norm, self.norm_eps), self.head, self.head_bias)
+        return _linear(_rms(x, self.norm, self.norm_eps), self.head, self.head_bias)
 
     # -- the decode API -------------------------------------------------------------------------
     def prefill(self, ids: Tensor, mask: Tensor, max_new_tokens: int) -> Tensor:
@@ -262,13 +288,14 @@ class LeanDecoder:
         shape = (batch, self.n_kv, length, self.head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
-        self.valid[:, :width] = mask
+        # additive attention mask over the cache: 0 = a token to attend to, -inf = padding / not yet
+        self.visible = torch.full((batch, length), float("-inf"), dtype=dtype, device=device)
+        self.visible[:, :width].masked_fill_(mask, 0.0)
         # causal ∧ key is a token; a query always sees itself (padding rows stay finite)
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         allowed = (causal & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
         allowed = allowed[:, None]
-        cos, sin = self.cos[positions], self.sin[positions]  # [B, P, D]
+        cos, sin = self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)  # [B, P, 1, D]
         x = F.embedding(ids, self.embed)
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             q, k, v = self._qkv(layer, _rms(x, layer.ln1, layer.ln1_eps), cos, sin)
@@ -278,7 +305,7 @@ class LeanDecoder:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=allowed, scale=self.scaling, enable_gqa=self.gqa
             )
-            x = x + F.linear(out.transpose(1, 2).flatten(2), layer.o, layer.o_bias)
+            x = _linear(out.transpose(1, 2).flatten(2), layer.o, layer.o_bias, residual=x)
             x = self._mlp(layer, x)
         last = (mask.long() * torch.arange(width, device=device)).argmax(-1)  # last token of each row
         rows = torch.arange(batch, device=device)
@@ -289,27 +316,27 @@ class LeanDecoder:
         """Each row repeated `repeats` times consecutively (G samples share one prefill)."""
         self.keys = [k.repeat_interleave(repeats, 0) for k in self.keys]
         self.values = [v.repeat_interleave(repeats, 0) for v in self.values]
-        self.valid = self.valid.repeat_interleave(repeats, 0)
+        self.visible = self.visible.repeat_interleave(repeats, 0)
         self.next_pos = self.next_pos.repeat_interleave(repeats, 0)
 
     def select(self, rows: Tensor) -> None:
         """Keep only `rows` (indices into the current batch) in the batch and the cache."""
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
-        self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
+        self.visible, self.next_pos = self.visible[rows], self.next_pos[rows]
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row [B] (at each row's next position): logits [B, V] for the next."""
         slot = self.width + self.step_index
-        if slot >= self.valid.shape[1]:
+        if slot >= self.visible.shape[1]:
             raise RuntimeError(
-                f"LeanDecoder: more decode steps than the {self.valid.shape[1] - self.width} prepared"
+                f"LeanDecoder: more decode steps than the {self.visible.shape[1] - self.width} prepared"
             )
         self.step_index += 1
         batch = tokens.shape[0]
-        self.valid[:, slot] = True
-        visible = self.valid[:, None, None, : slot + 1]
-        cos, sin = self.cos[self.next_pos], self.sin[self.next_pos]  # [B, D]
+        self.visible[:, slot] = 0.0
+        visible = self.visible[:, None, None, : slot + 1]
+        cos, sin = self.cos[self.next_pos].unsqueeze(-2), self.sin[self.next_pos].unsqueeze(-2)  # [B, 1, D]
         x = F.embedding(tokens, self.embed)
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             q, k, v = self._qkv(layer, _rms(x, layer.ln1, layer.ln1_eps), cos, sin)
@@ -323,7 +350,7 @@ class LeanDecoder:
                 scale=self.scaling,
                 enable_gqa=self.gqa,
             )
-            x = x + F.linear(out.reshape(batch, -1), layer.o, layer.o_bias)
+            x = _linear(out.view(batch, -1), layer.o, layer.o_bias, residual=x)
             x = self._mlp(layer, x)
         self.next_pos = self.next_pos + 1
         return self._logits(x)

@@ -124,7 +124,8 @@ def sample_from_logits(logits: Tensor, temperature: float, top_p: float = 1.0) -
     """
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # mass before this token already >= top_p
