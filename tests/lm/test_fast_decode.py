@@ -164,7 +164,16 @@ def test_fast_path_samples_follow_the_exact_distribution(temperature: float) -> 
 
 @pytest.mark.parametrize(
     "case",
-    ["gpt2", "dynamic-rope", "short-window", "hook", "subclass", "training-dropout", "peft-like"],
+    [
+        "gpt2",
+        "dynamic-rope",
+        "short-window",
+        "hook",
+        "patched-forward",
+        "subclass",
+        "training-dropout",
+        "peft-like",
+    ],
 )
 def test_unsupported_models_fall_back_with_a_logged_reason(case: str, caplog) -> None:
     from torch import nn
@@ -183,6 +192,9 @@ def test_unsupported_models_fall_back_with_a_logged_reason(case: str, caplog) ->
         model = tiny("llama")
         if case == "hook":
             model.model.layers[0].mlp.register_forward_hook(lambda *args: None)
+        elif case == "patched-forward":  # what accelerate's offloading hooks do
+            norm = model.model.norm
+            norm.forward = lambda hidden, _forward=norm.forward: _forward(hidden)
         elif case == "subclass":
 
             class Custom(LlamaForCausalLM):
@@ -214,6 +226,28 @@ def test_unsupported_models_fall_back_with_a_logged_reason(case: str, caplog) ->
     assert torch.equal(fast, generic)  # the fallback is the generic loop itself
     logged = [r.getMessage() for r in caplog.records if reason in r.getMessage()]
     assert len(logged) == 1, logged  # once, not at every call
+
+
+def test_bfloat16_lean_logits_stay_close_to_the_model() -> None:
+    """16-bit models keep the model's order of roundings (no folded norm weights): the lean logits
+    differ from the model's bfloat16 forward by rounding only."""
+    model = tiny("qwen3", num_key_value_heads=2, head_dim=12).to(torch.bfloat16)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    decoder = LeanDecoder(model)
+    with torch.no_grad():
+        lean = [decoder.prefill(ids, mask, 2)]
+        lean.append(decoder.step(lean[0].argmax(-1)))
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        ref0 = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        ids1 = torch.cat([ids, lean[0].argmax(-1)[:, None]], 1)
+        mask1 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        ref1 = model(input_ids=ids1, attention_mask=mask1, position_ids=(mask1.cumsum(-1) - 1).clamp_min(0))
+    for ours, ref in zip(lean, (ref0, ref1.logits[:, -1])):
+        assert ours.dtype == torch.bfloat16
+        scale = float(ref.float().abs().max())
+        assert float((ours.float() - ref.float()).abs().max()) < 0.05 * scale
 
 
 def test_right_padded_prompts_are_refused() -> None:

@@ -52,7 +52,11 @@ def _has_hooks(model: nn.Module) -> bool:
 
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    # torch hooks, accelerate's (it swaps `forward` and sets `_hf_hook`), or a patched instance forward
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") or "forward" in vars(m)
+        for m in model.modules()
+    )
 
 
 def lean_decoder_support(model: nn.Module, total_length: int | None = None) -> str | None:
@@ -118,7 +122,7 @@ def lean_decoder_support(model: nn.Module, total_length: int | None = None) -> s
         if window is not None and (total_length is None or int(window) < total_length):
             return f"layer {i} has a sliding attention window of {window} < {total_length} positions"
     if _has_hooks(model):
-        return "forward hooks are registered on the model"
+        return "forward hooks or a patched forward on the model (hooks, accelerate offloading, ...)"
     return None
 
 
