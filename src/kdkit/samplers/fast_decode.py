@@ -298,6 +298,8 @@ class LeanDecoder:
         # causal ∧ key is a token; a query always sees itself (padding rows stay finite)
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         allowed = (causal & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
+        # additive float mask: SDPA on CPU runs about twice as fast with it as with a boolean one
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         allowed = allowed[:, None]
         cos, sin = self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)  # [B, P, 1, D]
         x = F.embedding(ids, self.embed)
