@@ -10,7 +10,10 @@ instruct model ships them) changes the distribution. On-policy objectives (rever
 sampled-token advantages) need samples from p_S itself; only the EOS and pad ids are read from the
 model's configs. The loop stops a row at any of the EOS ids (chat models list several), drops
 finished rows from the batch and the cache, and shares one prompt prefill among the
-`num_samples` completions of each prompt.
+`num_samples` completions of each prompt. Llama / Mistral / Qwen2 / Qwen3 models decode through
+`kdkit.samplers.fast_decode.LeanDecoder` (the same logits from the live weights, a fraction of the
+per-token overhead of the model's forward); anything it does not reproduce exactly runs the model's
+own forward, the reason logged once at debug level.
 """
 
 from __future__ import annotations
