@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from kdkit.samplers import generation
+from kdkit.samplers import fast_decode, generation
 from kdkit.samplers.fast_decode import LeanDecoder, lean_decoder_support
 from kdkit.samplers.generation import sample_tokens
 
@@ -75,7 +75,12 @@ def reference_logits(model, rows: list[Tensor]) -> list[Tensor]:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_lean_logits_equal_the_model_forward_at_every_position(name: str, padding: str) -> None:
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "model-matrices"])
+def test_lean_logits_equal_the_model_forward_at_every_position(
+    name: str, padding: str, fuse: bool, monkeypatch
+) -> None:
+    if not fuse:  # the path wide models take: the model's own q/k/v, gate/up matrices, no folding
+        monkeypatch.setattr(fast_decode, "FUSE_MAX_WIDTH", 0)
     model_type, extra = CONFIGS[name]
     model = tiny(model_type, **extra)
     assert lean_decoder_support(model, 20) is None

@@ -151,32 +151,55 @@ def _linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, residual: Tensor |
     return out if residual is None else residual + out
 
 
-def _fused(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
-    weight = torch.cat([m.weight.detach() for m in linears], 0)
-    if all(m.bias is None for m in linears):
-        return weight, None
-    bias = torch.cat(
-        [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears]
-    )
-    return weight, bias
+# Up to this model width the q/k/v and gate/up weights are concatenated into one matmul each (a
+# copy per sampling call, with the preceding norm's weight folded in, in float32): at small widths a
+# decode step is dispatch overhead and one matmul beats three. Above it the copy costs more than the
+# dispatches it saves (SmolLM2's 576: ~0.1 s of copies per call), so the model's own matrices are used.
+FUSE_MAX_WIDTH = 256
+
+
+@dataclass
+class _Proj:
+    """x -> the concatenated outputs of one or more linear maps (weights transposed: [in, out])."""
+
+    weights: list[Tensor]
+    biases: list[Tensor | None]
+
+    @classmethod
+    def of(cls, linears: list[nn.Linear], fuse: bool, scale: Tensor | None = None) -> _Proj:
+        """The maps of `linears`: one concatenated copy when `fuse` (input columns times `scale`,
+        the folded norm weight), else views of the live weights."""
+        biases = [m.bias.detach() if m.bias is not None else None for m in linears]
+        if not fuse:
+            return cls([m.weight.detach().t() for m in linears], biases)
+        weight = torch.cat([m.weight.detach() for m in linears], 0)
+        if scale is not None:
+            weight.mul_(scale)  # a fresh copy: the model is untouched
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat(
+                [b if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, linears)]
+            )
+        return cls([weight.t()], [bias])
+
+    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if len(self.weights) == 1:
+            return _linear(x, self.weights[0], self.biases[0], residual)
+        return torch.cat([_linear(x, w, b) for w, b in zip(self.weights, self.biases)], -1)
 
 
 @dataclass
 class _Layer:
     ln1: Tensor | None  # None: folded into qkv
     ln1_eps: float
-    qkv: Tensor  # weights stored transposed: [in, out]
-    qkv_bias: Tensor | None
+    qkv: _Proj
     qk_norm: Tensor | None  # [Hq + Hkv, D]: q_norm's weight per query head, k_norm's per key head
     qk_norm_eps: float
-    o: Tensor
-    o_bias: Tensor | None
+    o: _Proj
     ln2: Tensor | None  # None: folded into gate_up
     ln2_eps: float
-    gate_up: Tensor
-    gate_up_bias: Tensor | None
-    down: Tensor
-    down_bias: Tensor | None
+    gate_up: _Proj
+    down: _Proj
 
 
 class LeanDecoder:
@@ -200,24 +223,19 @@ class LeanDecoder:
         self.n_kv = attn0.k_proj.out_features // self.head_dim
         self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
         self.embed = base.embed_tokens.weight.detach()
-        # In float32/64 the norms' weights are folded into the next matmul (W·diag(w): one op less
-        # per norm, equal up to rounding); in 16-bit the model's own order of roundings is kept.
-        fold = self.embed.dtype in (torch.float32, torch.float64)
         self.norm, self.norm_eps = base.norm.weight.detach(), base.norm.variance_epsilon
-        self.head = model.lm_head.weight.detach()
-        if fold:
-            self.head, self.norm = self.head * self.norm, None
-        self.head = self.head.t()
-        self.head_bias = model.lm_head.bias.detach() if model.lm_head.bias is not None else None
+        self.head = _Proj.of([model.lm_head], fuse=False)
         self.rotary = base.rotary_emb
+        fuse = config.hidden_size <= FUSE_MAX_WIDTH
+        # Fused copies of float32/64 models get the norms' weights folded in (W·diag(w), one op less
+        # per norm, equal up to rounding); 16-bit models keep the model's own order of roundings.
+        fold = fuse and self.embed.dtype in (torch.float32, torch.float64)
         self.layers: list[_Layer] = []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv, qkv_bias = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
-            gate_up, gate_up_bias = _fused([mlp.gate_proj, mlp.up_proj])
             ln1, ln2 = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
-            if fold:  # _fused returned fresh copies: scaling them leaves the model untouched
-                qkv, gate_up, ln1, ln2 = qkv.mul_(ln1), gate_up.mul_(ln2), None, None
+            qkv = _Proj.of([attn.q_proj, attn.k_proj, attn.v_proj], fuse, ln1 if fold else None)
+            gate_up = _Proj.of([mlp.gate_proj, mlp.up_proj], fuse, ln2 if fold else None)
             qk_norm, qk_eps = None, 0.0
             if getattr(attn, "q_norm", None) is not None:
                 qk_norm = torch.cat(
@@ -229,20 +247,16 @@ class LeanDecoder:
                 qk_eps = attn.q_norm.variance_epsilon
             self.layers.append(
                 _Layer(
-                    ln1,
+                    None if fold else ln1,
                     layer.input_layernorm.variance_epsilon,
-                    qkv.t(),
-                    qkv_bias,
+                    qkv,
                     qk_norm,
                     qk_eps,
-                    attn.o_proj.weight.detach().t(),
-                    attn.o_proj.bias.detach() if attn.o_proj.bias is not None else None,
-                    ln2,
+                    _Proj.of([attn.o_proj], fuse=False),
+                    None if fold else ln2,
                     layer.post_attention_layernorm.variance_epsilon,
-                    gate_up.t(),
-                    gate_up_bias,
-                    mlp.down_proj.weight.detach().t(),
-                    mlp.down_proj.bias.detach() if mlp.down_proj.bias is not None else None,
+                    gate_up,
+                    _Proj.of([mlp.down_proj], fuse=False),
                 )
             )
         self.gqa = self.n_q != self.n_kv
@@ -261,9 +275,7 @@ class LeanDecoder:
 
         cos, sin: [..., 1, D] (sin with its first half negated, see `_rope_tables`).
         """
-        qk, v = _linear(h, layer.qkv, layer.qkv_bias).split(
-            [(self.n_q + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], -1
-        )
+        qk, v = layer.qkv(h).split([(self.n_q + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], -1)
         qk = qk.unflatten(-1, (self.n_q + self.n_kv, self.head_dim))
         if layer.qk_norm is not None:
             qk = _rms(qk, layer.qk_norm, layer.qk_norm_eps)
@@ -273,11 +285,11 @@ class LeanDecoder:
 
     def _mlp(self, layer: _Layer, x: Tensor) -> Tensor:
         h = _rms(x, layer.ln2, layer.ln2_eps)
-        gate, up = _linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, -1)
-        return _linear(F.silu(gate).mul_(up), layer.down, layer.down_bias, residual=x)
+        gate, up = layer.gate_up(h).chunk(2, -1)
+        return layer.down(F.silu(gate).mul_(up), residual=x)
 
     def _logits(self, x: Tensor) -> Tensor:
-        return _linear(_rms(x, self.norm, self.norm_eps), self.head, self.head_bias)
+        return self.head(_rms(x, self.norm, self.norm_eps))
 
     # -- the decode API -------------------------------------------------------------------------
     def prefill(self, ids: Tensor, mask: Tensor, max_new_tokens: int) -> Tensor:
@@ -311,7 +323,7 @@ class LeanDecoder:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=allowed, scale=self.scaling, enable_gqa=self.gqa
             )
-            x = _linear(out.transpose(1, 2).flatten(2), layer.o, layer.o_bias, residual=x)
+            x = layer.o(out.transpose(1, 2).flatten(2), residual=x)
             x = self._mlp(layer, x)
         last = (mask.long() * torch.arange(width, device=device)).argmax(-1)  # last token of each row
         rows = torch.arange(batch, device=device)
@@ -356,7 +368,7 @@ class LeanDecoder:
                 scale=self.scaling,
                 enable_gqa=self.gqa,
             )
-            x = _linear(out.view(batch, -1), layer.o, layer.o_bias, residual=x)
+            x = layer.o(out.view(batch, -1), residual=x)
             x = self._mlp(layer, x)
         self.next_pos = self.next_pos + 1
         return self._logits(x)
