@@ -1,13 +1,15 @@
 """A lean decode path for Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3) used by sampling.
 
-At the widths kdkit distils to, one decode step of Hugging Face's `LlamaForCausalLM` is almost all
-Python and dispatch overhead (mask building, cache classes, the attention interface, ~800 tensor ops
-for 3 layers). `LeanDecoder` computes the same function with ~15 ops per layer: fused QKV and
-gate/up matmuls, `F.rms_norm`, rotary cos/sin looked up from a table the model's own rotary module
-computed, a preallocated static KV cache, SDPA over the valid prefix only, and finished rows dropped
-from the batch and the cache.
+At the widths kdkit distils to, one decode step of Hugging Face's `LlamaForCausalLM` is mostly
+Python and dispatch overhead (mask building, cache classes, the attention interface, decorators:
+~800 tensor ops per step for the 3-layer arithmetic student). `LeanDecoder` computes the same
+function in about half the ops, each without the module machinery around it: one matmul for
+q/k/v and one for gate/up at widths up to `FUSE_MAX_WIDTH` (norm weights folded in), `addmm`
+with the residual, rotary cos/sin looked up from a table the model's own rotary module computed,
+a preallocated static KV cache, SDPA over the filled prefix only, and finished rows dropped from
+the batch and the cache.
 
-It reads the *live* module's weights when it is built (once per `sample_tokens` call; the fused
+It reads the *live* module's weights when it is built (once per `sample_tokens` call; fused
 matrices are copies made then), so samples always come from the current student, never a stale
 one. `lean_decoder_support` names the first thing it does not reproduce exactly (another family, a
 subclass or hooked module such as a PEFT adapter, dynamic/long RoPE, a sliding window shorter than
