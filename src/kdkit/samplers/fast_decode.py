@@ -134,9 +134,10 @@ def _rms(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     when it was folded into the next matmul's weight. (Written out: `F.rms_norm` and `mean` are
     several times slower than these six ops on small CPU tensors.)
     """
-    h = x.float()
+    h = x if x.dtype == torch.float32 else x.float()  # (`.float()` is a dispatched op even as a no-op)
     h = h * h.square().sum(-1, keepdim=True).div_(h.shape[-1]).add_(eps).rsqrt_()
-    h = h.to(x.dtype)
+    if h.dtype != x.dtype:
+        h = h.to(x.dtype)
     return h if weight is None else weight * h
 
 
