@@ -122,7 +122,7 @@ def lean_decoder_support(model: nn.Module, total_length: int | None = None) -> s
         if model_type == "mistral":
             window = getattr(config, "sliding_window", None)
         if window is not None and (total_length is None or int(window) < total_length):
-            return f"layer {i} has a sliding attention window of {window} < {total_length} positions"
+            return f"layer {i} has a sliding attention window ({window}) shorter than prompt + new tokens"
     if _has_hooks(model):
         return "forward hooks or a patched forward on the model (hooks, accelerate offloading, ...)"
     return None
