@@ -1,21 +1,25 @@
-"""On-policy sampling speed: kdkit's decode loop vs Hugging Face `generate`, and generation's share of a step.
+"""On-policy sampling speed: kdkit's decoders vs Hugging Face `generate`, and generation's share of a step.
 
 On the arithmetic task's models (the cached teacher, 3 layers of width 64, and the student of
 recipes/arithmetic-policies.yaml: the same layers with quarter-width MLPs), side by side in one
-process, rounds alternating the order of the methods:
+process, rounds alternating the order of the methods (seed r for every method of round r):
 
-1. tokens/s: `kdkit.samplers.generation.sample_tokens` (KV cache, finished rows dropped, kdkit's
-   settings only) vs `model.generate` (do_sample, the same temperature, top_k=0, top_p=1) on the
-   same prompts, batch and max_new_tokens. Completion tokens = generated tokens up to and including
-   the first EOS.
-2. G samples per prompt: kdkit `num_samples=G` (one prefill per prompt, cache repeated) vs
-   `generate(num_return_sequences=G)`.
+1. tokens/s of three samplers on the same prompts, batch and max_new_tokens: `model.generate`
+   (do_sample, the same temperature, top_k=0, top_p=1); `kdkit.samplers.generation.sample_tokens`
+   with `fast=False` (kdkit's generic loop over the model's own forward: KV cache, finished rows
+   dropped); and `sample_tokens` as it runs by default (`kdkit.samplers.fast_decode.LeanDecoder`:
+   static cache, fused matmuls, the same logits). Completion tokens = generated tokens up to and
+   including the first EOS.
+2. G samples per prompt: `num_samples=G` (one prefill per prompt) vs `generate(num_return_sequences=G)`.
 3. The share of an on-policy step spent sampling: sample the student's completions, teacher and
-   student forward, reverse KL on the completion tokens, backward, AdamW step; once with each
-   sampler.
+   student forward, reverse KL on the completion tokens, backward, AdamW step; once per sampler.
+4. `--smollm2`: tokens/s of the three samplers for the SmolLM2-135M-Instruct -> every-third-layer
+   student of recipes/smollm2-python-docs-cpu.yaml on 16-token Python-docs prompts, and the
+   on-policy step share with that teacher.
 
-    .venv/bin/python benchmarks/sampling.py            # -> docs/benchmarks/sampling.md / .json (~3 min)
-    .venv/bin/python benchmarks/sampling.py --quick    # smoke run -> runs/benchmarks/
+    .venv/bin/python benchmarks/sampling.py --rounds 4 --smollm2   # -> docs/benchmarks/sampling.json
+    .venv/bin/python benchmarks/sampling.py --quick                # smoke run -> runs/benchmarks/
+    .venv/bin/python benchmarks/sampling.py --ops-only             # ops and ms of one decode step
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,14 @@ from kdkit.losses import DIVERGENCES
 from kdkit.models.lm import derive_student
 from kdkit.pipelines.teachers import get_arithmetic_teacher
 from kdkit.samplers import PromptCompletionCollator
-from kdkit.samplers.generation import GenerationSettings, completion_lengths, generate_batch, sample_tokens
+from kdkit.samplers.collate import build_lm_batch
+from kdkit.samplers.generation import (
+    GenerationSettings,
+    completion_lengths,
+    eos_token_ids,
+    generate_batch,
+    sample_tokens,
+)
 from kdkit.tasks.arithmetic import arithmetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,27 +96,47 @@ def rounds(
     return out
 
 
+SAMPLERS = ("hf_generate", "kdkit_generic", "kdkit_lean")
+
+
+def kdkit_sample(model, ids, mask, n: int, eos: int, pad: int, fast: bool, g: int = 1) -> torch.Tensor:
+    return sample_tokens(
+        model, ids, mask, max_new_tokens=n, eos_token_ids=(eos,), pad_token_id=pad, num_samples=g, fast=fast
+    )
+
+
+def sampler_runs(model, ids, mask, n: int, eos: int, pad: int, g: int = 1) -> dict[str, Callable]:
+    """The three samplers as timed callables (seconds, completion tokens)."""
+    return {
+        "hf_generate": lambda: timed(lambda: hf_generate(model, ids, mask, n, eos, pad, g), eos),
+        "kdkit_generic": lambda: timed(lambda: kdkit_sample(model, ids, mask, n, eos, pad, False, g), eos),
+        "kdkit_lean": lambda: timed(lambda: kdkit_sample(model, ids, mask, n, eos, pad, True, g), eos),
+    }
+
+
 def on_policy_step(student, teacher, optimizer, prompts, settings, sampler: str) -> dict[str, float]:
     """One on-policy reverse-KL step; returns its wall seconds and the sampling seconds within it."""
     started = time.perf_counter()
     ids, mask = prompts["prompt_ids"], prompts["prompt_attention_mask"]
-    if sampler == "kdkit":
-        batch, info = generate_batch(student, ids, mask, settings)
+    if sampler != "hf_generate":
+        batch, info = generate_batch(
+            student, ids, mask, replace(settings, fast_decode=sampler == "kdkit_lean")
+        )
         sampling = info["generation_s"]
     else:  # the same batch layout, sampled by HF generate
         t0 = time.perf_counter()
         student.eval()
         with torch.no_grad():
-            new = hf_generate(student, ids, mask, settings.max_new_tokens, settings.eos_token_id, 0)
+            new = hf_generate(
+                student, ids, mask, settings.max_new_tokens, settings.eos_token_id, settings.pad_token_id
+            )
         student.train()
         sampling = time.perf_counter() - t0
-        from kdkit.samplers import build_lm_batch
-
         lengths = completion_lengths(new, settings.eos_token_id)
         batch = build_lm_batch(
             [row[m.bool()].tolist() for row, m in zip(ids, mask)],
             [row[: int(n)].tolist() for row, n in zip(new, lengths)],
-            0,
+            settings.pad_token_id,
         )
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
@@ -116,6 +148,138 @@ def on_policy_step(student, teacher, optimizer, prompts, settings, sampler: str)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"step_s": time.perf_counter() - started, "sampling_s": sampling, "tokens": float(mask_t.sum())}
+
+
+def step_rounds(student, teacher, prompts, settings, n: int, seed: int) -> dict[str, list[dict[str, float]]]:
+    """On-policy steps with each sampler, order alternating per round, after one warm-up step each."""
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    steps: dict[str, list[dict[str, float]]] = {k: [] for k in SAMPLERS}
+    for name in SAMPLERS:
+        on_policy_step(student, teacher, optimizer, prompts, settings, name)
+    for r in range(n):
+        order = list(SAMPLERS) if r % 2 == 0 else list(SAMPLERS)[::-1]
+        for name in order:
+            torch.manual_seed(seed + r)
+            steps[name].append(on_policy_step(student, teacher, optimizer, prompts, settings, name))
+    return steps
+
+
+def ratios(part: dict[str, dict[str, list]], method: str, base: str = "hf_generate") -> list[float]:
+    """Per-round tokens/s of `method` divided by `base`'s."""
+    m, b = part[method], part[base]
+    return [
+        (tm / sm) / (tb / sb) for tm, sm, tb, sb in zip(m["tokens"], m["seconds"], b["tokens"], b["seconds"])
+    ]
+
+
+def step_summary(steps: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    return {
+        "share": {k: statistics.median(s["sampling_s"] / s["step_s"] for s in v) for k, v in steps.items()},
+        "share_min_max": {
+            k: [min(s["sampling_s"] / s["step_s"] for s in v), max(s["sampling_s"] / s["step_s"] for s in v)]
+            for k, v in steps.items()
+        },
+        "step_s": {k: statistics.median(s["step_s"] for s in v) for k, v in steps.items()},
+        "sampling_s": {k: statistics.median(s["sampling_s"] for s in v) for k, v in steps.items()},
+        "step_tokens_per_s": {
+            k: statistics.median(s["tokens"] / s["step_s"] for s in v) for k, v in steps.items()
+        },
+    }
+
+
+def part_summary(part: dict[str, dict[str, list]]) -> dict[str, Any]:
+    return {
+        "tokens_per_s": {k: summary(v["seconds"], v["tokens"]) for k, v in part.items()},
+        "lean_over_hf_per_round": ratios(part, "kdkit_lean"),
+        "generic_over_hf_per_round": ratios(part, "kdkit_generic"),
+        "lean_over_generic_per_round": ratios(part, "kdkit_lean", "kdkit_generic"),
+    }
+
+
+def ops_per_decode_step(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """Tensor ops (torch.profiler's aten:: events, views included) and wall ms of one decode step of
+    a 32-row batch: the model's own forward on its dynamic cache vs `LeanDecoder.step`."""
+    from torch.profiler import profile
+
+    from kdkit.samplers.fast_decode import LeanDecoder
+
+    def count(step: Callable[[], Any]) -> dict[str, float]:
+        for _ in range(3):
+            step()
+        with profile() as prof:
+            step()
+        ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+        return {"aten_ops": ops, "ms_median": statistics.median(times), "ms_min": min(times)}
+
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        token = out.logits[:, -1].argmax(-1)[:, None]
+        grown = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        after = positions[:, -1:] + 1
+
+        def hf_step() -> None:  # the same position each time: the cache is cut back after the step
+            model(input_ids=token, attention_mask=grown, position_ids=after, cache=cache, use_cache=True)
+            cache.crop(-1)
+
+        decoder = LeanDecoder(model)
+        decoder.prefill(ids, mask, 48)
+
+        def lean_step() -> None:
+            decoder.step(token[:, 0])
+            decoder.step_index -= 1  # write the same cache slot again
+            decoder.next_pos -= 1
+
+        return {"hf_forward": count(hf_step), "lean": count(lean_step)}
+
+
+def smollm2_part(args: argparse.Namespace) -> dict[str, Any]:
+    """The three samplers and the on-policy step share at SmolLM2-135M size (teacher -> 11 layers)."""
+    from kdkit.config import load_run_config
+    from kdkit.data.python_docs import load_python_docs
+    from kdkit.pipelines.lm import build_student, load_teacher
+
+    cfg = load_run_config(ROOT / "recipes" / "smollm2-python-docs-cpu.yaml")
+    teacher, tokenizer = load_teacher(cfg, log=lambda _: None)
+    student, _ = build_student(cfg, teacher, tokenizer)
+    student.eval()
+    blocks = load_python_docs(tokenizer, "train", block_size=16, max_tokens=16 * (args.smollm2_batch + 1))
+    ids = torch.stack([blocks[i]["input_ids"] for i in range(args.smollm2_batch)])
+    mask = torch.ones_like(ids)
+    eos, pad = int(eos_token_ids(student)[0]), int(tokenizer.pad_token_id)
+    n = args.smollm2_new_tokens
+    with torch.no_grad():
+        part = rounds(sampler_runs(student, ids, mask, n, eos, pad), args.smollm2_rounds, args.seed)
+    settings = GenerationSettings(temperature=1.0, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
+    student.train()
+    steps = step_rounds(
+        student,
+        teacher,
+        {"prompt_ids": ids, "prompt_attention_mask": mask},
+        settings,
+        args.smollm2_rounds,
+        args.seed,
+    )
+    return {
+        "teacher_layers": teacher.config.num_hidden_layers,
+        "student_layers": student.config.num_hidden_layers,
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "batch": args.smollm2_batch,
+        "prompt_tokens": 16,
+        "max_new_tokens": n,
+        "rounds": args.smollm2_rounds,
+        "tokens": part,
+        "steps": steps,
+        "summary": {**part_summary(part), **step_summary(steps)},
+    }
 
 
 def summary(seconds: list[float], tokens: list[int]) -> dict[str, float]:
@@ -135,9 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--ops-only", action="store_true", help="only count the ops of one decode step")
+    parser.add_argument("--smollm2", action="store_true", help="part 4: SmolLM2-135M -> 11-layer student")
+    parser.add_argument("--smollm2-batch", type=int, default=8)
+    parser.add_argument("--smollm2-new-tokens", type=int, default=32)
+    parser.add_argument("--smollm2-rounds", type=int, default=3)
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.batch = 2, 8
+        args.rounds, args.batch, args.smollm2_rounds, args.smollm2_batch = 2, 8, 1, 2
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out) if args.out else ROOT / ("runs/benchmarks" if args.quick else "docs/benchmarks")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,61 +321,31 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load0 = os.getloadavg()[0]
 
+    ops = ops_per_decode_step(student, ids, mask)
+    print(json.dumps({"ops_per_decode_step": ops}), flush=True)
+    if args.ops_only:
+        return 0
+
     # 1. tokens/s, one sample per prompt
     with torch.no_grad():
-        part1 = rounds(
-            {
-                "hf_generate": lambda: timed(lambda: hf_generate(student, ids, mask, n, eos, pad), eos),
-                "kdkit": lambda: timed(
-                    lambda: sample_tokens(
-                        student, ids, mask, max_new_tokens=n, eos_token_ids=(eos,), pad_token_id=pad
-                    ),
-                    eos,
-                ),
-            },
-            args.rounds,
-            args.seed,
-        )
+        part1 = rounds(sampler_runs(student, ids, mask, n, eos, pad), args.rounds, args.seed)
         # 2. G samples per prompt from batch/G prompts
         g = args.group
         gids, gmask = ids[: args.batch // g], mask[: args.batch // g]
-        part2 = rounds(
-            {
-                "hf_generate": lambda: timed(lambda: hf_generate(student, gids, gmask, n, eos, pad, g), eos),
-                "kdkit": lambda: timed(
-                    lambda: sample_tokens(
-                        student,
-                        gids,
-                        gmask,
-                        max_new_tokens=n,
-                        eos_token_ids=(eos,),
-                        pad_token_id=pad,
-                        num_samples=g,
-                    ),
-                    eos,
-                ),
-            },
-            args.rounds,
-            args.seed,
-        )
+        part2 = rounds(sampler_runs(student, gids, gmask, n, eos, pad, g), args.rounds, args.seed)
 
     # 3. generation's share of an on-policy step
     settings = GenerationSettings(temperature=1.0, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
     train_student = derive_student(teacher, keep_layers=3, intermediate_size=48).train()
-    optimizer = torch.optim.AdamW(train_student.parameters(), lr=1e-4)
-    steps: dict[str, list[dict[str, float]]] = {"hf_generate": [], "kdkit": []}
-    on_policy_step(train_student, teacher, optimizer, prompts, settings, "kdkit")  # warm-up
-    for r in range(args.rounds):
-        order = ["hf_generate", "kdkit"] if r % 2 == 0 else ["kdkit", "hf_generate"]
-        for name in order:
-            torch.manual_seed(args.seed + r)
-            steps[name].append(on_policy_step(train_student, teacher, optimizer, prompts, settings, name))
+    steps = step_rounds(train_student, teacher, prompts, settings, args.rounds, args.seed)
+    load_mid = os.getloadavg()[0]
+    smollm2 = smollm2_part(args) if args.smollm2 else None
 
     result: dict[str, Any] = {
         "command": "python benchmarks/sampling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}",
         "threads": args.threads,
-        "load_avg_1min": [load0, os.getloadavg()[0]],
+        "load_avg_1min": [load0, load_mid, os.getloadavg()[0]],
         "minutes": (time.perf_counter() - started) / 60,
         "teacher": str(folder),
         "student_params": sum(p.numel() for p in student.parameters()),
@@ -214,36 +353,18 @@ def main(argv: list[str] | None = None) -> int:
         "group": args.group,
         "max_new_tokens": n,
         "rounds": args.rounds,
+        "seed": args.seed,
         "part1": part1,
         "part2": part2,
         "steps": steps,
+        "smollm2": smollm2,
+        "ops_per_decode_step": ops,
     }
     result["summary"] = {
-        "part1": {k: summary(v["seconds"], v["tokens"]) for k, v in part1.items()},
-        "part2": {k: summary(v["seconds"], v["tokens"]) for k, v in part2.items()},
-        "part1_speedup_per_round": [
-            (tk / sk) / (th / sh)
-            for tk, sk, th, sh in zip(
-                part1["kdkit"]["tokens"],
-                part1["kdkit"]["seconds"],
-                part1["hf_generate"]["tokens"],
-                part1["hf_generate"]["seconds"],
-            )
-        ],
-        "part2_speedup_per_round": [
-            (tk / sk) / (th / sh)
-            for tk, sk, th, sh in zip(
-                part2["kdkit"]["tokens"],
-                part2["kdkit"]["seconds"],
-                part2["hf_generate"]["tokens"],
-                part2["hf_generate"]["seconds"],
-            )
-        ],
-        "share": {k: statistics.median(s["sampling_s"] / s["step_s"] for s in v) for k, v in steps.items()},
-        "step_s": {k: statistics.median(s["step_s"] for s in v) for k, v in steps.items()},
-        "step_tokens_per_s": {
-            k: statistics.median(s["tokens"] / s["step_s"] for s in v) for k, v in steps.items()
-        },
+        "part1": part_summary(part1),
+        "part2": part_summary(part2),
+        **step_summary(steps),
+        "smollm2": smollm2["summary"] if smollm2 else None,
     }
     (out_dir / "sampling.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result["summary"], indent=1))

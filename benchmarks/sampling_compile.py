@@ -11,11 +11,16 @@ The first call of ``compiled_static`` includes compilation. Result on the loaded
 (docs/benchmarks/sampling.md): compilation ~300 s, then ~1.02-1.10 s per batch vs 1.22-1.42 s for
 the dynamic loop; so kdkit keeps compilation off by default on CPU.
 
-    .venv/bin/python benchmarks/sampling_compile.py     # ~6 min on a shared 2-core CPU
+``--lean``: instead, `torch.compile(LeanDecoder.step, dynamic=True)` (kdkit's default decoder):
+the time of the first compiled call, of the next ones, and of the eager step.
+
+    .venv/bin/python benchmarks/sampling_compile.py          # ~6 min on a shared 2-core CPU
+    .venv/bin/python benchmarks/sampling_compile.py --lean   # a few minutes
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -28,12 +33,34 @@ from kdkit.samplers.generation import sample_from_logits, sample_tokens
 from kdkit.tasks.arithmetic import arithmetic_dataset
 
 
+def lean(student, ids, mask) -> None:  # type: ignore[no-untyped-def]
+    """Eager vs compiled `LeanDecoder.step` on the same cache (steps of a 32-row batch)."""
+    from kdkit.samplers.fast_decode import LeanDecoder
+
+    decoder = LeanDecoder(student)
+    with torch.no_grad():
+        token = decoder.prefill(ids, mask, 48).argmax(-1)
+        start = time.perf_counter()
+        for _ in range(10):
+            decoder.step(token)
+        print(f"eager step: {(time.perf_counter() - start) / 10 * 1e3:.2f} ms", flush=True)
+        decoder.prefill(ids, mask, 48)
+        compiled = torch.compile(decoder.step, dynamic=True)
+        for call in range(3):
+            start = time.perf_counter()
+            compiled(token)
+            print(f"compiled step, call {call + 1}: {time.perf_counter() - start:.2f} s", flush=True)
+
+
 def main() -> None:
     torch.set_num_threads(1)
     teacher, tokenizer, _ = get_arithmetic_teacher()
     student = derive_student(teacher, keep_layers=3, intermediate_size=48).eval()
     prompts = PromptCompletionCollator(tokenizer)(arithmetic_dataset(32, (1, 3), seed=0))
     ids, mask = prompts["prompt_ids"], prompts["prompt_attention_mask"]
+    if "--lean" in sys.argv[1:]:
+        lean(student, ids, mask)
+        return
     batch, width = ids.shape
     new, eos = 48, tokenizer.eos_token_id
 

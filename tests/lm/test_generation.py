@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from kdkit.samplers import IGNORE_INDEX, PromptCompletionCollator
+from kdkit.samplers.fast_decode import lean_decoder_support
 from kdkit.samplers.generation import (
     GenerationSettings,
     completion_lengths,
@@ -130,6 +131,7 @@ def test_samples_follow_the_model_not_its_generation_config(
     gc.do_sample, gc.temperature = True, 0.3
     data = prompts(tokenizer, 1, seed=5)
     prompt = data["prompt_ids"][0]
+    assert lean_decoder_support(model, prompt.shape[0] + 2) is None  # sampled through the lean path
     p1, p2 = two_step_probs(model, prompt, temperature, top_p)
     n = 3000
     torch.manual_seed(0)
