@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from kdkit.engine.phases import phase
 from kdkit.models.heads import backbone_and_head
 from kdkit.settings import LMContext, NoParams
 from kdkit.signals.base import LinearHead, TeacherTarget, model_inputs
@@ -30,12 +31,14 @@ class StudentView:
 
     @cached_property
     def logits(self) -> Tensor:
-        return self.model(**model_inputs(self.batch)).logits
+        with phase("student_forward"):
+            return self.model(**model_inputs(self.batch)).logits
 
     @cached_property
     def hidden(self) -> tuple[Tensor, LinearHead]:
         backbone, head = backbone_and_head(self.model)
-        return backbone(**model_inputs(self.batch)).last_hidden_state, head
+        with phase("student_forward"):
+            return backbone(**model_inputs(self.batch)).last_hidden_state, head
 
     @property
     def has_logits(self) -> bool:
