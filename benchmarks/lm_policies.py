@@ -138,28 +138,30 @@ def chat_tokenizer(tokenizer: Any) -> Any:
 def chat_ids(tokenizer: Any, samples: list[dict]) -> list[dict[str, Any]]:
     """Each prompt/completion text pair as the token ids both tools train on.
 
-    prompt_ids: the user turn rendered as TRL's DistillationTrainer renders a prompt
-    (`apply_chat_template(add_generation_prompt=True)`); completion_ids: the rest of the rendered
-    user + assistant conversation (the completion and the template's end-of-turn tokens). The
-    conversation must start with the prompt's ids, else the split would be wrong (checked).
+    prompt_ids: the user turn as TRL's DistillationTrainer renders and tokenizes a prompt
+    (`apply_chat_template(add_generation_prompt=True, tokenize=True)`); completion_ids: the rest of
+    the rendered user + assistant conversation text (the completion and the template's end-of-turn
+    tokens), tokenized on its own, as a sampled completion continues the prompt's ids. The rendered
+    conversation must start with the rendered prompt (checked).
     """
     out = []
     for sample in samples:
         user = [{"role": "user", "content": sample["prompt"]}]
         both = user + [{"role": "assistant", "content": sample["completion"]}]
-        prompt = _rendered(tokenizer, user, add_generation_prompt=True)
-        full = _rendered(tokenizer, both, add_generation_prompt=False)
-        if full[: len(prompt)] != prompt:
-            raise AssertionError(f"the chat template does not extend the prompt: {prompt} vs {full}")
-        out.append({"prompt": user, "prompt_ids": prompt, "completion_ids": full[len(prompt) :]})
+        prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full_text = tokenizer.apply_chat_template(both, tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise AssertionError(
+                f"the chat template does not extend the prompt: {prompt_text!r} vs {full_text!r}"
+            )
+        encoded = tokenizer.apply_chat_template(
+            user, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        completion = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        out.append(
+            {"prompt": user, "prompt_ids": list(encoded["input_ids"]), "completion_ids": list(completion)}
+        )
     return out
-
-
-def _rendered(tokenizer: Any, conversation: list[dict], *, add_generation_prompt: bool) -> list[int]:
-    encoded = tokenizer.apply_chat_template(
-        conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
-    )
-    return list(encoded["input_ids"])
 
 
 def docs_samples(tokenizer: Any, count: int, prompt_tokens: int, completion_tokens: int) -> list[dict]:
@@ -405,6 +407,7 @@ def throughput(
     task: str = "arithmetic",
     prompt_tokens: int = 32,
     variants: tuple[str, ...] = KDKIT_VARIANTS,
+    modes: tuple[str, ...] = ("off_policy", "on_policy"),
 ) -> dict[str, Any]:
     """kdkit's variants and TRL's DistillationTrainer in alternating order, off-policy then on-policy.
 
@@ -425,7 +428,7 @@ def throughput(
         texts = docs_samples(tokenizer, count, prompt_tokens, max_new_tokens)
     samples = chat_ids(tokenizer, texts)
     results: dict[str, Any] = {}
-    if "kdkit_cache" in variants:
+    if "kdkit_cache" in variants and "off_policy" in modes:
         cache = work / "top8-cache"
         results["cache_build"] = build_topk_cache(teacher, tokenizer, samples, cache)
         print(
@@ -459,6 +462,8 @@ def throughput(
     for tool in (*[v for v in variants if v != "kdkit_cache"], TRL):
         run(tool, 1.0, work / f"first-use-{tool}", 0, **first_use)
     for label, lmbda in (("off_policy", 0.0), ("on_policy", 1.0)):
+        if label not in modes:
+            continue
         options = {
             "steps": steps,
             "warmup": warmup,
@@ -628,6 +633,13 @@ def main(argv: list[str] | None = None) -> int:
         default=list(KDKIT_VARIANTS),
         help="kdkit variants run against TRL's DistillationTrainer (kdkit_cache: off-policy only)",
     )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("off_policy", "on_policy"),
+        default=["off_policy", "on_policy"],
+        help="throughput modes to (re)measure; a stored result keeps the modes not rerun",
+    )
     parser.add_argument("--render", type=Path, help="print the Markdown tables of a result JSON and exit")
     args = parser.parse_args(argv)
     if args.render is not None:
@@ -692,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                 repeats=repeats,
                 task=args.throughput_models,
                 variants=tuple(args.variants),
+                modes=tuple(args.modes),
             )
             result[f"{key}_settings"] = {
                 "models": args.throughput_models,
@@ -723,6 +736,14 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in previous.items():
             if key.startswith(("policies", "summary", THROUGHPUT_KEY)) and key not in result:
                 result[key] = value
+            elif key.startswith(THROUGHPUT_KEY) and not key.endswith("_settings"):
+                # modes measured before and not rerun now stay, with the settings they ran under
+                for mode, entry in value.items():
+                    if mode not in result[key]:
+                        result[key][mode] = entry
+                        result[f"{key}_settings"].setdefault("earlier", {})[mode] = previous.get(
+                            f"{key}_settings"
+                        )
             if args.skip_policies and key in ("seeds", "steps", "batch_size"):
                 result[key] = value  # these describe the policies part, which this run kept
         result["previous_run"] = {k: previous.get(k) for k in ("machine", "total_s", "load_average_end")}
