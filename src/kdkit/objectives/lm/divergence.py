@@ -69,7 +69,9 @@ class DivergenceObjective(LMObjective):
 
             return {"kd": sparse_token_divergence(student.logits, labels, target.sparse, p)}
         assert target.logits is not None
-        return {"kd": token_divergence(student.logits, target.logits, labels, p)}
+        # only positions that predict a trained label: the same value, without the prompt's logits
+        logits, window_labels = student.trained_logits
+        return {"kd": token_divergence(logits, target.logits_from(student.start), window_labels, p)}
 
 
 def token_divergence(
