@@ -103,3 +103,26 @@ def test_sampled_token_objective_reads_a_windowed_teacher_like_a_full_one() -> N
     window = objective(StudentView(student, data), data, TeacherTarget(logits=full[:, start:], start=start))
     for key in whole:
         assert torch.allclose(whole[key], window[key], atol=1e-6), key
+
+
+def test_a_sparse_target_is_cut_to_the_window_like_the_logits() -> None:
+    from kdkit.losses.sparse import topk_target
+    from kdkit.objectives.lm.sparse import sparse_token_divergence
+    from kdkit.signals import SparseTarget
+
+    student, teacher, data = tiny_lm(0), tiny_lm(1).eval(), batch()
+    with torch.no_grad():
+        stored = topk_target(teacher(**inputs(data)).logits[:, :-1], 4)  # over shifted positions
+    sparse = SparseTarget(ids=stored["ids"], logprobs=stored["logprobs"], tail_logprob=stored["tail_logprob"])
+    params = DivergenceParams(divergence="jsd", beta=0.5)
+    windowed = DivergenceObjective(params)(StudentView(student, data), data, TeacherTarget(sparse=sparse))[
+        "kd"
+    ]
+    windowed.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    full = sparse_token_divergence(student(**inputs(data)).logits, data["labels"], sparse, params)
+    full.backward()
+    assert torch.allclose(windowed, full, atol=1e-6)
+    for n, p in student.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-6), n

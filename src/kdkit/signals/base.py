@@ -33,6 +33,15 @@ class SparseTarget:
     tail_logprob: Tensor | None = None
     entropy: Tensor | None = None
 
+    def from_position(self, start: int) -> SparseTarget:
+        """The target of shifted positions start.. only (views): pairs with logits from `start`."""
+        if start == 0:
+            return self
+        cut = {name: getattr(self, name) for name in ("logprobs", "weights", "tail_logprob", "entropy")}
+        return SparseTarget(
+            self.ids[:, start:], **{name: None if v is None else v[:, start:] for name, v in cut.items()}
+        )
+
 
 @dataclass
 class TeacherTarget:

@@ -67,7 +67,9 @@ class DivergenceObjective(LMObjective):
         if target.sparse is not None:  # a logit cache or a served teacher: kdkit.losses.sparse
             from kdkit.objectives.lm.sparse import sparse_token_divergence
 
-            return {"kd": sparse_token_divergence(student.logits, labels, target.sparse, p)}
+            logits, window_labels = student.trained_logits
+            sparse = target.sparse.from_position(student.start)
+            return {"kd": sparse_token_divergence(logits, window_labels, sparse, p)}
         assert target.logits is not None
         # only positions that predict a trained label: the same value, without the prompt's logits
         logits, window_labels = student.trained_logits
