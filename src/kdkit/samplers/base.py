@@ -30,6 +30,10 @@ class GenerationParams(ParamsModel):
     #: completions per prompt (G of group methods); they share one prompt prefill and come back as
     #: consecutive rows, the batch's other per-row fields repeated to match.
     num_samples: PositiveInt = 1
+    #: decode Llama / Mistral / Qwen2 / Qwen3 students with kdkit's lean decoder (the same logits
+    #: from the live weights, a fraction of the per-token overhead of the model's forward); other
+    #: models always use their own forward. false = always the model's forward.
+    fast_decode: bool = True
 
 
 def generation_settings(params: GenerationParams, ctx: LMContext) -> GenerationSettings:
@@ -40,6 +44,7 @@ def generation_settings(params: GenerationParams, ctx: LMContext) -> GenerationS
         eos_token_id=ctx.eos_token_ids or None,
         pad_token_id=ctx.pad_token_id,
         num_samples=params.num_samples,
+        fast_decode=params.fast_decode,
     )
 
 

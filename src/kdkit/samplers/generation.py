@@ -16,6 +16,7 @@ finished rows from the batch and the cache, and shares one prompt prefill among 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.samplers.collate import build_lm_batch
+from kdkit.samplers.fast_decode import LeanDecoder, lean_decoder_support
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class GenerationSettings:
     pad_token_id: None = the model's, else the first EOS id.
     num_samples: completions per prompt (G of group methods); they share one prompt prefill and
         come back as consecutive rows (prompt i -> rows i*G .. i*G+G-1).
+    fast_decode: decode Llama / Mistral / Qwen2 / Qwen3 models with the lean decoder
+        (`kdkit.samplers.fast_decode`: the same logits from the live weights, several times fewer
+        ops per token); False = always the model's own forward. Unsupported models fall back anyway.
     """
 
     temperature: float = 1.0
@@ -46,6 +53,7 @@ class GenerationSettings:
     eos_token_id: int | Sequence[int] | None = None
     pad_token_id: int | None = None
     num_samples: int = 1
+    fast_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -116,7 +124,8 @@ def sample_from_logits(logits: Tensor, temperature: float, top_p: float = 1.0) -
     """
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # mass before this token already >= top_p
@@ -137,6 +146,65 @@ def _cache_of(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
+class _ModelDecoder:
+    """The generic decode path: any causal LM's own `forward` with its KV cache (the same API as
+    `kdkit.samplers.fast_decode.LeanDecoder`; prompts left-padded)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.extra: dict[str, Any] = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        # transformers >= 5.x names the KV cache `cache` (`past_key_values` before, deprecated now).
+        self.cache_key = "cache" if _accepts(model, "cache") else "past_key_values"
+
+    def prefill(self, ids: Tensor, mask: Tensor, max_new_tokens: int) -> Tensor:
+        self.mask = mask.to(device=ids.device, dtype=torch.long)
+        positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(
+            input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True, **self.extra
+        )
+        self.cache, self.next_pos = _cache_of(out), positions[:, -1] + 1
+        return out.logits[:, -1]
+
+    def repeat_interleave(self, repeats: int) -> None:
+        self.cache.batch_repeat_interleave(repeats)
+        self.mask = self.mask.repeat_interleave(repeats, 0)
+        self.next_pos = self.next_pos.repeat_interleave(repeats, 0)
+
+    def select(self, rows: Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask, self.next_pos = self.mask[rows], self.next_pos[rows]
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=self.next_pos[:, None],
+            use_cache=True,
+            **{self.cache_key: self.cache},
+        )
+        self.cache, self.next_pos = _cache_of(out), self.next_pos + 1
+        return out.logits[:, -1]
+
+
+_logged_fallbacks: set[tuple[str, str]] = set()
+
+
+def _decoder(model: nn.Module, total_length: int, fast: bool) -> _ModelDecoder | LeanDecoder:
+    """The lean decoder when it reproduces `model` exactly (and `fast`), else the generic one; the
+    reason for a fallback is logged once per (model class, reason) at debug level."""
+    if not fast:
+        return _ModelDecoder(model)
+    reason = lean_decoder_support(model, total_length)
+    if reason is None:
+        return LeanDecoder(model)
+    key = (type(model).__name__, reason)
+    if key not in _logged_fallbacks:
+        _logged_fallbacks.add(key)
+        logger.debug("kdkit sampling: generic decode loop for %s: %s", type(model).__name__, reason)
+    return _ModelDecoder(model)
+
+
 @torch.no_grad()
 def sample_tokens(
     model: nn.Module,
@@ -149,6 +217,7 @@ def sample_tokens(
     eos_token_ids: Sequence[int] = (),
     pad_token_id: int = 0,
     num_samples: int = 1,
+    fast: bool = True,
 ) -> Tensor:
     """Sample completions with the KV cache: [B * num_samples, steps] long, `pad_token_id` after EOS.
 
@@ -157,22 +226,22 @@ def sample_tokens(
     the `num_samples` completions of each prompt; a finished row leaves the batch and the cache, so
     later decode steps cost only the rows still running. Each token is drawn from
     `sample_from_logits(logits, temperature, top_p)`; no other logits processing is applied.
+    fast: decode Llama / Mistral / Qwen2 / Qwen3 models with `kdkit.samplers.fast_decode.LeanDecoder`
+    (the same logits, several times fewer ops per step, the live weights); other models, or
+    fast=False, run the model's own forward.
     """
-    batch, _ = prompt_ids.shape
+    batch, width = prompt_ids.shape
     device = prompt_ids.device
-    mask = prompt_attention_mask.to(device=device, dtype=torch.long)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    extra: dict[str, Any] = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    # transformers >= 5.x names the KV cache `cache` (`past_key_values` before, deprecated now).
-    cache_key = "cache" if _accepts(model, "cache") else "past_key_values"
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-    cache, logits = _cache_of(out), out.logits[:, -1]
-    next_pos = positions[:, -1] + 1
+    if width and not bool(prompt_attention_mask[:, -1].all()):
+        raise ValueError(
+            "sample_tokens: prompts must be left-padded (every row's last prompt_attention_mask "
+            "column is 1); collate prompts with kdkit.samplers.PromptCompletionCollator"
+        )
+    decoder = _decoder(model, width + max_new_tokens, fast)
+    logits = decoder.prefill(prompt_ids, prompt_attention_mask, max_new_tokens)
     if num_samples > 1:  # one prefill shared by the G samples of each prompt
-        cache.batch_repeat_interleave(num_samples)
+        decoder.repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, 0)
-        mask = mask.repeat_interleave(num_samples, 0)
-        next_pos = next_pos.repeat_interleave(num_samples, 0)
     rows = batch * num_samples
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
@@ -190,18 +259,9 @@ def sample_tokens(
                 keep = running.nonzero().squeeze(1)
                 if keep.numel() == 0:
                     break
-                cache.batch_select_indices(keep)
-                active, mask, next_pos, chosen = active[keep], mask[keep], next_pos[keep], chosen[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(
-            input_ids=chosen[:, None],
-            attention_mask=mask,
-            position_ids=next_pos[:, None],
-            use_cache=True,
-            **{cache_key: cache},
-        )
-        cache, logits = _cache_of(out), out.logits[:, -1]
-        next_pos = next_pos + 1
+                decoder.select(keep)
+                active, chosen = active[keep], chosen[keep]
+        logits = decoder.step(chosen)
     return tokens[:, :steps]
 
 
@@ -253,6 +313,7 @@ def generate_batch(
             eos_token_ids=eos,
             pad_token_id=pad,
             num_samples=settings.num_samples,
+            fast=settings.fast_decode,
         )
     finally:
         model.train(was_training)

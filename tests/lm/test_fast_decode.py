@@ -1,0 +1,228 @@
+"""The lean decoder (kdkit.samplers.fast_decode): the same logits as the Hugging Face forward at every
+decode position (Llama / Mistral / Qwen2 / Qwen3, GQA, biases, q/k norms, tied embeddings, padding on
+either side, dropped and repeated rows), samples from the model's exact distribution, the live
+weights, and a logged fallback for everything it does not reproduce."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import Tensor
+
+from kdkit.samplers import generation
+from kdkit.samplers.fast_decode import LeanDecoder, lean_decoder_support
+from kdkit.samplers.generation import sample_tokens
+
+VOCAB = 40
+CONFIGS = {
+    "llama-gqa-tied": ("llama", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "llama-biases-untied": (
+        "llama",
+        {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False},
+    ),
+    "llama3-rope": (
+        "llama",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        },
+    ),
+    "mistral-gqa": ("mistral", {"num_key_value_heads": 1, "sliding_window": None}),
+    "qwen2-gqa-bias": ("qwen2", {"num_key_value_heads": 2}),
+    "qwen3-qk-norm": ("qwen3", {"num_key_value_heads": 2, "head_dim": 12}),
+}
+
+
+def tiny(model_type: str, seed: int = 0, **extra):
+    """A random 2-layer model of the family with non-trivial norm weights and biases."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {"num_key_value_heads": 4, **extra}  # (Mistral's and Qwen2's defaults exceed 4 heads)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # norms != 1, biases != 0
+    return model
+
+
+def reference_logits(model, rows: list[Tensor]) -> list[Tensor]:
+    """Each unpadded row's last-position logits from the model's own forward [V]."""
+    with torch.no_grad():
+        return [model(row[None]).logits[0, -1] for row in rows]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_lean_logits_equal_the_model_forward_at_every_position(name: str, padding: str) -> None:
+    model_type, extra = CONFIGS[name]
+    model = tiny(model_type, **extra)
+    assert lean_decoder_support(model, 20) is None
+    g = torch.Generator().manual_seed(1)
+    lengths = [7, 4, 5]
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        cols = slice(7 - len(p), 7) if padding == "left" else slice(0, len(p))
+        ids[i, cols], mask[i, cols] = p, 1
+    decoder = LeanDecoder(model)
+    with torch.no_grad():
+        logits = decoder.prefill(ids, mask, max_new_tokens=8)
+    decoder.repeat_interleave(2)  # rows 2i, 2i+1 continue prompt i
+    rows = [p.clone() for p in prompts for _ in range(2)]
+    logits = logits.repeat_interleave(2, 0)
+    for step in range(7):
+        expected = torch.stack(reference_logits(model, rows))
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+        chosen = torch.randint(3, VOCAB, (len(rows),), generator=g)
+        if step == 2:  # drop two rows mid-way, as the sampling loop does for finished rows
+            keep = torch.tensor([0, 2, 3, 5])
+            decoder.select(keep)
+            rows, chosen = [rows[i] for i in keep.tolist()], chosen[keep]
+        rows = [torch.cat([r, c[None]]) for r, c in zip(rows, chosen)]
+        with torch.no_grad():
+            logits = decoder.step(chosen)
+
+
+def test_greedy_fast_path_equals_the_generic_loop_and_reads_live_weights() -> None:
+    model = tiny("qwen2", num_key_value_heads=2)
+    ids = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    free = sample_tokens(model, ids, mask, temperature=0, max_new_tokens=10)
+    stop = int(free[0, 3])
+    kwargs = {"temperature": 0, "max_new_tokens": 10, "eos_token_ids": (stop,), "pad_token_id": 0}
+    assert torch.equal(
+        sample_tokens(model, ids, mask, **kwargs), sample_tokens(model, ids, mask, fast=False, **kwargs)
+    )
+    with torch.no_grad():  # the student changes between calls: the next samples follow the new weights
+        model.lm_head.weight.mul_(-1.0)
+    after = sample_tokens(model, ids, mask, **kwargs)
+    assert torch.equal(after, sample_tokens(model, ids, mask, fast=False, **kwargs))
+    assert not torch.equal(after[:, 0], free[:, 0])
+
+
+def chi_square(counts: Tensor, probs: Tensor) -> tuple[float, int]:
+    expected = probs.double() * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum().reshape(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    keep = exp > 0
+    return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fast_path_samples_follow_the_exact_distribution(temperature: float) -> None:
+    """G samples of one prompt (shared prefill, GQA + q/k norms, lean path): token frequencies at
+    steps 1 and 2 match softmax(logits / T) computed exactly from the model's forward."""
+    model = tiny("qwen3", seed=3, num_key_value_heads=2, head_dim=12)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # peaked, far from uniform
+    assert lean_decoder_support(model, 10) is None
+    prompt = torch.randint(3, VOCAB, (5,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        p1 = torch.softmax(model(prompt[None]).logits[0, -1].double() / temperature, -1)
+        seqs = torch.cat([prompt.repeat(VOCAB, 1), torch.arange(VOCAB)[:, None]], 1)
+        p2 = (p1[:, None] * torch.softmax(model(seqs).logits[:, -1].double() / temperature, -1)).sum(0)
+    torch.manual_seed(0)
+    n = 4000
+    tokens = sample_tokens(
+        model,
+        prompt[None],
+        torch.ones(1, 5, dtype=torch.long),
+        temperature=temperature,
+        max_new_tokens=2,
+        num_samples=n,
+    )
+    for column, probs in ((0, p1), (1, p2)):
+        stat, dof = chi_square(torch.bincount(tokens[:, column], minlength=VOCAB), probs)
+        assert dof >= 5
+        assert stat < dof + 6 * (2 * dof) ** 0.5, f"step {column + 1}: chi2 = {stat:.1f} with {dof} dof"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["gpt2", "dynamic-rope", "short-window", "hook", "subclass", "training-dropout", "peft-like"],
+)
+def test_unsupported_models_fall_back_with_a_logged_reason(case: str, caplog) -> None:
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    if case == "gpt2":
+        config = AutoConfig.for_model(
+            "gpt2", vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, eos_token_id=2
+        )
+        model = AutoModelForCausalLM.from_config(config).eval()
+    elif case == "dynamic-rope":
+        model = tiny("llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    elif case == "short-window":
+        model = tiny("mistral", sliding_window=4)
+    else:
+        model = tiny("llama")
+        if case == "hook":
+            model.model.layers[0].mlp.register_forward_hook(lambda *args: None)
+        elif case == "subclass":
+
+            class Custom(LlamaForCausalLM):
+                pass
+
+            model.__class__ = Custom
+        elif case == "training-dropout":
+            model.config.attention_dropout = 0.1
+            model.train()
+        else:  # an adapter wrapping a projection (what PEFT's LoRA does)
+
+            class Adapter(nn.Linear):
+                pass
+
+            old = model.model.layers[1].self_attn.v_proj
+            new = Adapter(old.in_features, old.out_features, bias=False)
+            new.weight = old.weight
+            model.model.layers[1].self_attn.v_proj = new
+    reason = lean_decoder_support(model, 5 + 6)  # prompt width + new tokens, as sample_tokens asks
+    assert reason is not None
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    generation._logged_fallbacks.clear()  # logged once per (class, reason) per process
+    with caplog.at_level(logging.DEBUG, logger="kdkit.samplers.generation"):
+        torch.manual_seed(0)
+        fast = sample_tokens(model, ids, mask, max_new_tokens=6)
+        torch.manual_seed(0)
+        generic = sample_tokens(model, ids, mask, max_new_tokens=6, fast=False)
+    assert torch.equal(fast, generic)  # the fallback is the generic loop itself
+    logged = [r.getMessage() for r in caplog.records if reason in r.getMessage()]
+    assert len(logged) == 1, logged  # once, not at every call
+
+
+def test_right_padded_prompts_are_refused() -> None:
+    """The generic loop continues from the last column: a right-padded prompt would be continued
+    from a pad token. sample_tokens refuses it with a message naming the fix."""
+    model = tiny("llama")
+    ids = torch.randint(3, VOCAB, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    for fast in (True, False):
+        with pytest.raises(ValueError, match="left-padded"):
+            sample_tokens(model, ids, mask, max_new_tokens=3, fast=fast)
