@@ -1,23 +1,30 @@
-"""LM distillation policies on the arithmetic task, and kdkit's training throughput against TRL's GKDTrainer.
+"""LM distillation policies on arithmetic, and kdkit's training throughput against TRL's DistillationTrainer.
 
 Part 1 (policies): the cached arithmetic teacher distilled into a 2-layer student by scratch (CE, no
 teacher), off-policy forward KL, on-policy reverse KL, on-policy JSD(0.5) and GKD (λ=0.5) at equal
 optimizer steps, over several seeds: exact match by operand length (mean ± std), wall time.
 The students train on shorter problems than they are tested on, so exposure bias shows.
 
-Part 2 (throughput): kdkit's `LMDistiller` (gkd recipe, λ=0 and λ=1) and TRL 1.16's `GKDTrainer`
-(lmbda=0 and 1) on identical models, data, batch size, max_new_tokens and sampling temperature, run
-alternately in one process: completion tokens per second after warm-up and generation's share of
-the step.
+Part 2 (throughput): kdkit's `LMDistiller` and TRL 1.16's stable `DistillationTrainer` on identical
+models, token ids, batch size, max_new_tokens, sampling temperature, JSD β=0.5, optimizer (AdamW,
+lr 1e-4 constant, no weight decay, gradient norm 1) and precision (float32, CPU), off-policy (λ=0:
+the dataset's completions) and on-policy (λ=1: the student samples every batch), run in one
+process in an order that rotates every round: completion tokens per second after untimed warm-up
+steps, per-round ratios, and generation's share of the step. kdkit runs as `kdkit` (the gkd recipe,
+loss on the logits of the trained positions), `kdkit_fused` (`fused: true`, hidden states
+projected in chunks like TRL's tiled loss) and, off-policy, `kdkit_cache` (the teacher read from a
+top-8+tail logit cache built once before the rounds, against TRL's live teacher).
 
-    .venv/bin/python benchmarks/lm_policies.py            # ~20 min on a shared 2-core CPU
+    .venv/bin/python benchmarks/lm_policies.py            # policies + throughput, ~25 min on 2 shared cores
+    .venv/bin/python benchmarks/lm_policies.py --skip-policies --repeats 5 --throughput-steps 30
+    .venv/bin/python benchmarks/lm_policies.py --throughput-models smollm2 --repeats 2   # ~15-30 min
     .venv/bin/python benchmarks/lm_policies.py --quick    # smoke run, ~2 min
-    .venv/bin/python benchmarks/lm_policies.py --throughput-models smollm2 --threads 2   # ~5 min
 
 `--throughput-models smollm2` runs part 2 only, at a realistic size: the SmolLM2-135M-Instruct teacher,
 a student derived from every third layer (recipes/smollm2-python-docs-cpu.yaml), Python-docs prompts
-(32 tokens, 32 completion tokens) rendered through SmolLM2's own chat template; stored as
-`throughput_smollm2` in lm_policies.json.
+(32 tokens, 32 completion tokens) rendered through SmolLM2's own chat template. `--modes on_policy`
+remeasures one mode and keeps the other's stored result. Results are stored as
+`vs_distillation_trainer_<models>_b<batch>` in lm_policies.json.
 
 Writes docs/benchmarks/lm_policies[_quick].json and .png; the Markdown document is written from the JSON.
 """
