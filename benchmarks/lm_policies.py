@@ -1,23 +1,30 @@
-"""LM distillation policies on the arithmetic task, and kdkit's training throughput against TRL's GKDTrainer.
+"""LM distillation policies on arithmetic, and kdkit's training throughput against TRL's DistillationTrainer.
 
 Part 1 (policies): the cached arithmetic teacher distilled into a 2-layer student by scratch (CE, no
 teacher), off-policy forward KL, on-policy reverse KL, on-policy JSD(0.5) and GKD (λ=0.5) at equal
 optimizer steps, over several seeds: exact match by operand length (mean ± std), wall time.
 The students train on shorter problems than they are tested on, so exposure bias shows.
 
-Part 2 (throughput): kdkit's `LMDistiller` (gkd recipe, λ=0 and λ=1) and TRL 1.16's `GKDTrainer`
-(lmbda=0 and 1) on identical models, data, batch size, max_new_tokens and sampling temperature, run
-alternately in one process: completion tokens per second after warm-up and generation's share of
-the step.
+Part 2 (throughput): kdkit's `LMDistiller` and TRL 1.16's stable `DistillationTrainer` on identical
+models, token ids, batch size, max_new_tokens, sampling temperature, JSD β=0.5, optimizer (AdamW,
+lr 1e-4 constant, no weight decay, gradient norm 1) and precision (float32, CPU), off-policy (λ=0:
+the dataset's completions) and on-policy (λ=1: the student samples every batch), run in one
+process in an order that rotates every round: completion tokens per second after untimed warm-up
+steps, per-round ratios, and generation's share of the step. kdkit runs as `kdkit` (the gkd recipe,
+loss on the logits of the trained positions), `kdkit_fused` (`fused: true`, hidden states
+projected in chunks like TRL's tiled loss) and, off-policy, `kdkit_cache` (the teacher read from a
+top-8+tail logit cache built once before the rounds, against TRL's live teacher).
 
-    .venv/bin/python benchmarks/lm_policies.py            # ~20 min on a shared 2-core CPU
+    .venv/bin/python benchmarks/lm_policies.py            # policies + throughput, ~25 min on 2 shared cores
+    .venv/bin/python benchmarks/lm_policies.py --skip-policies --repeats 5 --throughput-steps 30
+    .venv/bin/python benchmarks/lm_policies.py --throughput-models smollm2 --repeats 2   # ~15-30 min
     .venv/bin/python benchmarks/lm_policies.py --quick    # smoke run, ~2 min
-    .venv/bin/python benchmarks/lm_policies.py --throughput-models smollm2 --threads 2   # ~5 min
 
 `--throughput-models smollm2` runs part 2 only, at a realistic size: the SmolLM2-135M-Instruct teacher,
 a student derived from every third layer (recipes/smollm2-python-docs-cpu.yaml), Python-docs prompts
-(32 tokens, 32 completion tokens) rendered through SmolLM2's own chat template; stored as
-`throughput_smollm2` in lm_policies.json.
+(32 tokens, 32 completion tokens) rendered through SmolLM2's own chat template. `--modes on_policy`
+remeasures one mode and keeps the other's stored result. Results are stored as
+`vs_distillation_trainer_<models>_b<batch>` in lm_policies.json.
 
 Writes docs/benchmarks/lm_policies[_quick].json and .png; the Markdown document is written from the JSON.
 """
@@ -32,7 +39,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +119,21 @@ def _history_sum(path: Path, key: str, log_every: int) -> float:
 
 # ----------------------------------------------------------------------------- part 2: throughput
 
+#: The tools of a throughput round: kdkit's default (full logits), kdkit with the fused chunked loss
+#: (`fused: true`, hidden states projected in token chunks, like TRL's tiled loss), kdkit reading a
+#: top-8+tail logit cache (off-policy only: the teacher does not run), and TRL's DistillationTrainer.
+KDKIT_VARIANTS = ("kdkit", "kdkit_fused", "kdkit_cache")
+TRL = "trl_distillation"
+#: lm_policies.json keys of the throughput results (suffixed with the models, batch and threads)
+THROUGHPUT_KEY = "vs_distillation_trainer"
+
 
 def chat_tokenizer(tokenizer: Any) -> Any:
     """The arithmetic tokenizer with a chat template TRL can use: `<bos>prompt` then `completion<eos>`.
 
-    TRL's GKDTrainer accepts only a `messages` column rendered through a chat template, so a task
-    with plain prompt/completion text needs one written for it (kdkit reads the pairs directly).
+    TRL's DistillationTrainer reads only conversational or plain-text prompts and renders them
+    itself, so a task with plain prompt/completion text needs a template written for it (kdkit
+    reads the pairs directly). With `add_generation_prompt` the template adds nothing.
     """
     tokenizer.chat_template = (
         "{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
@@ -127,184 +142,33 @@ def chat_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def kdkit_throughput(
-    cfg: LMRunConfig,
-    teacher: Any,
-    tokenizer: Any,
-    samples: list[dict],
-    *,
-    lmbda: float,
-    steps: int,
-    warmup: int,
-    batch_size: int,
-    max_new_tokens: int,
-    work: Path,
-    collate: Callable[[list[dict]], Any] | None = None,
-) -> dict[str, float]:
-    """Completion tokens/s of kdkit's gkd recipe over `steps` timed steps after `warmup` steps.
+def chat_ids(tokenizer: Any, samples: list[dict]) -> list[dict[str, Any]]:
+    """Each prompt/completion text pair as the token ids both tools train on.
 
-    collate: the batch builder (default: PromptCompletionCollator over prompt/completion text).
+    prompt_ids: the user turn as TRL's DistillationTrainer renders and tokenizes a prompt
+    (`apply_chat_template(add_generation_prompt=True, tokenize=True)`); completion_ids: the rest of
+    the rendered user + assistant conversation text (the completion and the template's end-of-turn
+    tokens), tokenized on its own, as a sampled completion continues the prompt's ids. The rendered
+    conversation must start with the rendered prompt (checked).
     """
-    from kdkit.config.lm import LMStudentRun
-    from kdkit.engine import train
-    from kdkit.samplers.collate import PromptCompletionCollator
-
-    student, _ = build_student(cfg, teacher, tokenizer)
-    spec = LMStudentRun(
-        name="tp",
-        method="gkd",
-        lmbda=lmbda,
-        max_new_tokens=max_new_tokens,
-        sampling_temperature=1.0,
-    )
-    distiller = build_distiller(spec, student, teacher, tokenizer)
-    # log only at the end of warm-up and at the end (like TRL's logging_steps here), so per-step
-    # logging costs neither tool anything; each record averages its window's steps
-    train_cfg = cfg.train.model_copy(
-        update={
-            "steps": warmup + steps,
-            "batch_size": batch_size,
-            "log_every": warmup,
-            "checkpoint_every": 10_000,
-            "progress": False,
-            "schedule": "constant",
-            "warmup_steps": 0,
-            "lr": 1e-4,
-        }
-    )
-    collate = collate or PromptCompletionCollator(tokenizer)
-    result = train(distiller, samples, train_cfg, work, collate_fn=collate)
-    records = [json.loads(line) for line in result.history_path.read_text().splitlines() if line.strip()]
-    start = next(r for r in records if r["step"] == warmup)
-    timed = [r for r in records if r["step"] > warmup]
-    seconds = timed[-1]["elapsed_s"] - start["elapsed_s"]
-    tokens = generation = 0.0
-    previous = warmup
-    for record in timed:  # window means × window steps
-        tokens += record["diag/tokens"] * (record["step"] - previous)
-        generation += record.get("diag/gen_s", 0.0) * (record["step"] - previous)
-        previous = record["step"]
-    return _rates(tokens, seconds, generation, steps)
-
-
-def trl_throughput(
-    teacher: Any,
-    student: Any,
-    tokenizer: Any,
-    samples: list[dict],
-    *,
-    lmbda: float,
-    steps: int,
-    warmup: int,
-    batch_size: int,
-    max_new_tokens: int,
-    work: Path,
-) -> dict[str, float]:
-    """Completion tokens/s of TRL's GKDTrainer (JSD β=0.5) on the same models and samples.
-
-    tokenizer must carry a chat template (see `chat_tokenizer` for the arithmetic one).
-    """
-    import datasets
-    from transformers import TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    class Timed(GKDTrainer):
-        tokens: list[int] = []
-        generation: list[float] = []
-
-        def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
-            self._gen = 0.0
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            # after super(): inputs hold what was trained on (the student's samples when on-policy)
-            Timed.tokens.append(int((inputs["labels"][:, 1:] != -100).sum()))
-            Timed.generation.append(self._gen)
-            return loss
-
-        def generate_on_policy_outputs(self, model, inputs, generation_config):  # type: ignore[override]
-            started = time.perf_counter()
-            out = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
-            self._gen += time.perf_counter() - started
-            return out
-
-    class Clock(TrainerCallback):
-        stamps: list[float] = []
-
-        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
-            Clock.stamps.append(time.perf_counter())
-
-    Timed.tokens, Timed.generation, Clock.stamps = [], [], []
-    dataset = datasets.Dataset.from_list([{"messages": messages(s)} for s in samples])
-    args = GKDConfig(
-        output_dir=str(work),
-        per_device_train_batch_size=batch_size,
-        learning_rate=1e-4,
-        lr_scheduler_type="constant",
-        max_steps=warmup + steps,
-        lmbda=lmbda,
-        beta=0.5,
-        temperature=1.0,
-        max_new_tokens=max_new_tokens,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        report_to=[],
-        logging_steps=10_000,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-        max_grad_norm=1.0,
-    )
-    trainer = Timed(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=[Clock()],
-    )
-    trainer.train()
-    seconds = Clock.stamps[-1] - Clock.stamps[warmup - 1]
-    tokens = sum(Timed.tokens[warmup:])
-    generation = sum(Timed.generation[warmup:])
-    return _rates(tokens, seconds, generation, steps)
-
-
-def _rates(tokens: float, seconds: float, generation: float, steps: int) -> dict[str, float]:
-    return {
-        "tokens_per_s": tokens / seconds,
-        "seconds": seconds,
-        "tokens": tokens,
-        "steps": steps,
-        "s_per_step": seconds / steps,
-        "generation_share": generation / seconds,
-    }
-
-
-def messages(sample: dict) -> list[dict[str, str]]:
-    """A prompt/completion sample as the user/assistant turns TRL's GKDTrainer requires."""
-    return [
-        {"role": "user", "content": sample["prompt"]},
-        {"role": "assistant", "content": sample["completion"]},
-    ]
-
-
-def check_same_tokens(
-    tokenizer: Any, samples: list[dict], kd_samples: list[dict], collate: Callable[[list[dict]], Any]
-) -> None:
-    """kdkit's collation of `kd_samples` and TRL's chat collation of `samples` must give identical
-    input ids and identical trained (label) positions; `tokenizer` carries the chat template."""
-    from trl.experimental.utils import DataCollatorForChatML
-
-    ours = collate(kd_samples[:4])
-    theirs = DataCollatorForChatML(tokenizer=tokenizer)([{"messages": messages(s)} for s in samples[:4]])
-    for row in range(4):
-        for key in ("input_ids", "labels"):
-            a = ours[key][row][ours["attention_mask"][row].bool()].tolist()
-            b = theirs[key][row][theirs["attention_mask"][row].bool()].tolist()
-            if a != b:
-                raise AssertionError(f"kdkit and TRL collate sample {row} differently ({key}): {a} vs {b}")
+    out = []
+    for sample in samples:
+        user = [{"role": "user", "content": sample["prompt"]}]
+        both = user + [{"role": "assistant", "content": sample["completion"]}]
+        prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full_text = tokenizer.apply_chat_template(both, tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise AssertionError(
+                f"the chat template does not extend the prompt: {prompt_text!r} vs {full_text!r}"
+            )
+        encoded = tokenizer.apply_chat_template(
+            user, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        completion = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        out.append(
+            {"prompt": user, "prompt_ids": list(encoded["input_ids"]), "completion_ids": list(completion)}
+        )
+    return out
 
 
 def docs_samples(tokenizer: Any, count: int, prompt_tokens: int, completion_tokens: int) -> list[dict]:
@@ -329,21 +193,213 @@ def docs_samples(tokenizer: Any, count: int, prompt_tokens: int, completion_toke
     return samples
 
 
-def chat_ids(tokenizer: Any, samples: list[dict]) -> list[dict[str, list[int]]]:
-    """Each sample as the prompt/completion ids TRL trains on: the chat-rendered conversation split
-    where its labels begin (the completion ends with the template's end-of-turn tokens)."""
-    from trl.experimental.utils import DataCollatorForChatML
+def kdkit_throughput(
+    cfg: LMRunConfig,
+    teacher: Any,
+    tokenizer: Any,
+    samples: list[dict],
+    *,
+    variant: str,
+    lmbda: float,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    max_new_tokens: int,
+    work: Path,
+    seed: int = 0,
+    cache: Path | None = None,
+) -> dict[str, float]:
+    """Completion tokens/s of kdkit over `steps` timed steps after `warmup` untimed ones.
 
-    collator = DataCollatorForChatML(tokenizer=tokenizer)
-    out = []
-    for sample in samples:
-        batch = collator([{"messages": messages(sample)}])
-        ids, labels = batch["input_ids"][0], batch["labels"][0]
-        keep = batch["attention_mask"][0].bool()
-        ids, labels = ids[keep].tolist(), labels[keep].tolist()
-        start = next(i for i, label in enumerate(labels) if label != -100)
-        out.append({"prompt_ids": ids[:start], "completion_ids": ids[start:]})
-    return out
+    variant: "kdkit" (the gkd recipe: λ-mixture, JSD β=0.5 on full logits), "kdkit_fused" (the
+    same with `fused: true`) or "kdkit_cache" (supervised_kd, JSD β=0.5, teacher read from the
+    top-8+tail logit cache at `cache`; λ must be 0). samples: `chat_ids` records.
+    """
+    from kdkit.cache.batch import IndexedCollate, IndexedSamples
+    from kdkit.config.lm import LMStudentRun
+    from kdkit.engine import train
+    from kdkit.samplers.collate import PromptCompletionCollator
+
+    student, _ = build_student(cfg, teacher, tokenizer)
+    generation = {"max_new_tokens": max_new_tokens, "sampling_temperature": 1.0}
+    collate: Any = PromptCompletionCollator(tokenizer, add_eos=False)  # completion ids end the turn already
+    data: Any = samples
+    if variant == "kdkit_cache":
+        if lmbda != 0 or cache is None:
+            raise ValueError("kdkit_cache trains off-policy (λ=0) from a cache folder")
+        spec = LMStudentRun(name="tp", method="supervised_kd", divergence="jsd", beta=0.5, cache=str(cache))
+        data, collate = IndexedSamples(samples), IndexedCollate(collate)
+    else:
+        spec = LMStudentRun(
+            name="tp", method="gkd", lmbda=lmbda, beta=0.5, fused=variant == "kdkit_fused", **generation
+        )
+    distiller = build_distiller(spec, student, teacher, tokenizer)
+    # log only at the end of warm-up and at the end (like TRL's logging_steps here), so per-step
+    # logging costs neither tool anything; each record averages its window's steps
+    train_cfg = cfg.train.model_copy(
+        update={
+            "steps": warmup + steps,
+            "batch_size": batch_size,
+            "log_every": warmup,
+            "checkpoint_every": 10_000,
+            "progress": False,
+            "schedule": "constant",
+            "warmup_steps": 0,
+            "lr": 1e-4,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "mixed_precision": "no",
+            "seed": seed,
+        }
+    )
+    result = train(distiller, data, train_cfg, work, collate_fn=collate)
+    records = [json.loads(line) for line in result.history_path.read_text().splitlines() if line.strip()]
+    start = next(r for r in records if r["step"] == warmup)
+    timed = [r for r in records if r["step"] > warmup]
+    seconds = timed[-1]["elapsed_s"] - start["elapsed_s"]
+    tokens = generation_s = 0.0
+    previous = warmup
+    for record in timed:  # window means × window steps
+        tokens += record["diag/tokens"] * (record["step"] - previous)
+        generation_s += record.get("diag/gen_s", 0.0) * (record["step"] - previous)
+        previous = record["step"]
+    return _rates(tokens, seconds, generation_s, steps)
+
+
+def trl_throughput(
+    teacher: Any,
+    student: Any,
+    tokenizer: Any,
+    samples: list[dict],
+    *,
+    lmbda: float,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    max_new_tokens: int,
+    work: Path,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Completion tokens/s of TRL's stable `DistillationTrainer` (JSD β=0.5, its tiled chunked loss).
+
+    TRL 1.16's DistillationTrainer is on-policy only (no λ): every step the student generates the
+    completions. λ=1 runs it as shipped. For λ=0 the one method that produces completions,
+    `_generate_single_turn`, returns the dataset's completion ids instead of sampling, so TRL's own
+    prompt rendering, padding, teacher and student forward passes and chunked loss run on the same
+    sequences kdkit trains on off-policy. On every batch the prompt ids TRL renders are checked
+    against the `prompt_ids` kdkit trains on. samples: `chat_ids` records.
+    """
+    import datasets
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    class Timed(DistillationTrainer):
+        tokens: list[int] = []
+        generation: list[float] = []
+
+        def _generate_and_score_completions(self, inputs):  # type: ignore[no-untyped-def, override]
+            self._rows, self._gen = inputs, 0.0
+            output = super()._generate_and_score_completions(inputs)
+            Timed.tokens.append(int(output["completion_mask"].sum()))  # the loss's mask (no tools here)
+            Timed.generation.append(self._gen)
+            return output
+
+        def _tokenize_prompts(self, prompts):  # type: ignore[no-untyped-def, override]
+            prompt_ids, images, multimodal = super()._tokenize_prompts(prompts)
+            for ids, row in zip(prompt_ids, self._rows, strict=True):
+                if list(ids) != row["prompt_ids"]:
+                    raise AssertionError(
+                        f"TRL renders the prompt as {list(ids)}, kdkit trains on {row['prompt_ids']}"
+                    )
+            return prompt_ids, images, multimodal
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):  # type: ignore[no-untyped-def, override]
+            started = time.perf_counter()
+            if lmbda == 0:
+                out = [row["completion_ids"] for row in self._rows]
+            else:
+                out = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+            self._gen += time.perf_counter() - started
+            return out
+
+    class Clock(TrainerCallback):
+        stamps: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def, override]
+            Clock.stamps.append(time.perf_counter())
+
+    if lmbda not in (0.0, 1.0):
+        raise ValueError("TRL's DistillationTrainer runs λ=1 (as shipped) or λ=0 (dataset completions) here")
+    Timed.tokens, Timed.generation, Clock.stamps = [], [], []
+    dataset = datasets.Dataset.from_list(samples)
+    args = DistillationConfig(
+        output_dir=str(work),
+        per_device_train_batch_size=batch_size,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",  # torch.optim.AdamW with its defaults, as kdkit's engine builds it
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=warmup + steps,
+        beta=0.5,
+        temperature=1.0,  # TRL's one temperature: sampling and loss
+        top_p=1.0,
+        top_k=0,
+        max_completion_length=max_new_tokens,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=10_000,
+        disable_tqdm=True,
+        seed=seed,
+        dataloader_num_workers=0,
+    )
+    trainer = Timed(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
+    trainer.remove_callback(PrinterCallback)  # no end-of-training metrics dict on stdout
+    trainer.train()
+    seconds = Clock.stamps[-1] - Clock.stamps[warmup - 1]
+    return _rates(sum(Timed.tokens[warmup:]), seconds, sum(Timed.generation[warmup:]), steps)
+
+
+def _rates(tokens: float, seconds: float, generation: float, steps: int) -> dict[str, float]:
+    return {
+        "tokens_per_s": tokens / seconds,
+        "seconds": seconds,
+        "tokens": tokens,
+        "steps": steps,
+        "s_per_step": seconds / steps,
+        "generation_share": generation / seconds,
+    }
+
+
+def build_topk_cache(teacher: Any, tokenizer: Any, samples: list[dict], folder: Path) -> dict[str, Any]:
+    """A top-8 + tail logit cache of the teacher at temperature 1 over `samples` (run once)."""
+    from kdkit.cache import CacheSettings, write_cache
+    from kdkit.samplers.collate import PromptCompletionCollator
+
+    started = time.perf_counter()
+    summary = write_cache(
+        folder,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        samples=samples,
+        collate=PromptCompletionCollator(tokenizer, add_eos=False),
+        settings=CacheSettings(mode="topk", k=8, temperature=1.0),
+        batch_size=16,
+        progress=False,
+        log=lambda _: None,
+    )
+    return {"seconds": time.perf_counter() - started, "samples": len(samples), "summary": str(summary)}
 
 
 def throughput(
@@ -357,81 +413,105 @@ def throughput(
     repeats: int = 3,
     task: str = "arithmetic",
     prompt_tokens: int = 32,
+    variants: tuple[str, ...] = KDKIT_VARIANTS,
+    modes: tuple[str, ...] = ("off_policy", "on_policy"),
 ) -> dict[str, Any]:
-    """kdkit and TRL alternately (so both see the same machine load), off-policy then on-policy.
+    """kdkit's variants and TRL's DistillationTrainer in alternating order, off-policy then on-policy.
 
     task: "arithmetic" (the character-level teacher, a hand-written plain chat template) or
     "smollm2" (Python-docs prompts of `prompt_tokens` tokens with `max_new_tokens`-token completions,
     rendered through SmolLM2-Instruct's own chat template, which adds its default system turn).
+    Round r runs the tools in a rotated order (r places on), reversed on odd rounds, so no tool is
+    always first or always after the same one; every tool's round r uses seed r.
     """
-    from kdkit.samplers.collate import PromptCompletionCollator
-
     teacher, tokenizer = load_teacher(cfg, log=lambda _: None)
     count = (warmup + steps) * batch_size * 2
     if task == "arithmetic":
         from kdkit.tasks.arithmetic import arithmetic_dataset
 
-        samples = arithmetic_dataset(count, tuple(cfg.data.train_digits), seed=7)
+        texts = arithmetic_dataset(count, tuple(cfg.data.train_digits), seed=7)
         tokenizer = chat_tokenizer(tokenizer)
-        kd_samples, collate = samples, PromptCompletionCollator(tokenizer)
     else:
-        samples = docs_samples(tokenizer, count, prompt_tokens, max_new_tokens)
-        # kdkit trains on exactly TRL's ids (template tokens included); they already end in the
-        # end-of-turn token, so the collator must not append another EOS
-        kd_samples = chat_ids(tokenizer, samples)
-        collate = PromptCompletionCollator(tokenizer, add_eos=False)
-    check_same_tokens(tokenizer, samples, kd_samples, collate)
+        texts = docs_samples(tokenizer, count, prompt_tokens, max_new_tokens)
+    samples = chat_ids(tokenizer, texts)
+    results: dict[str, Any] = {}
+    if "kdkit_cache" in variants and "off_policy" in modes:
+        cache = work / "top8-cache"
+        results["cache_build"] = build_topk_cache(teacher, tokenizer, samples, cache)
+        print(
+            f"top-8 cache of {len(samples)} samples built in {results['cache_build']['seconds']:.1f} s",
+            flush=True,
+        )
+
+    def run(tool: str, lmbda: float, folder: Path, seed: int, **options: Any) -> dict[str, float]:
+        torch.manual_seed(seed)
+        if tool == TRL:
+            student, _ = build_student(cfg, teacher, tokenizer)
+            return trl_throughput(
+                teacher, student, tokenizer, samples, lmbda=lmbda, work=folder, seed=seed, **options
+            )
+        return kdkit_throughput(
+            cfg,
+            teacher,
+            tokenizer,
+            samples,
+            variant=tool,
+            lmbda=lmbda,
+            work=folder,
+            seed=seed,
+            cache=work / "top8-cache",
+            **options,
+        )
+
     # One untimed run of each tool first: process-wide first-use costs (imports such as
     # TensorBoard's on the engine's first log, kernel warm-up) would otherwise land in round 0.
-    first_use = {"lmbda": 1.0, "steps": 1, "warmup": 1, "batch_size": batch_size, "max_new_tokens": 8}
-    kdkit_throughput(
-        cfg, teacher, tokenizer, kd_samples, work=work / "first-use-kdkit", collate=collate, **first_use
-    )
-    student, _ = build_student(cfg, teacher, tokenizer)
-    trl_throughput(teacher, student, tokenizer, samples, work=work / "first-use-trl", **first_use)
-    results: dict[str, Any] = {}
+    first_use = {"steps": 1, "warmup": 1, "batch_size": batch_size, "max_new_tokens": 8}
+    for tool in (*[v for v in variants if v != "kdkit_cache"], TRL):
+        run(tool, 1.0, work / f"first-use-{tool}", 0, **first_use)
     for label, lmbda in (("off_policy", 0.0), ("on_policy", 1.0)):
+        if label not in modes:
+            continue
         options = {
-            "lmbda": lmbda,
             "steps": steps,
             "warmup": warmup,
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
         }
-        runs: dict[str, list[dict[str, float]]] = {"kdkit": [], "trl": []}
+        tools = [v for v in variants if lmbda == 0 or v != "kdkit_cache"] + [TRL]
+        runs: dict[str, list[dict[str, float]]] = {tool: [] for tool in tools}
+        orders = []
         for round_ in range(repeats):
-            # alternate which tool goes first, so a drift in the machine's load hits both alike
-            order = ("kdkit", "trl") if round_ % 2 == 0 else ("trl", "kdkit")
+            # rotate and flip the order, so a drift in the machine's load hits every tool alike
+            shift_ = round_ % len(tools)
+            order = tools[shift_:] + tools[:shift_]
+            order = order[::-1] if round_ % 2 else order
+            orders.append(order)
             for tool in order:
-                folder = work / f"{tool}-{label}-{round_}"
-                torch.manual_seed(round_)
-                if tool == "kdkit":
-                    runs[tool].append(
-                        kdkit_throughput(
-                            cfg, teacher, tokenizer, kd_samples, work=folder, collate=collate, **options
-                        )
-                    )
-                else:
-                    student, _ = build_student(cfg, teacher, tokenizer)
-                    runs[tool].append(
-                        trl_throughput(teacher, student, tokenizer, samples, work=folder, **options)
-                    )
-        entry: dict[str, Any] = {"runs": runs}
+                runs[tool].append(run(tool, lmbda, work / f"{tool}-{label}-{round_}", round_, **options))
+        entry: dict[str, Any] = {"runs": runs, "orders": orders}
         for tool, measured in runs.items():  # the median round by tokens/s
             entry[tool] = sorted(measured, key=lambda r: r["tokens_per_s"])[len(measured) // 2]
-        entry["ratio"] = entry["kdkit"]["tokens_per_s"] / entry["trl"]["tokens_per_s"]
-        entry["ratios_per_round"] = [
-            a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["kdkit"], runs["trl"])
-        ]
+        entry["ratios_per_round"] = {
+            tool: [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[tool], runs[TRL])]
+            for tool in tools
+            if tool != TRL
+        }
+        entry["ratio_median"] = {tool: statistics.median(r) for tool, r in entry["ratios_per_round"].items()}
         results[label] = entry
-        ours, theirs = entry["kdkit"], entry["trl"]
+        theirs = entry[TRL]
+        share = theirs["generation_share"]
         print(
-            f"{label}: kdkit {ours['tokens_per_s']:.0f} tok/s (gen {ours['generation_share']:.0%}), "
-            f"TRL {theirs['tokens_per_s']:.0f} tok/s (gen {theirs['generation_share']:.0%}), "
-            f"median ratio {entry['ratio']:.2f}x, per round "
-            + ", ".join(f"{r:.2f}" for r in entry["ratios_per_round"]),
+            f"{label}: TRL DistillationTrainer {theirs['tokens_per_s']:.0f} tok/s (gen {share:.0%})",
             flush=True,
         )
+        for tool, ratios in entry["ratios_per_round"].items():
+            ours = entry[tool]
+            print(
+                f"  {tool:<12} {ours['tokens_per_s']:.0f} tok/s (gen {ours['generation_share']:.0%}), "
+                f"median ratio {entry['ratio_median'][tool]:.2f}x, per round "
+                + ", ".join(f"{r:.2f}" for r in ratios),
+                flush=True,
+            )
     return results
 
 
@@ -477,27 +557,29 @@ def render_tables(result: dict[str, Any]) -> str:
                 f"| {row['variant']} | {row['method']} | {cells} | {wall} | {row['generation_share']:.0%} |"
             )
         lines.append("")
-    for key in sorted(k for k in result if k.startswith("throughput") and not k.endswith("_settings")):
-        batch = result.get(f"{key}_settings", {}).get("batch_size", 16)
+    for key in sorted(k for k in result if k.startswith(THROUGHPUT_KEY) and not k.endswith("_settings")):
+        settings = result.get(f"{key}_settings", {})
         lines += [
-            f"`{key}`:",
+            f"`{key}` (batch {settings.get('batch_size')}, max_new_tokens {settings.get('max_new_tokens')}, "
+            f"{settings.get('warmup')} warm-up + {settings.get('steps')} timed steps, "
+            f"{settings.get('repeats')} rounds):",
             "",
-            "| policy | batch | tool | completion tokens/s | s/step | generation share | kdkit / TRL (median)"
-            " | kdkit / TRL per round |",
-            "|---|---:|---|---:|---:|---:|---:|---|",
+            "| policy | tool | completion tokens/s | s/step | tokens/step | generation share"
+            " | ÷ TRL (median of rounds) | ÷ TRL per round |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
         ]
-        for label, entry in result[key].items():
-            for tool in ("kdkit", "trl"):
+        for label in ("off_policy", "on_policy"):
+            entry = result[key].get(label)
+            if entry is None:
+                continue
+            for tool in entry["runs"]:
                 r = entry[tool]
-                ratio = f"{entry['ratio']:.2f}×" if tool == "kdkit" else ""
-                rounds = (
-                    ", ".join(f"{x:.2f}" for x in entry.get("ratios_per_round", []))
-                    if tool == "kdkit"
-                    else ""
-                )
+                rounds = entry["ratios_per_round"].get(tool)
+                ratio = f"**{entry['ratio_median'][tool]:.2f}×**" if rounds else ""
+                per_round = ", ".join(f"{x:.2f}" for x in rounds) if rounds else ""
                 lines.append(
-                    f"| {label} | {batch} | {tool} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.3f} | "
-                    f"{r['generation_share']:.0%} | {ratio} | {rounds} |"
+                    f"| {label} | {tool} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.3f} | "
+                    f"{r['tokens'] / r['steps']:.0f} | {r['generation_share']:.0%} | {ratio} | {per_round} |"
                 )
         lines.append("")
     return "\n".join(lines)
@@ -543,13 +625,27 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-size",
         type=int,
         default=16,
-        help="throughput batch size; other than 16 the result is stored as throughput_b<N> beside the main",
+        help="throughput batch size (SmolLM2: 4 unless given); stored under a key naming it",
     )
     parser.add_argument(
         "--throughput-models",
         choices=("arithmetic", "smollm2"),
         default="arithmetic",
         help="smollm2: throughput only, SmolLM2-135M teacher and derived student (batch 4, 32 new tokens)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=KDKIT_VARIANTS,
+        default=list(KDKIT_VARIANTS),
+        help="kdkit variants run against TRL's DistillationTrainer (kdkit_cache: off-policy only)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("off_policy", "on_policy"),
+        default=["off_policy", "on_policy"],
+        help="throughput modes to (re)measure; a stored result keeps the modes not rerun",
     )
     parser.add_argument("--render", type=Path, help="print the Markdown tables of a result JSON and exit")
     args = parser.parse_args(argv)
@@ -601,11 +697,9 @@ def main(argv: list[str] | None = None) -> int:
             result["policies"] = policies
             result["summary"] = summarise(policies)
         if not args.skip_throughput:
-            repeats = args.repeats or (1 if quick else 3 if not smollm2 else 2)
-            if smollm2:
-                key = "throughput_smollm2" + ("" if args.threads == 1 else f"_t{args.threads}")
-            else:
-                key = "throughput" if batch_size == 16 else f"throughput_b{batch_size}"
+            repeats = args.repeats or (1 if quick else 3)
+            key = f"{THROUGHPUT_KEY}_{args.throughput_models}_b{batch_size}"
+            key += "" if args.threads == 1 else f"_t{args.threads}"
             load_start = list(__import__("os").getloadavg())
             result[key] = throughput(
                 cfg,
@@ -616,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
                 work=work / "tp",
                 repeats=repeats,
                 task=args.throughput_models,
+                variants=tuple(args.variants),
+                modes=tuple(args.modes),
             )
             result[f"{key}_settings"] = {
                 "models": args.throughput_models,
@@ -625,7 +721,12 @@ def main(argv: list[str] | None = None) -> int:
                 "max_new_tokens": max_new_tokens,
                 "prompt_tokens": 32 if smollm2 else None,
                 "sampling_temperature": 1.0,
+                "jsd_beta": 0.5,
+                "lr": 1e-4,
+                "optimizer": "torch.optim.AdamW (defaults), weight decay 0, max grad norm 1, constant lr",
+                "precision": "float32",
                 "repeats": repeats,
+                "seeds": "round r: seed r for every tool",
                 "threads": args.threads,
                 "load_average_start": load_start,
                 "load_average_end": list(__import__("os").getloadavg()),
@@ -640,8 +741,16 @@ def main(argv: list[str] | None = None) -> int:
         # a partial rerun keeps the other part's results (and says when each part ran)
         previous = json.loads(previous_file.read_text())
         for key, value in previous.items():
-            if key.startswith(("policies", "summary", "throughput")) and key not in result:
+            if key.startswith(("policies", "summary", THROUGHPUT_KEY)) and key not in result:
                 result[key] = value
+            elif key.startswith(THROUGHPUT_KEY) and not key.endswith("_settings"):
+                # modes measured before and not rerun now stay, with the settings they ran under
+                for mode, entry in value.items():
+                    if mode not in result[key]:
+                        result[key][mode] = entry
+                        result[f"{key}_settings"].setdefault("earlier", {})[mode] = previous.get(
+                            f"{key}_settings"
+                        )
             if args.skip_policies and key in ("seeds", "steps", "batch_size"):
                 result[key] = value  # these describe the policies part, which this run kept
         result["previous_run"] = {k: previous.get(k) for k in ("machine", "total_s", "load_average_end")}

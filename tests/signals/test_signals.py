@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kdkit.losses.tokens import shift, token_log_probs
+from kdkit.losses.tokens import first_trained_position, shift, token_log_probs
 from kdkit.registry import TEACHER_SIGNALS, load_builtins
 from kdkit.samplers import PromptCompletionCollator
 from kdkit.signals import HiddenSignal, LogitsSignal, TokenLogprobsSignal
@@ -31,8 +31,9 @@ def test_builtin_signals_are_registered() -> None:
 def test_logits_hidden_and_token_logprobs_agree() -> None:
     model, data = teacher().eval(), batch()
     logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
-    full = LogitsSignal()(data, teacher=model)
-    assert torch.allclose(full.logits, logits) and not full.logits.requires_grad
+    full = LogitsSignal()(data, teacher=model)  # from the first position that predicts a label
+    assert full.start == first_trained_position(data["labels"])
+    assert torch.allclose(full.logits, logits[:, full.start :], atol=1e-6) and not full.logits.requires_grad
     hidden = HiddenSignal()(data, teacher=model)
     assert hidden.head is not None and hidden.head.transform.is_identity
     assert torch.allclose(hidden.head.logits(hidden.hidden), logits, atol=1e-5)

@@ -24,6 +24,7 @@ from kdkit.engine import checkpoint
 from kdkit.engine.data import DataPosition, EpochSampler, build_loader, endless_batches
 from kdkit.engine.distiller import Distiller
 from kdkit.engine.metrics import LossWindow, MetricsWriter, merge_windows, total_loss, truncate_history
+from kdkit.engine.phases import phase
 from kdkit.engine.schedule import build_optimizer, build_scheduler
 from kdkit.engine.settings import TrainConfig
 from kdkit.settings import ConfigError
@@ -287,7 +288,8 @@ def train(
                 distiller.on_step(state.step)  # before its micro-batches: schedules count optimizer steps
                 counts: list[float | None] = []
                 for _ in range(cfg.grad_accum_steps):
-                    batch = next(batches)
+                    with phase("data"):
+                        batch = next(batches)
                     with accelerator.accumulate(model):  # DDP all-reduces only on the last micro-batch
                         losses = model(batch)
                         total = total_loss(losses)  # "_" diagnostics excluded
@@ -295,17 +297,19 @@ def train(
                         counts.append(tokens)
                         weighting.check(counts)
                         weight = 1.0 if tokens is None else weighting.weight(state, tokens)  # n_i / c
-                        accelerator.backward(total * weight)  # Accelerate then divides by grad_accum_steps
+                        with phase("backward"):
+                            accelerator.backward(total * weight)  # Accelerate then divides by grad_accum
                     shown = state.window.add(losses, total, _batch_examples(batch), weight=tokens)
                 assert accelerator.sync_gradients, "gradient accumulation fell out of step with the engine"
-                if counts[0] is not None:
-                    weighting.normalise(model, state, sum(counts))  # / tokens of the whole step
-                if cfg.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, lr stays
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                with phase("optimizer"):
+                    if counts[0] is not None:
+                        weighting.normalise(model, state, sum(counts))  # / tokens of the whole step
+                    if cfg.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, lr stays
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
                 state.step += 1
 
                 bar.update(1)

@@ -47,4 +47,21 @@ def count_tokens(labels: Tensor) -> Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
-__all__ = ["IGNORE_INDEX", "count_tokens", "shared_vocab", "shift", "token_log_probs"]
+def first_trained_position(labels: Tensor) -> int:
+    """The first position whose prediction is trained on in any row: logits before it are never read.
+
+    labels: [B, T]. Position t predicts labels[:, t + 1], so with prompts of P tokens this is P - 1
+    for the shortest prompt. 0 when no token is trained (nothing to save then).
+    """
+    trained = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    return int(trained[0, 0]) if trained.numel() else 0
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "count_tokens",
+    "first_trained_position",
+    "shared_vocab",
+    "shift",
+    "token_log_probs",
+]

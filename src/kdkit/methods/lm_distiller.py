@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.engine.distiller import Distiller
+from kdkit.engine.phases import phase
 from kdkit.losses.tokens import count_tokens
 from kdkit.objectives.lm import DivergenceObjective, LMObjective, StudentView, student_cross_entropy
 from kdkit.samplers import DatasetSampler
@@ -105,7 +106,8 @@ class LMDistiller(Distiller):
         self._warned_magnitude = False
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        batch = self.sampler(batch, student=self.student, teacher=self.teacher)
+        with phase("sample"):  # a dataset batch passes through; on-policy ones are generated here
+            batch = self.sampler(batch, student=self.student, teacher=self.teacher)
         source = batch.get("source", "dataset")
         labels = batch["labels"]
         view = StudentView(self.student, batch)
@@ -113,12 +115,14 @@ class LMDistiller(Distiller):
         raw: dict[str, Tensor] = {}
         if self.kd_weight > 0:
             assert self.signal is not None
-            with torch.no_grad():
+            with torch.no_grad(), phase("teacher"):
                 target = self.signal(batch, teacher=self.teacher)
             ce_ratio = self.ce_weight / self.kd_weight if want_ce else 0.0
-            raw |= self.objective(view, batch, target, ce_ratio=ce_ratio)
+            with phase("loss"):  # the student's forward pass runs inside, when the objective asks for it
+                raw |= self.objective(view, batch, target, ce_ratio=ce_ratio)
         if want_ce and "ce" not in raw:
-            raw["ce"] = student_cross_entropy(view, labels)
+            with phase("loss"):
+                raw["ce"] = student_cross_entropy(view, labels)
 
         terms = {}
         if "kd" in raw:

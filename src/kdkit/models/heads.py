@@ -10,6 +10,7 @@ the config attribute), rather than silently training against a different distrib
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -124,4 +125,29 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, LinearHead]:
     return backbone, output_head(model)
 
 
-__all__ = ["UnsupportedHeadError", "backbone_and_head", "head_transform", "output_head"]
+def logits_from(model: nn.Module, inputs: dict[str, Any], start: int) -> Any:
+    """The model's logits [B, T - start, V] of positions start..T-1 only (the model's own output,
+    post-head transforms included), through Hugging Face's `logits_to_keep` where the model takes
+    it (the head then projects only those positions), else sliced from the full logits."""
+    if start > 0 and accepts_argument(model, "logits_to_keep"):
+        length = inputs["input_ids"].shape[1]
+        return model(**inputs, logits_to_keep=length - start).logits
+    return model(**inputs).logits[:, start:]
+
+
+def accepts_argument(model: nn.Module, name: str) -> bool:
+    """Whether `model.forward` takes the keyword `name` (False when its signature is unreadable)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+__all__ = [
+    "UnsupportedHeadError",
+    "accepts_argument",
+    "backbone_and_head",
+    "head_transform",
+    "logits_from",
+    "output_head",
+]

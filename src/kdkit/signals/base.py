@@ -33,12 +33,23 @@ class SparseTarget:
     tail_logprob: Tensor | None = None
     entropy: Tensor | None = None
 
+    def from_position(self, start: int) -> SparseTarget:
+        """The target of shifted positions start.. only (views): pairs with logits from `start`."""
+        if start == 0:
+            return self
+        cut = {name: getattr(self, name) for name in ("logprobs", "weights", "tail_logprob", "entropy")}
+        return SparseTarget(
+            self.ids[:, start:], **{name: None if v is None else v[:, start:] for name, v in cut.items()}
+        )
+
 
 @dataclass
 class TeacherTarget:
     """The teacher's signal for one batch (positions aligned with the batch's tokens).
 
-    logits: [B, T, V] full next-token logits.
+    logits: [B, T - start, V] next-token logits of positions start..T-1.
+    start: the first position `logits` covers (0 = all); the positions before it predict no
+        trained label (`first_trained_position`), so a completion loss never reads them.
     hidden: [B, T, H] final (normed) hidden states, with `head` (a `LinearHead`: weight, bias and
         post-head logit transform) to project them (fused losses).
     token_logprobs: [B, T-1] log p_T(label_{t+1} | ≤t) at temperature 1, aligned with shifted labels.
@@ -53,6 +64,14 @@ class TeacherTarget:
     token_logprobs: Tensor | None = None
     behaviour_logprobs: Tensor | None = None
     sparse: SparseTarget | None = None
+    start: int = 0
+
+    def logits_from(self, start: int) -> Tensor:
+        """`logits` of positions start..T-1 (start >= self.start): [B, T - start, V]."""
+        assert self.logits is not None
+        if start < self.start:
+            raise ValueError(f"the teacher's logits start at position {self.start}, not {start}")
+        return self.logits[:, start - self.start :]
 
     def kinds(self) -> tuple[str, ...]:
         """The fields that are set, e.g. ("logits",)."""

@@ -1,4 +1,8 @@
-"""White-box, live: the teacher's full next-token logits for every position."""
+"""White-box, live: the teacher's full next-token logits for every position a label is predicted from.
+
+Positions before the first one that predicts a trained label (the prompt, in every row) are not
+projected to the vocabulary (`TeacherTarget.start`): with long prompts that is most of the head's work.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdkit.losses.tokens import first_trained_position
+from kdkit.models.heads import logits_from
 from kdkit.registry import TEACHER_SIGNALS
 from kdkit.signals.base import TeacherSignal, TeacherTarget, model_inputs, require_teacher
 
@@ -18,4 +24,5 @@ class LogitsSignal(TeacherSignal):
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], *, teacher: nn.Module | None) -> TeacherTarget:
         model = require_teacher(teacher, "logits")
-        return TeacherTarget(logits=model(**model_inputs(batch)).logits)
+        start = first_trained_position(batch["labels"]) if "labels" in batch else 0
+        return TeacherTarget(logits=logits_from(model, model_inputs(batch), start), start=start)

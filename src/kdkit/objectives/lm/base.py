@@ -13,7 +13,9 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from kdkit.models.heads import backbone_and_head
+from kdkit.engine.phases import phase
+from kdkit.losses.tokens import first_trained_position
+from kdkit.models.heads import backbone_and_head, logits_from
 from kdkit.settings import LMContext, NoParams
 from kdkit.signals.base import LinearHead, TeacherTarget, model_inputs
 
@@ -22,6 +24,10 @@ class StudentView:
     """The student's forward pass on one batch, computed lazily and at most once.
 
     logits: [B, T, V] (the model's own output, post-head transforms included);
+    trained_logits: (logits [B, T - s, V], labels [B, T - s]) from s = the first position any
+        label is predicted from (`first_trained_position`): the prompt positions before it are
+        never projected to the vocabulary, which is most of the head's and the loss's work when
+        prompts are long; a loss over them equals the loss over the full logits;
     hidden: ([B, T, H] final hidden states, `LinearHead`) for fused losses.
     """
 
@@ -30,16 +36,35 @@ class StudentView:
 
     @cached_property
     def logits(self) -> Tensor:
-        return self.model(**model_inputs(self.batch)).logits
+        with phase("student_forward"):
+            return self.model(**model_inputs(self.batch)).logits
+
+    @cached_property
+    def start(self) -> int:
+        """The first position whose logits a completion loss reads (see `trained_logits`)."""
+        return first_trained_position(self.batch["labels"])
+
+    @cached_property
+    def trained_logits(self) -> tuple[Tensor, Tensor]:
+        labels = self.batch["labels"][:, self.start :]
+        if self.has_logits:  # the full logits exist already: a view, no second forward pass
+            return self.logits[:, self.start :], labels
+        with phase("student_forward"):
+            return logits_from(self.model, model_inputs(self.batch), self.start), labels
 
     @cached_property
     def hidden(self) -> tuple[Tensor, LinearHead]:
         backbone, head = backbone_and_head(self.model)
-        return backbone(**model_inputs(self.batch)).last_hidden_state, head
+        with phase("student_forward"):
+            return backbone(**model_inputs(self.batch)).last_hidden_state, head
 
     @property
     def has_logits(self) -> bool:
         return "logits" in self.__dict__
+
+    @property
+    def has_trained_logits(self) -> bool:
+        return "trained_logits" in self.__dict__
 
 
 class LMObjective:

@@ -35,8 +35,15 @@ def chunked_cross_entropy(hidden: Tensor, head: LinearHead, labels: Tensor, chun
 
 
 def student_cross_entropy(student: StudentView, labels: Tensor) -> Tensor:
-    """CE from whichever student output the batch already computed (logits, else hidden states)."""
-    if student.has_logits or "hidden" not in student.__dict__:
+    """CE from whichever student output the batch already computed (logits of the trained positions,
+    full logits or hidden states), else from the logits of the trained positions.
+
+    labels: [B, T], the view's batch labels (a window of them is taken with the windowed logits).
+    """
+    if student.has_logits:
         return completion_cross_entropy(student.logits, labels)
-    hidden, head = student.hidden
-    return chunked_cross_entropy(hidden, head, labels)
+    if "hidden" in student.__dict__:
+        hidden, head = student.hidden
+        return chunked_cross_entropy(hidden, head, labels)
+    logits, _ = student.trained_logits
+    return completion_cross_entropy(logits, labels[:, student.start :])

@@ -67,9 +67,13 @@ class DivergenceObjective(LMObjective):
         if target.sparse is not None:  # a logit cache or a served teacher: kdkit.losses.sparse
             from kdkit.objectives.lm.sparse import sparse_token_divergence
 
-            return {"kd": sparse_token_divergence(student.logits, labels, target.sparse, p)}
+            logits, window_labels = student.trained_logits
+            sparse = target.sparse.from_position(student.start)
+            return {"kd": sparse_token_divergence(logits, window_labels, sparse, p)}
         assert target.logits is not None
-        return {"kd": token_divergence(student.logits, target.logits, labels, p)}
+        # only positions that predict a trained label: the same value, without the prompt's logits
+        logits, window_labels = student.trained_logits
+        return {"kd": token_divergence(logits, target.logits_from(student.start), window_labels, p)}
 
 
 def token_divergence(

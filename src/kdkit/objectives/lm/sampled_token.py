@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, PositiveFloat
 from torch import Tensor
 
@@ -98,10 +99,13 @@ class SampledTokenObjective(LMObjective):
         _, targets, _ = shift(logits, labels)
         if teacher_lp is None:
             assert target.logits is not None
-            s_logits, t_logits = shared_vocab(logits, target.logits)
-            teacher_lp = token_log_probs(t_logits[:, :-1], targets)
+            # the teacher's logits start at target.start: its positions before predict no label
+            s_logits, t_logits = shared_vocab(logits[:, target.start :], target.logits)
+            window = targets[:, target.start :]
+            teacher_lp = F.pad(token_log_probs(t_logits[:, :-1], window), (target.start, 0))
             if source == "teacher" and tau not in (0.0, 1.0):
-                behaviour = token_log_probs(t_logits[:, :-1], targets, temperature=tau)
+                lp = token_log_probs(t_logits[:, :-1], window, temperature=tau)
+                behaviour = F.pad(lp, (target.start, 0))
         weights = None
         with torch.no_grad():
             if source == "teacher" and tau != 0.0:
