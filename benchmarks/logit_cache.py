@@ -191,6 +191,58 @@ def arithmetic_config(
     return cfg
 
 
+def smollm2_config(
+    steps: int, batch_size: int, *, keep_layers: Any, lr: float, eval_tokens: int, temperature: float = 1.0
+) -> dict[str, Any]:
+    """Part 2 at SmolLM2 size: SmolLM2-135M-Instruct -> a student derived from some of its layers, on
+    Python-docs blocks of 128 tokens (32 prompt, 96 trained); one block per training sample, used once."""
+    cache = {"batch_size": 4, "temperature": temperature}
+    return {
+        "kind": "lm",
+        "name": f"logit-cache-quality-smollm2-t{temperature:g}",
+        "teacher": {"source": "smollm2"},
+        "student": {"keep_layers": keep_layers},
+        "data": {
+            "dataset": "python_docs",
+            "block_size": 128,
+            "prompt_tokens": 32,
+            "max_tokens": 128 * batch_size * steps,
+            "eval_max_tokens": eval_tokens,
+        },
+        "caches": {
+            "top8": {"mode": "topk", "k": 8, **cache},
+            "top32": {"mode": "topk", "k": 32, **cache},
+            "top128": {"mode": "topk", "k": 128, **cache},
+            "top32_uint8": {"mode": "topk", "k": 32, "values": "uint8", **cache},
+            "sampled12": {"mode": "sampled", "draws": 12, **cache},
+        },
+        "students": [
+            {"name": "ce_only", "method": "supervised_kd", "kd_weight": 0.0, "ce_weight": 1.0},
+            {"name": "dense_online", "method": "supervised_kd"},
+            {"name": "top8_tail", "method": "supervised_kd", "cache": "top8"},
+            {"name": "top32_tail", "method": "supervised_kd", "cache": "top32"},
+            {"name": "top32_uint8_tail", "method": "supervised_kd", "cache": "top32_uint8"},
+            {"name": "top128_tail", "method": "supervised_kd", "cache": "top128"},
+            {"name": "top32_renorm", "method": "supervised_kd", "cache": "top32", "cache_tail": False},
+            {"name": "sampled12", "method": "supervised_kd", "cache": "sampled12"},
+        ]
+        + [],
+        "train": {
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "warmup_steps": max(steps // 10, 1),
+            "weight_decay": 0.0,
+            "log_every": max(steps // 5, 1),
+            "checkpoint_every": 100_000,
+            "mixed_precision": "no",
+            "progress": False,
+        },
+        "eval": {"batch_size": 8, "samples": 0},
+        "threads": 1,
+    }
+
+
 def quality(
     cfg_dict: dict[str, Any], seeds: list[int], work: Path, only: list[str] | None = None
 ) -> dict[str, Any]:
@@ -200,6 +252,8 @@ def quality(
     from kdkit.pipelines.cache import prepare_cached_training, resolve_student
     from kdkit.pipelines.lm import build_distiller, build_student, evaluate_model, load_lm_data, load_teacher
 
+    if only:  # build and check only the caches these students read
+        cfg_dict = {**cfg_dict, "students": [s for s in cfg_dict["students"] if s["name"] in only]}
     cfg = LMRunConfig.model_validate(cfg_dict)
     teacher, tokenizer = load_teacher(cfg, log=lambda _: None)
     data = load_lm_data(cfg, tokenizer)
