@@ -504,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smollm2-throughput", action="store_true", help="part 3 at SmolLM2 size")
     parser.add_argument("--smollm2-steps", type=int, default=4)
+    parser.add_argument(
+        "--smollm2-quality", action="store_true", help="part 2 at SmolLM2 size (steps: --steps)"
+    )
+    parser.add_argument("--smollm2-keep", default="6", help="layers the SmolLM2 student keeps")
+    parser.add_argument("--smollm2-lr", type=float, default=3e-4)
+    parser.add_argument("--smollm2-eval-tokens", type=int, default=3072)
     parser.add_argument("--render", type=Path, nargs="+", help="print the tables of these result JSONs")
     args = parser.parse_args(argv)
     if args.render:
@@ -576,6 +582,17 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 json.dumps({k: v["speedup_vs_online"] for k, v in results["throughput_arithmetic"].items()})
             )
+        if args.smollm2_quality:
+            keep = json.loads(args.smollm2_keep) if args.smollm2_keep.startswith("[") else args.smollm2_keep
+            keep = int(keep) if isinstance(keep, str) and keep.isdigit() else keep
+            print(f"part 2: student quality, SmolLM2 -> {keep} layers, {args.steps} steps", flush=True)
+            scfg = smollm2_config(
+                args.steps, 4, keep_layers=keep, lr=args.smollm2_lr, eval_tokens=args.smollm2_eval_tokens
+            )
+            results["quality_smollm2_t1"] = quality(
+                scfg, args.seeds, work / "quality-smollm2", only=args.variants
+            )
+            out_path.write_text(json.dumps(results, indent=2))
         if args.smollm2_throughput:
             print("part 3: throughput, SmolLM2 -> 3-layer derived student, Python docs", flush=True)
             steps, batch = args.smollm2_steps, 4
