@@ -65,9 +65,9 @@ class DivergenceObjective(LMObjective):
             return {"kd": out.loss - ce_ratio * out.ce, "ce": out.ce}
         self.check_target(target)
         if target.sparse is not None:  # a logit cache or a served teacher: kdkit.losses.sparse
-            from kdkit.objectives.lm.sparse import sparse_token_divergence
+            from kdkit.objectives.lm.sparse import sparse_terms
 
-            return {"kd": sparse_token_divergence(student.logits, labels, target.sparse, p)}
+            return sparse_terms(student, labels, target.sparse, p, ce_ratio=ce_ratio)
         assert target.logits is not None
         return {"kd": token_divergence(student.logits, target.logits, labels, p)}
 
