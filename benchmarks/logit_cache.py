@@ -333,24 +333,37 @@ def throughput(
     rounds: int,
     batch_size: int,
     variants: tuple[str, ...] = ("dense_online", "top8_tail", "sampled12", "dense_cache"),
+    teacher_model: tuple[Any, Any] | None = None,
+    components: bool = False,
 ) -> dict[str, Any]:
     """Optimizer steps/s of one student from the live teacher and from caches, interleaved in rounds.
 
     Each round runs `steps` timed steps of every variant (after one untimed warm-up step), so the
-    machine's load affects all variants alike; reported: median over rounds of tokens/s.
+    machine's load affects all variants alike; reported: median over rounds of tokens/s, and the
+    per-round ratio to the live teacher. teacher_model: (model, tokenizer) instead of loading
+    cfg's teacher. components: also time, in every round, the teacher's forward alone, reading the
+    cached targets alone (`batch_target`) and a no-teacher (cross-entropy) student step: the bound
+    on a cache's speed-up is (teacher forward + student step) / student step.
     """
     import copy
     import statistics
 
+    from kdkit.cache.batch import batch_target
     from kdkit.config.lm import LMRunConfig
     from kdkit.eval import count_parameters
     from kdkit.pipelines.cache import prepare_cached_training, resolve_student
     from kdkit.pipelines.lm import build_distiller, build_student, load_lm_data, load_teacher
+    from kdkit.signals.base import model_inputs
 
     cfg_dict = copy.deepcopy(cfg_dict) | {"student": student}
+    if components and "ce_only" not in variants:
+        variants = ("ce_only", *variants)
+        cfg_dict["students"].append(
+            {"name": "ce_only", "method": "supervised_kd", "kd_weight": 0.0, "ce_weight": 1.0}
+        )
     cfg_dict["students"] = [s for s in cfg_dict["students"] if s["name"] in variants]
     cfg = LMRunConfig.model_validate(cfg_dict)
-    teacher, tokenizer = load_teacher(cfg, log=lambda _: None)
+    teacher, tokenizer = teacher_model or load_teacher(cfg, log=lambda _: None)
     data = load_lm_data(cfg, tokenizer)
     folders, train_set, collate = prepare_cached_training(
         cfg, teacher=teacher, tokenizer=tokenizer, train=data.train, collate=data.collate, log=lambda _: None
@@ -374,27 +387,167 @@ def throughput(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    timed: dict[str, Any] = {name: (lambda b, s=setups[name]: step(*s, b)) for name in setups}
+    if components:
+        with_cache = [name for name in setups if getattr(setups[name][0].signal, "reader", None)]
+
+        @torch.no_grad()
+        def teacher_forward(batch: dict[str, Any]) -> None:
+            teacher(**model_inputs(batch))
+
+        timed["teacher_forward"] = teacher_forward
+        for name in with_cache:
+            reader = setups[name][0].signal.reader
+            timed[f"read_{name}"] = lambda b, r=reader: batch_target(r, b)
+
     tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches[1:])
-    rates: dict[str, list[float]] = {name: [] for name in setups}
-    for _ in range(rounds):
-        for name, (distiller, optimizer) in setups.items():
-            step(distiller, optimizer, batches[0])  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in timed}
+    for round_index in range(rounds):
+        order = list(timed) if round_index % 2 == 0 else list(reversed(timed))  # alternate the order
+        for name in order:
+            timed[name](batches[0])  # warm-up
             started = time.perf_counter()
             for batch in batches[1:]:
-                step(distiller, optimizer, batch)
-            rates[name].append(tokens / (time.perf_counter() - started))
+                timed[name](batch)
+            seconds[name].append(time.perf_counter() - started)
+        print(
+            f"  round {round_index}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in seconds.items()),
+            flush=True,
+        )
+    rates = {name: [tokens / s for s in seconds[name]] for name in setups}
     medians = {name: statistics.median(r) for name, r in rates.items()}
     live = medians["dense_online"]
-    return {
+    per_round = {
+        name: [a / b for a, b in zip(rates[name], rates["dense_online"], strict=True)] for name in setups
+    }
+    out = {
         "teacher_parameters": count_parameters(teacher),
         "student_parameters": count_parameters(initial),
+        "flops": {"teacher": _forward_macs(teacher), "student": _forward_macs(initial)},
         "batch_size": batch_size,
         "steps_per_round": steps,
         "rounds": rounds,
         "tokens_per_s": rates,
         "median_tokens_per_s": medians,
         "speedup_vs_online": {name: m / live for name, m in medians.items()},
+        "speedup_per_round": per_round,
+        "seconds": seconds,
     }
+    if components:
+        teacher_s = statistics.median(seconds["teacher_forward"])
+        student_s = statistics.median(seconds["ce_only"])
+        out["bound"] = (teacher_s + student_s) / student_s
+        out["component_median_s"] = {name: statistics.median(v) for name, v in seconds.items()}
+    return out
+
+
+#: SmolLM2-360M's shape (its published config); built with random weights for timing only.
+SMOLLM2_360M_SHAPE = {
+    "model_type": "llama",
+    "hidden_size": 960,
+    "intermediate_size": 2560,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 15,
+    "num_key_value_heads": 5,
+    "max_position_embeddings": 2048,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
+#: One layer of SmolLM2-135M's shape (random weights).
+SMOLLM2_135M_ONE_LAYER = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 2048,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
+
+
+def pairs_throughput(work: Path, *, steps: int, rounds: int, batch: int = 4) -> dict[str, Any]:
+    """Cache vs live teacher where the teacher is >= 5x the student (non-embedding parameters):
+    (a) SmolLM2-135M-Instruct -> its layer 0 alone (derived, teacher weights); (b) a SmolLM2-360M-shaped
+    teacher with random weights (only its cost matters here) -> a 1-layer SmolLM2-135M-shaped student.
+    Python-docs blocks of 128 tokens, all trained; variants and components interleaved in rounds."""
+    from kdkit.models.lm import build_causal_lm
+    from kdkit.models.smollm2 import load_smollm2
+
+    smol, tokenizer = load_smollm2("float32")
+
+    def cfg(name: str) -> dict[str, Any]:
+        return {
+            "kind": "lm",
+            "name": f"logit-cache-pairs-{name}",
+            "teacher": {"source": "smollm2"},
+            "student": {"keep_layers": [0]},
+            "data": {
+                "dataset": "python_docs",
+                "block_size": 128,
+                "prompt_tokens": 0,
+                "max_tokens": 128 * batch * (steps + 2),
+                "eval_max_tokens": 256,
+            },
+            "caches": {
+                "top8": {"mode": "topk", "k": 8, "batch_size": batch},
+                "sampled12": {"mode": "sampled", "draws": 12, "batch_size": batch},
+            },
+            "students": [
+                {"name": "dense_online", "method": "supervised_kd"},
+                {"name": "top8_tail", "method": "supervised_kd", "cache": "top8"},
+                {"name": "sampled12", "method": "supervised_kd", "cache": "sampled12"},
+            ],
+            "train": {"steps": steps, "batch_size": batch, "lr": 1e-4, "progress": False},
+            "threads": 1,
+        }
+
+    variants = ("dense_online", "top8_tail", "sampled12")
+    out = {}
+    print("part 3: SmolLM2-135M -> 1 layer", flush=True)
+    out["smollm2_135m_to_1layer"] = throughput(
+        cfg("135m"),
+        work,
+        student={"keep_layers": [0]},
+        steps=steps,
+        rounds=rounds,
+        batch_size=batch,
+        variants=variants,
+        teacher_model=(smol, tokenizer),
+        components=True,
+    )
+    print(json.dumps(out["smollm2_135m_to_1layer"]["speedup_vs_online"]), flush=True)
+    shape = SMOLLM2_360M_SHAPE | {"vocab_size": smol.config.vocab_size}
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        shape[key] = getattr(smol.config, key)
+    big = build_causal_lm(shape, seed=0).eval()
+    del smol
+    print("part 3: SmolLM2-360M shape (random) -> 1 layer of 135M shape", flush=True)
+    out["smollm2_360m_shape_to_1layer"] = throughput(
+        cfg("360m-shape"),
+        work,
+        student={"config": SMOLLM2_135M_ONE_LAYER, "seed": 0},
+        steps=steps,
+        rounds=rounds,
+        batch_size=batch,
+        variants=variants,
+        teacher_model=(big, tokenizer),
+        components=True,
+    )
+    print(json.dumps(out["smollm2_360m_shape_to_1layer"]["speedup_vs_online"]), flush=True)
+    return out
+
+
+def _forward_macs(model: Any) -> dict[str, float]:
+    """Multiply-accumulates per token of a forward pass, from the weight matrices (attention scores
+    over a 128-token context excluded: ~2% here): layers (non-embedding) and the LM head."""
+    config = model.config
+    head = config.vocab_size * config.hidden_size
+    layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
+    return {"layers": float(layers), "head": float(head), "total": float(layers + head)}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -511,6 +664,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smollm2-throughput", action="store_true", help="part 3 at SmolLM2 size")
     parser.add_argument("--smollm2-steps", type=int, default=4)
+    parser.add_argument(
+        "--pairs-throughput",
+        action="store_true",
+        help="part 3 for teachers >= 5x the student: SmolLM2-135M -> 1 layer, and a SmolLM2-360M-shaped "
+        "teacher (random weights: timing only) -> a 1-layer SmolLM2-135M-shaped student; with components",
+    )
     parser.add_argument(
         "--smollm2-quality", action="store_true", help="part 2 at SmolLM2 size (steps: --steps)"
     )
@@ -638,6 +797,8 @@ def main(argv: list[str] | None = None) -> int:
                 variants=("dense_online", "top8_tail", "sampled12"),
             )
             print(json.dumps(results["throughput_smollm2"]["speedup_vs_online"]))
+        if args.pairs_throughput:
+            results["throughput_pairs"] = pairs_throughput(work, steps=args.smollm2_steps, rounds=args.rounds)
     out_path.write_text(json.dumps(results, indent=2))
     print(f"wrote {out_path}")
     return 0
