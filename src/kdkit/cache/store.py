@@ -21,12 +21,12 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kdkit.paths import file_lock
 from kdkit.settings import ConfigError
 
 #: Manifest fields that are descriptive only: two caches differing just there are the same cache.
@@ -204,34 +204,10 @@ class CacheStore:
                 return f"checksum mismatch (sha256 {digest[:12]}…, index says {record['sha256'][:12]}…)"
         return None
 
-    @contextlib.contextmanager
-    def lock(self, shard: int, *, block: bool = True) -> Iterator[bool]:
-        """Hold an exclusive lock on `shard` (an advisory `flock` on shards/.shard-NNNNNN.lock).
-
-        Yields True once held; with block=False yields False at once if another process holds it.
-        The lock goes with the process: a killed writer never leaves a shard locked. Lock files
-        stay (removing them would race with a waiting process); they are empty. Without `fcntl`
-        (Windows) no lock is taken: run one writer per shard range there.
-        """
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            yield True
-            return
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.shard_dir / f".{self.shard_path(shard).stem}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+    def lock(self, shard: int, *, block: bool = True) -> contextlib.AbstractContextManager[bool]:
+        """An exclusive lock on `shard` (`kdkit.paths.file_lock` on shards/.shard-NNNNNN.lock): yields
+        True once held, or False at once with block=False when another process holds it."""
+        return file_lock(self.shard_dir / f".{self.shard_path(shard).stem}.lock", block=block)
 
     def remove_shard(self, shard: int) -> None:
         for path in (self.record_path(shard), self.shard_path(shard)):
