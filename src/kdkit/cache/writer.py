@@ -365,11 +365,13 @@ def _compute_shard(
         rows = logits[:, :-1][mask]  # [n, V]: sample by sample, positions in order
         tokens.extend(mask.sum(1).tolist())
         if rows.shape[0]:
-            log_p: dict[float, torch.Tensor] = {}  # one log-softmax per distinct temperature
+            # one log-softmax (and one entropy, in the memo) per distinct temperature
+            log_p: dict[float, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
             for i, setting in enumerate(settings):
                 if setting.temperature not in log_p:
-                    log_p[setting.temperature] = temperature_log_probs(rows, setting.temperature).cpu()
-                blocks[i].append(encode_positions(log_p[setting.temperature], setting, vocab, generators[i]))
+                    log_p[setting.temperature] = (temperature_log_probs(rows, setting.temperature).cpu(), {})
+                values, memo = log_p[setting.temperature]
+                blocks[i].append(encode_positions(values, setting, vocab, generators[i], memo))
         bar.update(stop - start)
     out_arrays = []
     for setting, parts in zip(settings, blocks, strict=True):
