@@ -204,7 +204,9 @@ def smollm2_config(
     """Part 2 at SmolLM2 size: SmolLM2-135M-Instruct -> a student derived from some of its layers, on
     Python-docs blocks of 128 tokens (by default all trained: plain LM samples); one block per
     training sample, each used once."""
-    cache = {"batch_size": 4, "temperature": temperature}
+    # small shards: the processes training the cache students write the caches together (each
+    # takes the next shard no one holds; one teacher pass for the four caches)
+    cache = {"batch_size": 4, "temperature": temperature, "samples_per_shard": 16}
     return {
         "kind": "lm",
         "name": f"logit-cache-quality-smollm2-t{temperature:g}",
@@ -636,7 +638,84 @@ def render(results: dict[str, Any]) -> str:
                 f"| {variant} | {median:,.0f} | {min(values):,.0f}–{max(values):,.0f} | "
                 f"{part['speedup_vs_online'][variant]:.2f}× |"
             )
+    if "quality_smollm2_t1" in results:
+        lines += render_smollm2_quality(results["quality_smollm2_t1"])
+    for name, part in results.get("throughput_pairs", {}).items():
+        lines += render_pair(name, part)
     return "\n".join(lines) + "\n"
+
+
+def render_smollm2_quality(part: dict[str, Any]) -> list[str]:
+    runs = part["runs"]
+    order = ["ce_only", "dense_online", "top8_tail", "top32_tail", "top128_tail", "sampled12"]
+    by_name = {r["variant"]: r for r in runs}
+    dense = by_name.get("dense_online", {}).get("perplexity")
+    uses = {st["name"]: st.get("cache") for st in part["config"]["students"]}
+    caches = part.get("cache_bytes_per_token", {})
+    start = part["initial_student"]
+    cfg = part["config"]
+    lines = [
+        f"\n**Student quality, SmolLM2 / Python docs** (seed {sorted({r['seed'] for r in runs})}; "
+        f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']} blocks of "
+        f"{cfg['data']['block_size']} tokens, lr {cfg['train']['lr']:g})\n",
+        "| student | bytes/token | held-out perplexity (start → end) | vs dense online | top-1 agreement "
+        "(start → end) | train s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in [n for n in order if n in by_name] + [n for n in by_name if n not in order]:
+        r = by_name[name]
+        size = caches.get(uses.get(name) or "")
+        size_text = f"{size:.1f}" if size is not None else ("—" if name == "ce_only" else "live")
+        rel = f"{(r['perplexity'] / dense - 1) * 100:+.1f}%" if dense else "—"
+        lines.append(
+            f"| {name} | {size_text} | {start['perplexity']:,.0f} → {r['perplexity']:.2f} | {rel} | "
+            f"{start['agreement'] * 100:.1f}% → {r['agreement'] * 100:.1f}% | {r['wall_s']:.0f} |"
+        )
+    lines.append(
+        f"\nteacher: perplexity {part['teacher']['perplexity']:.2f} on the same "
+        f"{part['teacher'].get('eval_tokens', 0):,} held-out tokens"
+    )
+    return lines
+
+
+def render_pair(name: str, part: dict[str, Any]) -> list[str]:
+    import statistics
+
+    f_t, f_s = part["flops"]["teacher"], part["flops"]["student"]
+    comp = part["component_median_s"]
+    lines = [
+        f"\n**Throughput, {name}** (batch {part['batch_size']} × 128 tokens, {part['steps_per_round']} "
+        f"timed steps × {part['rounds']} rounds, order alternating)\n",
+        f"Teacher/student: parameters {part['teacher_parameters'] / 1e6:.1f}M / "
+        f"{part['student_parameters'] / 1e6:.1f}M "
+        f"({part['teacher_parameters'] / part['student_parameters']:.1f}×); "
+        f"non-embedding (layer) weights {f_t['layers'] / 1e6:.1f}M / {f_s['layers'] / 1e6:.1f}M "
+        f"({f_t['layers'] / f_s['layers']:.1f}×); forward MACs per token with the LM head "
+        f"{f_t['total'] / 1e6:.1f}M / {f_s['total'] / 1e6:.1f}M ({f_t['total'] / f_s['total']:.1f}×).\n",
+        "| signal | tokens/s (median) | per-round ratio to online | median ratio |",
+        "|---|---:|---|---:|",
+    ]
+    for variant, median in part["median_tokens_per_s"].items():
+        ratios = ", ".join(f"{x:.2f}" for x in part["speedup_per_round"][variant])
+        lines.append(f"| {variant} | {median:,.0f} | {ratios} | {part['speedup_vs_online'][variant]:.2f}× |")
+    steps = part["steps_per_round"]
+    bounds = [
+        (t + s) / s
+        for t, s in zip(part["seconds"]["teacher_forward"], part["seconds"]["ce_only"], strict=True)
+    ]
+    reads = {k.removeprefix("read_"): v / steps * 1000 for k, v in comp.items() if k.startswith("read_")}
+    lines.append(
+        "\nComponents (median over rounds, per step): teacher forward "
+        f"{comp['teacher_forward'] / steps:.2f} s, "
+        f"no-teacher student step (forward, backward, AdamW) {comp['ce_only'] / steps:.2f} s, reading the "
+        "cached targets "
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in reads.items())
+        + f". Bound on a cache's speed-up, (teacher forward + student step) / student step: "
+        f"**{part['bound']:.2f}×**; per round: "
+        + ", ".join(f"{b:.2f}" for b in bounds)
+        + f" (median {statistics.median(bounds):.2f})."
+    )
+    return lines
 
 
 # ----------------------------------------------------------------------------- main
@@ -681,7 +760,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         merged: dict[str, Any] = {}
         for path in args.render:
-            merged |= json.loads(path.read_text())
+            for key, value in json.loads(path.read_text()).items():
+                if key.startswith("quality_") and key in merged:  # students trained in other processes
+                    merged[key] = {**merged[key], "runs": merged[key]["runs"] + value["runs"]}
+                    merged[key]["cache_bytes_per_token"] |= value.get("cache_bytes_per_token", {})
+                else:
+                    merged[key] = value
         print(render(merged))
         return 0
     torch.set_num_threads(1)
