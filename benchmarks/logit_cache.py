@@ -544,6 +544,58 @@ def pairs_throughput(work: Path, *, steps: int, rounds: int, batch: int = 2) -> 
     return out
 
 
+def sparse_loss_cost(*, rounds: int, tokens: int = 508, k: int = 8) -> dict[str, Any]:
+    """The sparse loss alone at SmolLM2's shapes (V = 49,152, H = 576), forward + backward from the
+    student's hidden states: materialised logits + `sparse_divergence` (what the objective did before)
+    vs `fused_sparse_divergence`, alternating; seconds per call and peak extra memory (tracemalloc
+    does not see torch's allocator, so the [N, V] float32 tensors are counted from their shapes)."""
+    import statistics
+
+    from kdkit.losses.fused import LinearHead
+    from kdkit.losses.sparse import sampled_target, sparse_divergence, topk_target
+    from kdkit.losses.sparse_fused import fused_sparse_divergence
+
+    g = torch.Generator().manual_seed(0)
+    vocab, width = 49_152, 576
+    weight = (torch.randn(vocab, width, generator=g) * 0.02).requires_grad_()
+    hidden = torch.randn(tokens, width, generator=g).requires_grad_()
+    teacher = torch.randn(tokens, vocab, generator=g) * 3
+    targets = {
+        "top8": {k_: v for k_, v in topk_target(teacher, k).items() if k_ != "entropy"},
+        "sampled12": {
+            k_: v for k_, v in sampled_target(teacher, 12, generator=g).items() if k_ in ("ids", "weights")
+        },
+    }
+    head = LinearHead(weight)
+
+    def materialised(target: dict[str, torch.Tensor]) -> None:
+        sparse_divergence(head.logits(hidden), **target).backward()
+
+    def fused(target: dict[str, torch.Tensor]) -> None:
+        fused_sparse_divergence(hidden, head, **target).loss.backward()
+
+    seconds: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for kind, target in targets.items():
+            for name, fn in (("materialised", materialised), ("fused", fused)):
+                order_key = f"{kind}_{name}"
+                fn(target)  # warm-up (first call allocates the fused workspace)
+                started = time.perf_counter()
+                fn(target)
+                seconds.setdefault(order_key, []).append(time.perf_counter() - started)
+                weight.grad = hidden.grad = None
+        print(
+            f"  loss round {r}: " + ", ".join(f"{k_} {v[-1]:.2f}s" for k_, v in seconds.items()), flush=True
+        )
+    return {
+        "tokens": tokens,
+        "vocab": vocab,
+        "hidden": width,
+        "seconds": seconds,
+        "median_s": {k_: statistics.median(v) for k_, v in seconds.items()},
+    }
+
+
 def _forward_macs(model: Any) -> dict[str, float]:
     """Multiply-accumulates per token of a forward pass, from the weight matrices (attention scores
     over a 128-token context excluded: ~2% here): layers (non-embedding) and the LM head."""
@@ -744,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smollm2-throughput", action="store_true", help="part 3 at SmolLM2 size")
     parser.add_argument("--smollm2-steps", type=int, default=4)
+    parser.add_argument("--loss-cost", action="store_true", help="the sparse loss alone, fused vs not")
     parser.add_argument(
         "--pairs-throughput",
         action="store_true",
@@ -882,6 +935,9 @@ def main(argv: list[str] | None = None) -> int:
                 variants=("dense_online", "top8_tail", "sampled12"),
             )
             print(json.dumps(results["throughput_smollm2"]["speedup_vs_online"]))
+        if args.loss_cost:
+            results["sparse_loss_cost"] = sparse_loss_cost(rounds=args.rounds)
+            out_path.write_text(json.dumps(results, indent=2))
         if args.pairs_throughput:
             results["throughput_pairs"] = pairs_throughput(work, steps=args.smollm2_steps, rounds=args.rounds)
     out_path.write_text(json.dumps(results, indent=2))
