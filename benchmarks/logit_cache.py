@@ -726,7 +726,7 @@ def render_smollm2_quality(part: dict[str, Any]) -> list[str]:
         )
     lines.append(
         f"\nteacher: perplexity {part['teacher']['perplexity']:.2f} on the same "
-        f"{part['teacher'].get('eval_tokens', 0):,} held-out tokens"
+        f"{int(part['teacher'].get('eval_tokens', 0)):,} held-out tokens"
     )
     return lines
 
