@@ -472,7 +472,9 @@ SMOLLM2_135M_ONE_LAYER = {
 }
 
 
-def pairs_throughput(work: Path, *, steps: int, rounds: int, batch: int = 2) -> dict[str, Any]:
+def pairs_throughput(
+    work: Path, *, steps: int, rounds: int, batch: int = 2, save: Any = None
+) -> dict[str, Any]:
     """Cache vs live teacher where the teacher is >= 5x the student (non-embedding parameters):
     (a) SmolLM2-135M-Instruct -> its layer 0 alone (derived, teacher weights); (b) a SmolLM2-360M-shaped
     teacher with random weights (only its cost matters here) -> a 1-layer SmolLM2-135M-shaped student.
@@ -523,6 +525,8 @@ def pairs_throughput(work: Path, *, steps: int, rounds: int, batch: int = 2) -> 
         components=True,
     )
     print(json.dumps(out["smollm2_135m_to_1layer"]["speedup_vs_online"]), flush=True)
+    if save is not None:  # pair (b) is long: keep pair (a) if it is interrupted
+        save(out)
     shape = SMOLLM2_360M_SHAPE | {"vocab_size": smol.config.vocab_size}
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         shape[key] = getattr(smol.config, key)
@@ -939,7 +943,14 @@ def main(argv: list[str] | None = None) -> int:
             results["sparse_loss_cost"] = sparse_loss_cost(rounds=args.rounds)
             out_path.write_text(json.dumps(results, indent=2))
         if args.pairs_throughput:
-            results["throughput_pairs"] = pairs_throughput(work, steps=args.smollm2_steps, rounds=args.rounds)
+
+            def save_pairs(part: dict[str, Any]) -> None:
+                results["throughput_pairs"] = part
+                out_path.write_text(json.dumps(results, indent=2))
+
+            results["throughput_pairs"] = pairs_throughput(
+                work, steps=args.smollm2_steps, rounds=args.rounds, save=save_pairs
+            )
     out_path.write_text(json.dumps(results, indent=2))
     print(f"wrote {out_path}")
     return 0
