@@ -279,3 +279,72 @@ def test_batch_target_aligns_cached_positions_with_a_shuffled_batch(tmp_path):
     del batch["cache_index"]
     with pytest.raises(CacheError, match="cache_index"):
         batch_target(CacheReader(tmp_path / "topk"), batch)
+
+
+def test_one_teacher_pass_writes_several_caches_byte_identical_to_separate_writes(tmp_path):
+    from kdkit.cache import write_caches
+
+    settings = {
+        "top4": CacheSettings(mode="topk", k=4, samples_per_shard=8),
+        "top4_u8": CacheSettings(mode="topk", k=4, values="uint8", samples_per_shard=8),
+        "sampled": SAMPLED,
+        "sampled_t2": CacheSettings(mode="sampled", draws=12, samples_per_shard=8, seed=3, temperature=2.0),
+    }
+    for name, s in settings.items():
+        _write(tmp_path / "alone" / name, s)
+    model, tok = _teacher()
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
+    summaries = write_caches(
+        [(tmp_path / "together" / name, s) for name, s in settings.items()],
+        teacher=model,
+        tokenizer=tok,
+        samples=arithmetic_dataset(60, (1, 3), seed=0),
+        collate=PromptCompletionCollator(tok),
+        progress=False,
+        log=lambda _: None,
+    )
+    assert len(calls) == 8  # one forward per shard of 8 samples (batch 16), not one per cache
+    assert all(s.complete and s.shards_written == 8 for s in summaries)
+    for name in settings:
+        assert _files(tmp_path / "together" / name) == _files(tmp_path / "alone" / name)
+    with pytest.raises(ValueError, match="samples_per_shard"):
+        write_caches(
+            [(tmp_path / "a", SAMPLED), (tmp_path / "b", CacheSettings(mode="topk", k=2))],
+            teacher=model,
+            tokenizer=tok,
+            samples=arithmetic_dataset(60, (1, 3), seed=0),
+            collate=PromptCompletionCollator(tok),
+            progress=False,
+        )
+
+
+def test_a_shard_another_writer_holds_is_waited_for_not_computed_twice(tmp_path):
+    """Two writers of one cache (same shards): the per-shard lock makes one wait for the other."""
+    import shutil
+    import threading
+
+    _write(tmp_path / "reference", SAMPLED)
+    store = CacheStore(tmp_path / "busy")
+    result = {}
+    with store.lock(3) as held:  # "another process" is writing shard 3
+        assert held
+        worker = threading.Thread(target=lambda: result.update(summary=_write(tmp_path / "busy", SAMPLED)))
+        worker.start()
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(store.shard_dir.glob("shard-*.json"))) < 7:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert worker.is_alive(), "the writer did not wait for the locked shard"
+        assert not store.record_path(3).exists()
+        with store.lock(3, block=False) as again:
+            assert not again  # flock conflicts across open files, even within one process
+        # the other writer finishes shard 3 (same bytes as it would compute) and releases it
+        ref = CacheStore(tmp_path / "reference")
+        shutil.copy(ref.shard_path(3), store.shard_path(3))
+        shutil.copy(ref.record_path(3), store.record_path(3))
+    worker.join(60)
+    summary = result["summary"]
+    assert summary.shards_written == 7 and summary.shards_reused == 1 and summary.complete
+    assert _files(tmp_path / "busy") == _files(tmp_path / "reference")

@@ -205,3 +205,53 @@ def test_two_processes_write_disjoint_shards_concurrently(tiny_teacher, tmp_path
     assert [p.name for p in single] == [p.name for p in parallel]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(single, parallel))
     assert (tmp_path / "parallel" / "index.json").is_file()
+
+
+@pytest.mark.parametrize("cache", ["top4", "sampled"])
+@pytest.mark.parametrize("ce_ratio", [0.0, 0.5])
+def test_fused_sparse_path_equals_the_logits_path(tiny_teacher, tmp_path, kdkit_cache, cache, ce_ratio):
+    """The objective computes sparse targets from hidden states in chunks (no [N, V] tensor) unless
+    the student's logits exist already: both give the same terms and the same parameter gradients."""
+    from kdkit.objectives.lm.base import StudentView
+    from kdkit.objectives.lm.ce import student_cross_entropy
+    from kdkit.objectives.lm.divergence import DivergenceObjective, DivergenceParams
+    from kdkit.signals.cache import CacheSignal, CacheSignalParams
+
+    cfg = LMRunConfig.model_validate(
+        config_dict(tiny_teacher, tmp_path, [{"name": "x", "method": "supervised_kd"}], CACHES)
+    )
+    teacher, tokenizer = load_teacher(cfg, log=lambda _: None)
+    data = load_lm_data(cfg, tokenizer)
+    build_caches(
+        cfg,
+        [cache],
+        teacher=teacher,
+        tokenizer=tokenizer,
+        train=data.train,
+        collate=data.collate,
+        progress=False,
+        log=lambda _: None,
+    )
+    student, _ = build_student(cfg, teacher, tokenizer)
+    batch = IndexedCollate(data.collate)([IndexedSamples(data.train)[i] for i in (5, 0, 31, 12)])
+    target = CacheSignal(CacheSignalParams(cache=str(cache_folder(cfg, cache))))(batch, teacher=None)
+    objective = DivergenceObjective(DivergenceParams(chunk_size=5))
+    results = []
+    for materialise in (False, True):
+        student.zero_grad()
+        view = StudentView(student, batch)
+        if materialise:
+            view.logits  # noqa: B018 - the logits exist: the objective uses them
+        terms = objective(view, batch, target, ce_ratio=ce_ratio)
+        assert view.has_logits == materialise  # the fused path never computed the logits
+        if "ce" not in terms and ce_ratio:  # the distiller adds CE from the logits
+            terms["ce"] = student_cross_entropy(view, batch["labels"])
+        (terms["kd"] + ce_ratio * terms.get("ce", 0.0)).backward()  # fused: "ce" is detached
+        grads = [p.grad.clone() for p in student.parameters()]
+        results.append(({k: v.detach() for k, v in terms.items()}, grads))
+    (fused, fused_grads), (plain, plain_grads) = results
+    assert fused.keys() == plain.keys() == ({"kd", "ce"} if ce_ratio else {"kd"})
+    for key in fused:
+        torch.testing.assert_close(fused[key], plain[key], atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

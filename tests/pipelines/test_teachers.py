@@ -50,3 +50,46 @@ def test_arithmetic_teacher_settings_are_validated() -> None:
 
     with pytest.raises(ValidationError, match="hidden_sise"):
         ArithmeticTeacherConfig.model_validate({"hidden_sise": 8})
+
+
+def test_a_cached_model_is_built_once_when_two_ask_at_the_same_time(tmp_path):
+    """Two callers of load_or_build_lm on one folder: one trains it, the other waits and loads it
+    (without the lock both would train into the same run folder and checkpoints)."""
+    import threading
+    import time
+
+    # imported here once: transformers' lazy imports are not safe from two threads at once
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
+
+    from kdkit.pipelines.teachers import load_or_build_lm
+    from kdkit.tasks.arithmetic import arithmetic_tokenizer, build_arithmetic_lm
+
+    folder = tmp_path / "model"
+    builds = []
+
+    def build():
+        builds.append(threading.get_ident())
+        time.sleep(0.5)  # a slow training run: the other caller arrives meanwhile
+        tok = arithmetic_tokenizer()
+        model = build_arithmetic_lm(tok, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16)
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        (folder / "done.json").write_text("{}")
+        return model.eval(), tok
+
+    results = [None, None]
+
+    def ask(i):
+        results[i] = load_or_build_lm(folder, "done.json", build)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join(60)
+    assert len(builds) == 1
+    a, b = (r[0] for r in results)
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )

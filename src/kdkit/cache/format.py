@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from kdkit.losses.sparse import importance_weights, sampled_target, topk_target
+from kdkit.losses.sparse import distribution_entropy, importance_weights, sampled_target, topk_target
 
 FORMAT_VERSION = 1
 Mode = Literal["topk", "sampled", "dense"]
@@ -172,17 +172,26 @@ def _f16(x: torch.Tensor) -> np.ndarray:
 
 
 def encode_positions(
-    log_p: torch.Tensor, settings: CacheSettings, vocab_size: int, generator: torch.Generator | None
+    log_p: torch.Tensor,
+    settings: CacheSettings,
+    vocab_size: int,
+    generator: torch.Generator | None,
+    memo: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, np.ndarray]:
     """The stored arrays for n positions from the teacher's log-probs [n, V] (already at temperature).
 
-    generator: the random source of "sampled" (ignored otherwise).
+    generator: the random source of "sampled" (ignored otherwise). memo: a dict shared by the
+    encodings of one `log_p` in several modes (the entropy is computed once into it).
     """
     w = id_width(vocab_size)
     if settings.mode == "dense":
         return {"logprobs": _f16(log_p)}
+    memo = {} if memo is None else memo
+    if "entropy" not in memo:
+        memo["entropy"] = distribution_entropy(log_p)
+    shared = {"log_probs": True, "entropy": memo["entropy"]}
     if settings.mode == "topk":
-        target = topk_target(log_p, settings.k)
+        target = topk_target(log_p, settings.k, **shared)
         out = {"ids": pack_ids(target["ids"].numpy(), w)}
         if settings.values == "uint8":
             top = torch.from_numpy(_f16(target["logprobs"][:, 0]).astype(np.float32))  # as it will be read
@@ -197,7 +206,11 @@ def encode_positions(
             out["tail_logprob"] = _f16(target["tail_logprob"])
         return out
     target = sampled_target(
-        log_p, settings.draws, proposal_temperature=settings.proposal_temperature, generator=generator
+        log_p,
+        settings.draws,
+        proposal_temperature=settings.proposal_temperature,
+        generator=generator,
+        **shared,
     )
     valid = target["counts"] > 0  # [n, N], unique ids left-aligned
     out = {

@@ -16,6 +16,7 @@ that several processes can write disjoint shard ranges without coordinating.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from kdkit.paths import file_lock
 from kdkit.settings import ConfigError
 
 #: Manifest fields that are descriptive only: two caches differing just there are the same cache.
@@ -201,6 +203,11 @@ class CacheStore:
             if digest != record["sha256"]:
                 return f"checksum mismatch (sha256 {digest[:12]}…, index says {record['sha256'][:12]}…)"
         return None
+
+    def lock(self, shard: int, *, block: bool = True) -> contextlib.AbstractContextManager[bool]:
+        """An exclusive lock on `shard` (`kdkit.paths.file_lock` on shards/.shard-NNNNNN.lock): yields
+        True once held, or False at once with block=False when another process holds it."""
+        return file_lock(self.shard_dir / f".{self.shard_path(shard).stem}.lock", block=block)
 
     def remove_shard(self, shard: int) -> None:
         for path in (self.record_path(shard), self.shard_path(shard)):

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -110,76 +111,229 @@ def write_cache(
     rank / world: this process's share of the shards.
     verify: check existing shards' SHA-256 (reads them) rather than only their size.
     Returns this process's `CacheSummary`; raises ManifestMismatchError for a folder of another cache.
+    See `write_caches` for several caches from one teacher pass, and for concurrent writers.
+    """
+    (summary,) = write_caches(
+        [(root, settings)],
+        teacher=teacher,
+        tokenizer=tokenizer,
+        samples=samples,
+        collate=collate,
+        rank=rank,
+        world=world,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        verify=verify,
+        info=[info],
+        log=log,
+    )
+    return summary
+
+
+@dataclass
+class _Target:
+    """One cache being written: its folder, settings, manifest checksum, summary, shards to do."""
+
+    store: CacheStore
+    settings: CacheSettings
+    manifest_sha: str
+    summary: CacheSummary
+    todo: set[int]
+
+
+def write_caches(
+    caches: Sequence[tuple[str | Path, CacheSettings]],
+    *,
+    teacher: nn.Module,
+    tokenizer: Any,
+    samples: Sequence[Any],
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+    rank: int = 0,
+    world: int = 1,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    verify: bool = True,
+    info: Sequence[dict[str, Any] | None] | None = None,
+    log: Log = print,
+) -> list[CacheSummary]:
+    """Write several caches of one teacher and data (e.g. top-8, top-128 and sampled) in ONE teacher
+    pass: each batch's logits are encoded once per cache. Arguments as `write_cache`; `caches` are
+    (folder, settings) pairs sharing `samples_per_shard`; `info` one entry per cache.
+
+    Concurrent writers: each (cache, shard) is written under an exclusive lock (`CacheStore.lock`),
+    and checked again once locked, so processes that write the same cache at once (same or
+    overlapping ranks) never compute a shard twice, never delete each other's temporaries, and
+    never judge a shard that another is between writing and recording as damaged. A shard locked
+    by another process is left for last, then waited for (and normally found done).
+    Returns one `CacheSummary` per cache (this process's share), in the order given.
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, world), got rank={rank}, world={world}")
+    if not caches:
+        return []
+    per_shard = {settings.samples_per_shard for _, settings in caches}
+    if len(per_shard) != 1:
+        raise ValueError(
+            f"caches written in one teacher pass must share samples_per_shard (got {sorted(per_shard)}); "
+            "write them separately"
+        )
+    infos = list(info) if info is not None else [None] * len(caches)
     started = time.perf_counter()
     vocab = teacher_vocab_size(teacher)
-    settings.check_vocab(vocab)
     crcs = sample_crcs(samples, collate)
-    manifest = build_manifest(
-        teacher=teacher_identity(teacher),
-        tokenizer=tokenizer_identity(tokenizer),
-        data=data_identity(crcs),
-        settings=settings,
-        vocab_size=vocab,
-        info=info,
-    )
-    store = CacheStore(root)
-    store.ensure_manifest(manifest)
-    manifest_sha = json_sha256({k: v for k, v in manifest.items() if k != "info"})
-    total = num_shards(len(samples), settings)
+    identity = {
+        "teacher": teacher_identity(teacher),
+        "tokenizer": tokenizer_identity(tokenizer),
+        "data": data_identity(crcs),
+    }
+    S = per_shard.pop()
+    total = -(-len(samples) // S)
     mine = list(range(rank, total, world))
-    store.clean_temporaries(mine)
-
-    todo, damaged = [], []
-    for shard in mine:
-        problem = store.problem(shard, store.record(shard), full=verify)
-        if problem is None:
-            continue
-        if problem != "missing":
-            damaged.append((shard, problem))
-            log(f"kdkit: cache shard {shard} is unusable ({problem}); recomputing it")
-            store.remove_shard(shard)
-        todo.append(shard)
-    summary = CacheSummary(
-        path=Path(root),
-        shards_total=total,
-        shards_mine=len(mine),
-        shards_written=0,
-        shards_reused=len(mine) - len(todo),
-        damaged=damaged,
-    )
-    if summary.shards_reused:
-        log(f"kdkit: {summary.shards_reused} of this process's {len(mine)} shards already cached; continuing")
+    targets = []
+    for (root, settings), extra in zip(caches, infos, strict=True):
+        settings.check_vocab(vocab)
+        manifest = build_manifest(**identity, settings=settings, vocab_size=vocab, info=extra)
+        store = CacheStore(root)
+        store.ensure_manifest(manifest)
+        # a first look without locks: what may need work (checked again under the shard's lock)
+        todo = {s for s in mine if store.problem(s, store.record(s), full=verify) is not None}
+        summary = CacheSummary(
+            path=Path(root), shards_total=total, shards_mine=len(mine), shards_written=0, shards_reused=0
+        )
+        sha = json_sha256({k: v for k, v in manifest.items() if k != "info"})
+        targets.append(_Target(store, settings, sha, summary, todo))
+        if len(todo) < len(mine):
+            log(
+                f"kdkit: {len(mine) - len(todo)} of this process's {len(mine)} shards of {root} already "
+                "cached; continuing"
+            )
 
     device = torch.device(device or "cpu")
     teacher = teacher.to(device).eval()
-    S = settings.samples_per_shard
-    bar = _progress(sum(min(S, len(samples) - i * S) for i in todo), enabled=progress)
+    shards = sorted(set().union(*(t.todo for t in targets)))
+    bar = _progress(sum(min(S, len(samples) - i * S) for i in shards), enabled=progress)
     try:
-        for shard in todo:
-            first, last = shard * S, min((shard + 1) * S, len(samples))
-            arrays = _compute_shard(
-                teacher, samples, collate, first, last, settings, vocab, batch_size, device, bar
+        waiting = []
+        for shard in shards:
+            waiting += _write_shard(
+                shard,
+                targets,
+                teacher,
+                samples,
+                collate,
+                crcs,
+                vocab,
+                batch_size,
+                device,
+                bar,
+                verify,
+                log,
+                block=False,
             )
-            arrays["sample_crc"] = crcs[first:last]
-            metadata = {"shard": str(shard), "first_sample": str(first), "manifest_sha256": manifest_sha}
-            payload = serialize(arrays, metadata)
-            positions = int(arrays["sample_tokens"].sum())
-            store.write_shard(
-                shard, payload, {"first_sample": first, "samples": last - first, "positions": positions}
+        for shard in sorted(set(waiting)):  # locked by another process: wait, then do what is left
+            _write_shard(
+                shard,
+                targets,
+                teacher,
+                samples,
+                collate,
+                crcs,
+                vocab,
+                batch_size,
+                device,
+                bar,
+                verify,
+                log,
+                block=True,
             )
-            summary.shards_written += 1
-            summary.positions_written += positions
     finally:
         bar.close()
-    index = store.write_index(total)
-    summary.complete = index is not None
-    if index is not None and index["totals"]["positions"]:
-        summary.bytes_per_token = index["totals"]["bytes"] / index["totals"]["positions"]
-    summary.seconds = time.perf_counter() - started
-    return summary
+    out = []
+    for target in targets:
+        summary = target.summary
+        summary.shards_reused = len(mine) - summary.shards_written  # intact, or written by another process
+        index = target.store.write_index(total)
+        summary.complete = index is not None
+        if index is not None and index["totals"]["positions"]:
+            summary.bytes_per_token = index["totals"]["bytes"] / index["totals"]["positions"]
+        summary.seconds = time.perf_counter() - started
+        out.append(summary)
+    return out
+
+
+def _write_shard(
+    shard: int,
+    targets: list[_Target],
+    teacher: nn.Module,
+    samples: Sequence[Any],
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+    crcs: np.ndarray,
+    vocab: int,
+    batch_size: int,
+    device: torch.device,
+    bar: Any,
+    verify: bool,
+    log: Log,
+    *,
+    block: bool,
+) -> list[int]:
+    """Compute `shard` once for every target that still needs it, under its locks.
+
+    Returns [shard] if some target's lock is held by another process (block=False), else [].
+    """
+    with contextlib.ExitStack() as locks:
+        needed, busy = [], False
+        for target in targets:
+            if shard not in target.todo:
+                continue
+            if not locks.enter_context(target.store.lock(shard, block=block)):
+                busy = True
+                continue
+            target.todo.discard(shard)
+            # checked again under the lock: another process may have finished (or be repairing) it
+            problem = target.store.problem(shard, target.store.record(shard), full=verify)
+            if problem is None:
+                continue
+            target.store.clean_temporaries([shard])
+            if problem != "missing":
+                target.summary.damaged.append((shard, problem))
+                root = target.store.root
+                log(f"kdkit: cache shard {shard} of {root} is unusable ({problem}); recomputing it")
+                target.store.remove_shard(shard)
+            needed.append(target)
+        if needed:
+            S = needed[0].settings.samples_per_shard
+            first, last = shard * S, min((shard + 1) * S, len(samples))
+            computed = _compute_shard(
+                teacher,
+                samples,
+                collate,
+                first,
+                last,
+                [t.settings for t in needed],
+                vocab,
+                batch_size,
+                device,
+                bar,
+            )
+            for target, arrays in zip(needed, computed, strict=True):
+                arrays["sample_crc"] = crcs[first:last]
+                metadata = {
+                    "shard": str(shard),
+                    "first_sample": str(first),
+                    "manifest_sha256": target.manifest_sha,
+                }
+                positions = int(arrays["sample_tokens"].sum())
+                target.store.write_shard(
+                    shard,
+                    serialize(arrays, metadata),
+                    {"first_sample": first, "samples": last - first, "positions": positions},
+                )
+                target.summary.shards_written += 1
+                target.summary.positions_written += positions
+    return [shard] if busy else []
 
 
 @torch.no_grad()
@@ -189,15 +343,17 @@ def _compute_shard(
     collate: Callable[[list[Any]], dict[str, torch.Tensor]],
     first: int,
     last: int,
-    settings: CacheSettings,
+    settings: Sequence[CacheSettings],
     vocab: int,
     batch_size: int,
     device: torch.device,
     bar: Any,
-) -> dict[str, np.ndarray]:
+) -> list[dict[str, np.ndarray]]:
+    """The arrays of shard [first, last) for each of `settings`, from one teacher forward per batch."""
     # Seeded by (seed, first sample) only: the same shard gets the same draws in any run or process.
-    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + first)
-    blocks, tokens = [], []
+    generators = [torch.Generator().manual_seed(s.seed * 1_000_003 + first) for s in settings]
+    blocks: list[list[dict[str, np.ndarray]]] = [[] for _ in settings]
+    tokens = []
     for start in range(first, last, batch_size):
         stop = min(start + batch_size, last)
         batch = collate([samples[i] for i in range(start, stop)])
@@ -209,14 +365,22 @@ def _compute_shard(
         rows = logits[:, :-1][mask]  # [n, V]: sample by sample, positions in order
         tokens.extend(mask.sum(1).tolist())
         if rows.shape[0]:
-            log_p = temperature_log_probs(rows, settings.temperature).cpu()
-            blocks.append(encode_positions(log_p, settings, vocab, generator))
+            # one log-softmax (and one entropy, in the memo) per distinct temperature
+            log_p: dict[float, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+            for i, setting in enumerate(settings):
+                if setting.temperature not in log_p:
+                    log_p[setting.temperature] = (temperature_log_probs(rows, setting.temperature).cpu(), {})
+                values, memo = log_p[setting.temperature]
+                blocks[i].append(encode_positions(values, setting, vocab, generators[i], memo))
         bar.update(stop - start)
-    if not blocks:  # a shard with no trained position: empty arrays of the right dtypes and widths
-        blocks = [
-            {k: v[:0] for k, v in encode_positions(torch.zeros(1, vocab), settings, vocab, None).items()}
-        ]
-    return concat_blocks(blocks) | {"sample_tokens": np.asarray(tokens, dtype=np.uint32)}
+    out_arrays = []
+    for setting, parts in zip(settings, blocks, strict=True):
+        if not parts:  # a shard with no trained position: empty arrays of the right dtypes and widths
+            parts = [
+                {k: v[:0] for k, v in encode_positions(torch.zeros(1, vocab), setting, vocab, None).items()}
+            ]
+        out_arrays.append(concat_blocks(parts) | {"sample_tokens": np.asarray(tokens, dtype=np.uint32)})
+    return out_arrays
 
 
 def _progress(total: int, *, enabled: bool) -> Any:

@@ -51,10 +51,19 @@ from kdkit.losses.divergences import DIVERGENCES, LOGIT_FLOOR, reduce_positions,
 # building sparse targets from dense teacher logits (what a cache writer or a server does)
 
 
-def topk_target(teacher_logits: Tensor, k: int, *, temperature: float = 1.0) -> dict[str, Tensor]:
+def topk_target(
+    teacher_logits: Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    log_probs: bool = False,
+    entropy: Tensor | None = None,
+) -> dict[str, Tensor]:
     """The k most likely ids of softmax(teacher_logits / T), with the tail mass and the entropy.
 
-    teacher_logits: [..., V]. Returns a dict of
+    teacher_logits: [..., V]; log_probs: they are already log-probabilities at the temperature (a
+    cache writer encoding one batch several ways skips the log-softmax); entropy: H(p_T) [...] if
+    already computed. Returns a dict of
       ids [..., k] long (descending probability), logprobs [..., k] float32 (log p_T, not renormalised),
       tail_logprob [...] (log of the mass outside the kept ids; ~LOGIT_FLOOR when k = V),
       entropy [...] (H(p_T) in nats, over the full vocabulary).
@@ -62,13 +71,13 @@ def topk_target(teacher_logits: Tensor, k: int, *, temperature: float = 1.0) -> 
     vocab = teacher_logits.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, {vocab}] (the vocabulary size), got {k}")
-    log_p = temperature_log_probs(teacher_logits, temperature)
+    log_p = teacher_logits if log_probs else temperature_log_probs(teacher_logits, temperature)
     logprobs, ids = log_p.topk(k, dim=-1)
     return {
         "ids": ids,
         "logprobs": logprobs,
         "tail_logprob": _log_mass_outside(log_p, ids),
-        "entropy": _entropy(log_p),
+        "entropy": distribution_entropy(log_p) if entropy is None else entropy,
     }
 
 
@@ -79,8 +88,12 @@ def sampled_target(
     proposal_temperature: float = 1.0,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    log_probs: bool = False,
+    entropy: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Random-sampling KD target: `draws` ids from q ∝ p_T^τ, as unique ids with importance weights.
+
+    log_probs / entropy: as for `topk_target` (inputs already log-probabilities; H(p_T) given).
 
     teacher_logits: [..., V]; p_T = softmax(teacher_logits / temperature); τ = proposal_temperature
     (τ < 1 flattens the proposal, drawing more of the tail; τ = 1 samples p_T itself).
@@ -95,7 +108,7 @@ def sampled_target(
         raise ValueError(f"draws must be >= 1, got {draws}")
     if not proposal_temperature > 0:
         raise ValueError(f"proposal_temperature must be > 0, got {proposal_temperature}")
-    log_p = temperature_log_probs(teacher_logits, temperature)
+    log_p = teacher_logits if log_probs else temperature_log_probs(teacher_logits, temperature)
     lead, vocab = log_p.shape[:-1], log_p.shape[-1]
     flat = log_p.reshape(-1, vocab)
     log_q_unnorm = proposal_temperature * flat
@@ -113,7 +126,7 @@ def sampled_target(
         "weights": weights.reshape(shape),
         "logprobs": logprobs.reshape(shape),
         "log_z": log_z.reshape(lead),
-        "entropy": _entropy(log_p),
+        "entropy": distribution_entropy(log_p) if entropy is None else entropy,
     }
 
 
@@ -295,7 +308,8 @@ def _log_mass_outside(log_p: Tensor, ids: Tensor) -> Tensor:
     return torch.logsumexp(outside, dim=-1).clamp_min(LOGIT_FLOOR)
 
 
-def _entropy(log_p: Tensor) -> Tensor:
+def distribution_entropy(log_p: Tensor) -> Tensor:
+    """H(p) in nats over the last dim, from log-probabilities [..., V] -> [...]."""
     return -(log_p.exp() * log_p).sum(-1)
 
 
@@ -315,6 +329,7 @@ def _refuse_infinite(divergence: str, kwargs: dict[str, Any]) -> None:
 
 __all__ = [
     "bucket_log_probs",
+    "distribution_entropy",
     "importance_weights",
     "sampled_cross_entropy",
     "sampled_target",

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from kdkit.cache import CacheReader, CacheSummary, write_cache
+from kdkit.cache import CacheReader, CacheSummary, write_caches
 from kdkit.cache.batch import IndexedCollate, IndexedSamples
 from kdkit.cache.identity import data_identity, sample_crcs, teacher_identity, tokenizer_identity
 from kdkit.config.lm import LMRunConfig, LMStudentRun
@@ -65,37 +65,49 @@ def build_caches(
     verify: bool = True,
     log: Log = print,
 ) -> dict[str, CacheSummary]:
-    """Write (or finish, or repair) each named cache of `cfg` over the training samples."""
-    out = {}
+    """Write (or finish, or repair) each named cache of `cfg` over the training samples.
+
+    Caches that share `samples_per_shard` and `batch_size` are written in one teacher pass
+    (`kdkit.cache.write_caches`): the teacher runs once for all of them.
+    """
+    names = list(names)
     for name in names:
         if name not in cfg.caches:
             raise ConfigError(
                 f"{name!r} is not a cache of this run (known: {', '.join(cfg.caches) or 'none'})"
             )
-        spec, folder = cfg.caches[name], cache_folder(cfg, name)
-        log(f"kdkit: cache {name} ({spec.mode}) at {folder}")
-        summary = write_cache(
-            folder,
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name in names:
+        spec = cfg.caches[name]
+        groups.setdefault((spec.settings().samples_per_shard, spec.batch_size), []).append(name)
+    out = {}
+    for (_, batch_size), group in groups.items():
+        for name in group:
+            log(f"kdkit: cache {name} ({cfg.caches[name].mode}) at {cache_folder(cfg, name)}")
+        if len(group) > 1:
+            log(f"kdkit: one teacher pass for caches {', '.join(group)}")
+        summaries = write_caches(
+            [(cache_folder(cfg, name), cfg.caches[name].settings()) for name in group],
             teacher=teacher,
             tokenizer=tokenizer,
             samples=train,
             collate=collate,
-            settings=spec.settings(),
             rank=rank,
             world=world,
-            batch_size=spec.batch_size,
+            batch_size=batch_size,
             progress=progress,
             verify=verify,
-            info={"run": cfg.name, "cache": name, "teacher_source": cfg.teacher.source},
+            info=[{"run": cfg.name, "cache": name, "teacher_source": cfg.teacher.source} for name in group],
             log=log,
         )
-        done = "complete" if summary.complete else "this process's shards done"
-        size = f", {summary.bytes_per_token:.1f} bytes/token" if summary.bytes_per_token else ""
-        log(
-            f"kdkit: cache {name}: {summary.shards_written} shards written, {summary.shards_reused} reused, "
-            f"{len(summary.damaged)} repaired, {summary.seconds:.0f} s; {done}{size}"
-        )
-        out[name] = summary
+        for name, summary in zip(group, summaries, strict=True):
+            done = "complete" if summary.complete else "this process's shards done"
+            size = f", {summary.bytes_per_token:.1f} bytes/token" if summary.bytes_per_token else ""
+            log(
+                f"kdkit: cache {name}: {summary.shards_written} shards written, {summary.shards_reused} "
+                f"reused, {len(summary.damaged)} repaired, {summary.seconds:.0f} s; {done}{size}"
+            )
+            out[name] = summary
     return out
 
 

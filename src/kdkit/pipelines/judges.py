@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.pipelines.teachers import load_cached_lm, train_tiny_lm
+from kdkit.pipelines.teachers import load_or_build_lm, train_tiny_lm
 from kdkit.rewards.judge import JudgeReward
 from kdkit.samplers.collate import PromptCompletionCollator
 from kdkit.tasks.arithmetic_judge import (
@@ -60,37 +60,38 @@ def get_arithmetic_judge(
     """
     config = config or ArithmeticJudgeConfig()
     folder = config.folder()
-    cached = load_cached_lm(folder, "kdkit_judge.json", retrain=retrain)
-    if cached is not None:
-        return (*cached, folder)
-    tokenizer = judge_tokenizer()
-    n = config.steps * config.batch_size
-    samples = judge_samples(n, config.digits, seed=config.seed, generative_aux=config.generative_aux)
-    # no EOS after the verdict: the judge is read at the verdict position only
-    model, seconds = train_tiny_lm(
-        tokenizer,
-        config,
-        samples,
-        folder / "run",
-        progress=progress,
-        collate_fn=PromptCompletionCollator(tokenizer, add_eos=False),
-    )
-    model = model.eval()
-    held_out = judge_samples(1000, (config.digits[0], config.digits[1] + 1), seed=20_000 + config.seed)
-    accuracy = judge_accuracy(model, tokenizer, held_out)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    info = {
-        "config": asdict(config),
-        "train_seconds": seconds,
-        "accuracy": accuracy,
-        "template": JUDGE_TEMPLATE,
-        "yes": YES,
-        "no": NO,
-    }
-    (folder / "kdkit_judge.json").write_text(json.dumps(info, indent=2))
-    log.info("arithmetic judge trained in %.0f s: accuracy %s", seconds, accuracy)
-    return model, tokenizer, folder
+
+    def build() -> tuple[nn.Module, Any]:
+        tokenizer = judge_tokenizer()
+        n = config.steps * config.batch_size
+        samples = judge_samples(n, config.digits, seed=config.seed, generative_aux=config.generative_aux)
+        # no EOS after the verdict: the judge is read at the verdict position only
+        model, seconds = train_tiny_lm(
+            tokenizer,
+            config,
+            samples,
+            folder / "run",
+            progress=progress,
+            collate_fn=PromptCompletionCollator(tokenizer, add_eos=False),
+        )
+        model = model.eval()
+        held_out = judge_samples(1000, (config.digits[0], config.digits[1] + 1), seed=20_000 + config.seed)
+        accuracy = judge_accuracy(model, tokenizer, held_out)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        info = {
+            "config": asdict(config),
+            "train_seconds": seconds,
+            "accuracy": accuracy,
+            "template": JUDGE_TEMPLATE,
+            "yes": YES,
+            "no": NO,
+        }
+        (folder / "kdkit_judge.json").write_text(json.dumps(info, indent=2))
+        log.info("arithmetic judge trained in %.0f s: accuracy %s", seconds, accuracy)
+        return model, tokenizer
+
+    return (*load_or_build_lm(folder, "kdkit_judge.json", build, retrain=retrain), folder)
 
 
 __all__ = ["ArithmeticJudgeConfig", "get_arithmetic_judge", "judge_accuracy"]

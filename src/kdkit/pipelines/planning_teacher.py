@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from kdkit.paths import cache_dir
-from kdkit.pipelines.teachers import load_cached_lm, train_tiny_lm
+from kdkit.pipelines.teachers import load_or_build_lm, train_tiny_lm
 from kdkit.tasks.planning import (
     DIFFICULTIES,
     PLANNING_FORMAT_VERSION,
@@ -62,21 +62,22 @@ def get_planning_teacher(
     """
     config = config or PlanningTeacherConfig()
     folder = cache_dir("teachers", f"planning-{config.key()}")
-    cached = load_cached_lm(folder, "kdkit_teacher.json", retrain=retrain)
-    if cached is not None:
-        return (*cached, folder)
-    tokenizer = planning_tokenizer()
-    samples = planning_dataset(config.steps * config.batch_size, config.difficulties, seed=config.seed)
-    model, seconds = train_tiny_lm(tokenizer, config, samples, folder / "run", progress=progress)
-    model = model.eval()
-    held_out = make_scenarios(400, tuple(DIFFICULTIES), seed=30_000 + config.seed)
-    metrics = plan_metrics(model, tokenizer, held_out)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    info = {"config": asdict(config), "train_seconds": seconds, "metrics_by_difficulty": metrics}
-    (folder / "kdkit_teacher.json").write_text(json.dumps(info, indent=2))
-    log.info("planning teacher trained in %.0f s: %s", seconds, metrics)
-    return model, tokenizer, folder
+
+    def build() -> tuple[nn.Module, Any]:
+        tokenizer = planning_tokenizer()
+        samples = planning_dataset(config.steps * config.batch_size, config.difficulties, seed=config.seed)
+        model, seconds = train_tiny_lm(tokenizer, config, samples, folder / "run", progress=progress)
+        model = model.eval()
+        held_out = make_scenarios(400, tuple(DIFFICULTIES), seed=30_000 + config.seed)
+        metrics = plan_metrics(model, tokenizer, held_out)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        info = {"config": asdict(config), "train_seconds": seconds, "metrics_by_difficulty": metrics}
+        (folder / "kdkit_teacher.json").write_text(json.dumps(info, indent=2))
+        log.info("planning teacher trained in %.0f s: %s", seconds, metrics)
+        return model, tokenizer
+
+    return (*load_or_build_lm(folder, "kdkit_teacher.json", build, retrain=retrain), folder)
 
 
 __all__ = ["PlanningTeacherConfig", "get_planning_teacher"]

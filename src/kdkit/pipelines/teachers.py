@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import nn
 from kdkit.config.lm import ArithmeticTeacherConfig
 from kdkit.engine import TrainConfig, train
 from kdkit.methods.lm_distiller import LMDistiller
-from kdkit.paths import cache_dir
+from kdkit.paths import cache_dir, file_lock
 from kdkit.samplers.collate import PromptCompletionCollator
 from kdkit.tasks.arithmetic import (
     FORMAT_VERSION,
@@ -47,6 +47,22 @@ def load_cached_lm(folder: Path, marker: str, *, retrain: bool = False) -> tuple
         return None
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     return model, PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def load_or_build_lm(
+    folder: Path, marker: str, build: Callable[[], tuple[nn.Module, Any]], *, retrain: bool = False
+) -> tuple[nn.Module, Any]:
+    """`load_cached_lm`, else `build()` (which trains the model and writes it with `marker` into
+    `folder`) under an exclusive lock (`kdkit.paths.file_lock`): a second process asking for the same
+    model meanwhile waits, then loads it, instead of training it too into the same run folder and
+    checkpoints."""
+    cached = load_cached_lm(folder, marker, retrain=retrain)
+    if cached is not None:
+        return cached
+    with file_lock(folder.parent / f".{folder.name}.lock"):
+        if not retrain and (cached := load_cached_lm(folder, marker)) is not None:
+            return cached  # another process built it while this one waited
+        return build()
 
 
 def train_tiny_lm(
@@ -80,10 +96,13 @@ def get_arithmetic_teacher(
     """
     config = config or ArithmeticTeacherConfig()
     folder = cache_dir("teachers", f"arithmetic-{arithmetic_teacher_key(config)}")
-    cached = load_cached_lm(folder, "kdkit_teacher.json", retrain=retrain)
-    if cached is not None:
-        return (*cached, folder)
+    build = lambda: _build_arithmetic_teacher(config, folder, device)  # noqa: E731
+    return (*load_or_build_lm(folder, "kdkit_teacher.json", build, retrain=retrain), folder)
 
+
+def _build_arithmetic_teacher(
+    config: ArithmeticTeacherConfig, folder: Path, device: str | None
+) -> tuple[nn.Module, Any]:
     tokenizer = arithmetic_tokenizer()
     # Fresh problems for every step (no epoch repeats): steps × batch_size samples.
     samples = arithmetic_dataset(config.steps * config.batch_size, config.digits, seed=config.seed)
@@ -100,7 +119,7 @@ def get_arithmetic_teacher(
     }
     (folder / "kdkit_teacher.json").write_text(json.dumps(info, indent=2))
     log.info("arithmetic teacher trained in %.0f s: exact match %s", seconds, accuracy)
-    return model, tokenizer, folder
+    return model, tokenizer
 
 
 def train_causal_lm(
@@ -141,6 +160,7 @@ __all__ = [
     "arithmetic_teacher_key",
     "get_arithmetic_teacher",
     "load_cached_lm",
+    "load_or_build_lm",
     "train_causal_lm",
     "train_tiny_lm",
 ]

@@ -65,11 +65,9 @@ class DivergenceObjective(LMObjective):
             return {"kd": out.loss - ce_ratio * out.ce, "ce": out.ce}
         self.check_target(target)
         if target.sparse is not None:  # a logit cache or a served teacher: kdkit.losses.sparse
-            from kdkit.objectives.lm.sparse import sparse_token_divergence
+            from kdkit.objectives.lm.sparse import sparse_terms
 
-            logits, window_labels = student.trained_logits
-            sparse = target.sparse.from_position(student.start)
-            return {"kd": sparse_token_divergence(logits, window_labels, sparse, p)}
+            return sparse_terms(student, labels, target.sparse, p, ce_ratio=ce_ratio)
         assert target.logits is not None
         # only positions that predict a trained label: the same value, without the prompt's logits
         logits, window_labels = student.trained_logits
