@@ -34,7 +34,6 @@ from kdkit.engine.trainer import train
 from kdkit.eval.footprint import count_parameters, measure_latency
 from kdkit.methods.makd_distiller import LOGIT_KD, SCRATCH, MaKDDistiller, MaKDParams, accuracy
 from kdkit.models.builders import derive_student, factorize, forward_flops, select_layers
-from kdkit.paths import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks" / "students.md"
@@ -53,14 +52,13 @@ STUDENTS = {  # name -> how it is built from the teacher (the recipe's defaults)
 }
 ARMS: dict[str, dict[str, Any]] = {"kd": LOGIT_KD, "makd": {}, "scratch": SCRATCH}
 ARM_LR = {"kd": 1e-4, "makd": 1e-4, "scratch": 3e-4}
-TEACHER_LR = 5e-5
 
 
 def load_recipe(path: Path) -> dict[str, Any]:
     """Read the recipe YAML into the module settings; returns its train section."""
     import yaml
 
-    global MAX_LEN, BATCH, EVAL_LIMIT, TEACHER_LR
+    global MAX_LEN, BATCH, EVAL_LIMIT
     recipe = yaml.safe_load(path.read_text())
     STUDENTS.clear()
     STUDENTS.update(recipe["students"])
@@ -76,7 +74,6 @@ def load_recipe(path: Path) -> dict[str, Any]:
     MAX_LEN = int(train_section.get("max_length", MAX_LEN))
     BATCH = int(train_section.get("batch_size", BATCH))
     EVAL_LIMIT = int(train_section.get("eval_examples", EVAL_LIMIT))
-    TEACHER_LR = float(recipe.get("teacher", {}).get("lr", TEACHER_LR))
     return {"steps": train_section.get("steps"), "teacher_steps": recipe.get("teacher", {}).get("steps")}
 
 
@@ -143,7 +140,7 @@ def load_task(train_limit: int | None) -> tuple[Any, dict[str, list[dict[str, to
 def train_config(steps: int, seed: int, lr: float) -> TrainConfig:
     return TrainConfig(
         steps=steps,
-        batch_size=32,
+        batch_size=BATCH,
         lr=lr,
         weight_decay=0.01,
         schedule="cosine",
@@ -157,20 +154,17 @@ def train_config(steps: int, seed: int, lr: float) -> TrainConfig:
 
 
 def teacher(hf: Any, data: dict[str, list], steps: int) -> nn.Module:
-    """The fine-tuned MiniLM teacher, cached after the first run."""
+    """The shared fine-tuned MiniLM Rotten Tomatoes teacher (`kdkit.pipelines.text_teacher`, cached
+    by content hash; the same folder the bring-your-own recipe and benchmark use), with eager
+    attention so MaKD can read its attention maps. `steps` other than the shared 80 fine-tunes (and
+    caches) a teacher with that many steps instead."""
     from transformers import AutoModelForSequenceClassification
 
-    folder = cache_dir("students", f"teacher-{steps}")
-    if (folder / "config.json").exists():
-        return AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="eager").eval()
-    torch.manual_seed(0)
-    model = hf.load_minilm(2, attn_implementation="eager")
-    distiller = MaKDDistiller(model, None, MaKDParams(**SCRATCH))
-    with tempfile.TemporaryDirectory() as run:
-        train(distiller, data["train"], train_config(steps, 0, TEACHER_LR), Path(run), collate_fn=collate)
-    model = distiller.student.cpu().eval()
-    model.save_pretrained(folder)
-    return model
+    from kdkit.pipelines.text_teacher import TEACHER_SETTINGS, rotten_tomatoes_teacher
+
+    overrides = {} if steps == TEACHER_SETTINGS["steps"] else {"steps": steps, "warmup_steps": steps // 10}
+    folder = rotten_tomatoes_teacher(**overrides)
+    return AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="eager").eval()
 
 
 def build(teacher_model: nn.Module, name: str, pretrained: bool, seed: int) -> tuple[nn.Module, Any]:
