@@ -143,6 +143,155 @@ def encoder(folder: str, texts: int, steps: int) -> dict[str, Any]:
     plot_floor(prediction, OUT / "width_minilm.png", title="fine-tuned MiniLM, last layer")
     return prediction.as_dict() | {"tokens": int(acts.shape[0]), "steps": steps}
 
+# ----------------------------------------------------------------------------------------------
+# Encoder validation: is F̂, α̂ stable on the MiniLM teacher, and do the predicted floors order the
+# losses of students of several widths trained to carry the teacher layer's activations?
+
+ENC_WIDTHS = [16, 32, 64, 128, 256, 384]
+
+
+def teacher_activations(layer: int, split: str, tokens: int) -> torch.Tensor:
+    """hidden_states[layer] of the shared fine-tuned MiniLM teacher at real tokens of a Rotten
+    Tomatoes split (sequences cut at 40 tokens, as the teacher was trained): [N ≤ tokens, 384]."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from kdkit.data.rotten_tomatoes import load_rotten_tomatoes
+    from kdkit.diagnostics.width import collect_activations
+    from kdkit.pipelines.text_teacher import MAX_LENGTH, rotten_tomatoes_teacher
+
+    folder = rotten_tomatoes_teacher()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    texts, _ = load_rotten_tomatoes(split)
+    batches = (
+        dict(tokenizer(texts[i : i + 50], truncation=True, max_length=MAX_LENGTH, padding=True,
+                       return_tensors="pt"))
+        for i in range(0, len(texts), 50)
+    )
+    return collect_activations(model, batches, layer=layer, max_tokens=tokens)
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (ties get their average rank)."""
+
+    def ranks(values: list[float]) -> torch.Tensor:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return torch.tensor(out, dtype=torch.float64)
+
+    a, b = ranks(x), ranks(y)
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(a.norm() * b.norm())
+    return float(a @ b) / denominator if denominator > 0 else float("nan")
+
+
+def sae_grid(
+    acts: torch.Tensor, dictionaries: list[int], token_counts: list[int], steps: int, l1s: list[float]
+) -> list[dict[str, Any]]:
+    """F̂, α̂, d* and the predicted floors for each SAE dictionary size × corpus size × l1."""
+    rows = []
+    for tokens in token_counts:
+        for m in dictionaries:
+            for l1 in l1s:
+                started = time.perf_counter()
+                x = acts[:tokens]
+                sae = train_sae(x, dictionary_size=m, steps=steps, l1=l1, per_dimension=True, batch_size=256)
+                stats = sae_stats(sae, x)
+                prediction = predict_from_stats(stats, ENC_WIDTHS, teacher_width=int(x.shape[1]))
+                row = {
+                    "tokens": int(x.shape[0]), "dictionary": m, "l1": l1, "steps": steps,
+                    "F_hat": stats.num_features, "alpha_hat": stats.alpha, "d_star": prediction.critical_width,
+                    "explained_variance": stats.explained_variance, "l0": stats.l0,
+                    "dead": stats.dead,
+                    "floors": {int(r["width"]): r["floor"] for r in prediction.rows},
+                    "seconds": time.perf_counter() - started,
+                }
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def standardiser(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """train_sae's per-dimension standardisation (center, scale), so losses are in the SAE's units."""
+    center = train.mean(0)
+    scale = (train - center).std(0).clamp_min(1e-8)
+    return center, scale * ((train - center) / scale).square().sum(-1).mean().sqrt()
+
+
+def width_students(
+    train: torch.Tensor, heldout: torch.Tensor, widths: list[int], steps: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Students of width w that must carry the teacher layer's activation through a width-w code:
+    x̂ = W_o·ReLU(W_u·(W_d·x) + b_u) + b_o (readout 2·d wide, so features stored in superposition
+    can be read back), MSE on the standardised activations, Adam 1e-3 with cosine decay, batch 256.
+    Measured loss: held-out share of variance lost (‖x − x̂‖² / ‖x − mean‖², validation-split tokens).
+    Also the best linear student of width w (PCA, Eckart–Young) for reference."""
+    center, scale = standardiser(train)
+    x_train, x_test = (train - center) / scale, (heldout - center) / scale
+    d = x_train.shape[1]
+    total = float((x_test - x_test.mean(0)).square().sum())
+    covariance = x_train.T @ x_train / len(x_train)
+    eigvecs = torch.linalg.eigh(covariance).eigenvectors.flip(1)
+    rows = []
+    for w in widths:
+        started = time.perf_counter()
+        torch.manual_seed(seed)
+        student = nn.Sequential(
+            nn.Linear(d, w, bias=False), nn.Linear(w, 2 * d), nn.ReLU(), nn.Linear(2 * d, d)
+        )
+        optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            batch = x_train[torch.randint(0, len(x_train), (256,), generator=gen)]
+            loss = (student(batch) - batch).square().sum(-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        with torch.no_grad():
+            lost = float((student(x_test) - x_test).square().sum()) / total
+            basis = eigvecs[:, :w]
+            centred = x_test - x_train.mean(0)
+            pca_lost = float((centred - centred @ basis @ basis.T).square().sum()) / total
+        row = {"width": w, "seed": seed, "steps": steps, "loss_share": lost, "pca_loss_share": pca_lost,
+               "seconds": time.perf_counter() - started}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def encoder_validation(args: argparse.Namespace, command: str) -> None:
+    """--encoder-validation: the SAE grid and/or the width students (--part), into width_encoder.json."""
+    path = OUT / "width_encoder.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    torch.set_num_threads(1)
+    train = teacher_activations(args.layer, "train", max(args.tokens))
+    meta = {"layer": args.layer, "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread"}
+    if "sae" in args.part:
+        grid = sae_grid(train, args.dictionaries, args.tokens, args.sae_steps, args.l1)
+        out = json.loads(path.read_text()) if path.exists() else {}
+        out["sae"] = {**meta, "rows": grid, "command": command}
+        path.write_text(json.dumps(out, indent=1))
+    if "students" in args.part:
+        heldout = teacher_activations(args.layer, "validation", 8000)
+        rows = []
+        for seed in args.seeds:
+            rows += width_students(train[: max(args.tokens)], heldout, ENC_WIDTHS, args.student_steps, seed)
+        out = json.loads(path.read_text()) if path.exists() else {}
+        out["students"] = {**meta, "rows": rows, "heldout_tokens": int(heldout.shape[0]),
+                           "train_tokens": int(min(len(train), max(args.tokens))), "command": command}
+        path.write_text(json.dumps(out, indent=1))
+
+
 
 def render(out: dict[str, Any]) -> str:
     """The Markdown block written between the width markers of docs/benchmarks/students.md."""
@@ -216,7 +365,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--encoder-only", action="store_true", help="add the encoder to an existing width.json"
     )
+    parser.add_argument("--encoder-validation", action="store_true",
+                        help="SAE stability grid and width students on the MiniLM teacher")
+    parser.add_argument("--part", nargs="+", default=["sae", "students"], choices=["sae", "students"])
+    parser.add_argument("--layer", type=int, default=3, help="hidden_states index (0 = embeddings)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8000, 16000])
+    parser.add_argument("--dictionaries", type=int, nargs="+", default=[768, 1536])
+    parser.add_argument("--l1", type=float, nargs="+", default=[0.3])
+    parser.add_argument("--sae-steps", type=int, default=1500)
+    parser.add_argument("--student-steps", type=int, default=1000)
     args = parser.parse_args(argv)
+    if args.encoder_validation:
+        command = "benchmarks/width.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        encoder_validation(args, command)
+        return
     if args.toy_only:
         out = json.loads((OUT / "width.json").read_text())
         toy, (prediction, measured) = toy_students([2, 4, 6, 8, 12, 16, 24, 32], args.steps)
