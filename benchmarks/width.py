@@ -208,7 +208,8 @@ def sae_grid(
                 prediction = predict_from_stats(stats, ENC_WIDTHS, teacher_width=int(x.shape[1]))
                 row = {
                     "tokens": int(x.shape[0]), "dictionary": m, "l1": l1, "steps": steps,
-                    "F_hat": stats.num_features, "alpha_hat": stats.alpha, "d_star": prediction.critical_width,
+                    "F_hat": stats.num_features, "alpha_hat": stats.alpha,
+                    "d_star": prediction.critical_width,
                     "explained_variance": stats.explained_variance, "l0": stats.l0,
                     "dead": stats.dead,
                     "floors": {int(r["width"]): r["floor"] for r in prediction.rows},

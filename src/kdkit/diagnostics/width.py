@@ -339,7 +339,8 @@ def predict_width(
     """Train an SAE on activations [N, d], measure F, α and importances, predict floors for `widths`
     (per_dimension: see `train_sae`; use it for transformer residual streams)."""
     sae = train_sae(
-        activations, dictionary_size=dictionary_size, l1=l1, steps=steps, seed=seed, per_dimension=per_dimension
+        activations, dictionary_size=dictionary_size, l1=l1, steps=steps, seed=seed,
+        per_dimension=per_dimension,
     )
     stats = sae_stats(sae, activations, min_frequency=min_frequency)
     return predict_from_stats(stats, widths, teacher_width=int(activations.shape[1]))
