@@ -4,11 +4,12 @@ each trained with logit KD only, with MaKD, and from scratch on the same budget.
     OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python benchmarks/students.py --seeds 0
     .venv/bin/python benchmarks/students.py --report-only      # rewrite the doc from the results
 
-The teacher (all-MiniLM-L6-v2 from the offline package + a 2-way head) is fine-tuned once and cached
-in $KDKIT_CACHE/students/teacher. Every finished run appends one line to
-docs/benchmarks/students.jsonl (so an interrupted benchmark continues where it stopped); the
-table (mean ± sample std over seeds) is written between the markers of docs/benchmarks/students.md.
-Latency is measured on this CPU, all models side by side in one process, batch 16 × ≤32 tokens.
+The students, arms and budget are read from the recipe (recipes/minilm-rotten-tomatoes-students.yaml,
+a `kdkit run` config whose students are named <shape>.<arm>, all `method: makd`); the teacher is the
+shared fine-tuned MiniLM (`kdkit.pipelines.text_teacher`, cached by content hash). Every finished run
+appends one line to docs/benchmarks/students.jsonl (so an interrupted benchmark continues where it
+stopped); the table (mean ± sample std over seeds) is written between the markers of
+docs/benchmarks/students.md. Latency is measured on this CPU, all models side by side in one process, batch 16 × ≤32 tokens.
 """
 
 from __future__ import annotations
@@ -32,49 +33,54 @@ from torch import nn
 from kdkit.config.train import TrainConfig
 from kdkit.engine.trainer import train
 from kdkit.eval.footprint import count_parameters, measure_latency
-from kdkit.methods.makd_distiller import LOGIT_KD, SCRATCH, MaKDDistiller, MaKDParams, accuracy
+from kdkit.methods.makd_distiller import MaKDDistiller, MaKDParams, accuracy
 from kdkit.models.builders import derive_student, factorize, forward_flops, select_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks" / "students.md"
 RESULTS = ROOT / "docs" / "benchmarks" / "students.jsonl"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-MAX_LEN = 32
+MAX_LEN = 32  # student sequences (the CPU budget; the teacher was fine-tuned at 40)
 BATCH = 16
 EVAL_LIMIT = 400  # first examples of the fixed test split (the CPU budget; stated in the doc)
 
 RECIPE = ROOT / "recipes" / "minilm-rotten-tomatoes-students.yaml"
-STUDENTS = {  # name -> how it is built from the teacher (the recipe's defaults)
-    "layers-2": {"keep_layers": 2},
-    "layers-3": {"keep_layers": 3},
-    "lowrank-50": {"budget": 0.5},
-    "lowrank-25": {"budget": 0.25},
-}
-ARMS: dict[str, dict[str, Any]] = {"kd": LOGIT_KD, "makd": {}, "scratch": SCRATCH}
-ARM_LR = {"kd": 1e-4, "makd": 1e-4, "scratch": 3e-4}
+# Filled from the recipe (a `kdkit run` config whose students are named "<shape>.<arm>"):
+STUDENTS: dict[str, dict[str, Any]] = {}  # shape -> {"keep_layers": ...} or {"budget": ...}
+ARMS: dict[str, dict[str, Any]] = {}  # arm -> {shape: the student's makd parameters}
+PRETRAINED: dict[str, bool] = {}  # arm -> whether its students start from the teacher's weights
+# Learning rate per arm: the recipe's train.lr for the distilled arms; a freshly initialised
+# transformer needs a larger step (a benchmark setting; in `kdkit run` every student shares train.lr).
+ARM_LR = {"scratch": 3e-4}
 
 
 def load_recipe(path: Path) -> dict[str, Any]:
-    """Read the recipe YAML into the module settings; returns its train section."""
-    import yaml
+    """Read the recipe (validated as a kdkit run config) into the module settings; returns its budget."""
+    from kdkit.config import load_run_config
 
-    global MAX_LEN, BATCH, EVAL_LIMIT
-    recipe = yaml.safe_load(path.read_text())
+    global BATCH, EVAL_LIMIT
+    cfg: Any = load_run_config(path)
     STUDENTS.clear()
-    STUDENTS.update(recipe["students"])
     ARMS.clear()
-    for name, arm in recipe["arms"].items():
-        arm = dict(arm)
-        if arm.pop("method", "makd") != "makd":
-            raise SystemExit(f"{path}: arm {name!r}: only method makd (with its weights) is supported here")
-        ARM_LR[name] = float(arm.pop("lr", 1e-4))
-        MaKDParams(**arm)  # checked now, not after the teacher trained
-        ARMS[name] = arm
-    train_section = recipe.get("train", {})
-    MAX_LEN = int(train_section.get("max_length", MAX_LEN))
-    BATCH = int(train_section.get("batch_size", BATCH))
-    EVAL_LIMIT = int(train_section.get("eval_examples", EVAL_LIMIT))
-    return {"steps": train_section.get("steps"), "teacher_steps": recipe.get("teacher", {}).get("steps")}
+    for run in cfg.students:
+        shape, _, arm = run.name.partition(".")
+        if run.method != "makd" or not arm:
+            raise SystemExit(f"{path}: student {run.name!r}: name it <shape>.<arm> and use method makd")
+        derived = (run.model or cfg.student).from_teacher
+        if derived is None:
+            raise SystemExit(f"{path}: student {run.name!r} must be built from the teacher (from_teacher)")
+        spec = (
+            {"budget": derived.budget} if derived.budget is not None else {"keep_layers": derived.keep_layers}
+        )
+        if STUDENTS.setdefault(shape, spec) != spec:
+            raise SystemExit(f"{path}: the students of shape {shape!r} are built differently")
+        ARMS.setdefault(arm, {})[shape] = dict(run.model_extra or {})
+        PRETRAINED[arm] = derived.copy_weights
+        ARM_LR.setdefault(arm, cfg.train.lr)
+    BATCH = cfg.train.batch_size
+    EVAL_LIMIT = cfg.eval.subset or EVAL_LIMIT
+    finetune = cfg.teacher.finetune
+    return {"steps": cfg.train.steps, "teacher_steps": finetune.steps if finetune else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,11 +186,10 @@ def build(teacher_model: nn.Module, name: str, pretrained: bool, seed: int) -> t
 def run_one(
     teacher_model: nn.Module, data: dict, name: str, arm: str, seed: int, steps: int
 ) -> dict[str, Any]:
-    student, layout = build(teacher_model, name, pretrained=arm != "scratch", seed=seed)
-    params = MaKDParams(**ARMS[arm])
-    if arm == "makd" and "keep_layers" in STUDENTS[name]:
-        params = MaKDParams(layer_mapping=list(layout))  # each kept layer learns from its source
-    distiller = MaKDDistiller(student, None if arm == "scratch" else teacher_model, params)
+    pretrained = PRETRAINED[arm]
+    student, _ = build(teacher_model, name, pretrained=pretrained, seed=seed)
+    params = MaKDParams(**ARMS[arm][name])
+    distiller = MaKDDistiller(student, teacher_model if params.needs_teacher() else None, params)
     lr = ARM_LR.get(arm, 1e-4)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run:
