@@ -9,7 +9,8 @@ a `kdkit run` config whose students are named <shape>.<arm>, all `method: makd`)
 shared fine-tuned MiniLM (`kdkit.pipelines.text_teacher`, cached by content hash). Every finished run
 appends one line to docs/benchmarks/students.jsonl (so an interrupted benchmark continues where it
 stopped); the table (mean ± sample std over seeds) is written between the markers of
-docs/benchmarks/students.md. Latency is measured on this CPU, all models side by side in one process, batch 16 × ≤32 tokens.
+docs/benchmarks/students.md. Latency is measured on this CPU, all models side by side in one process,
+batch 16 × ≤32 tokens.
 """
 
 from __future__ import annotations

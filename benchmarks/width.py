@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -345,6 +346,92 @@ def render(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _floor(sae_row: dict[str, Any], width: int) -> float:
+    floors = sae_row["floors"]  # int keys in memory, str keys after a JSON round trip
+    return float(floors[str(width)] if str(width) in floors else floors[width])
+
+
+def render_encoder(enc: dict[str, Any]) -> tuple[str, Any, dict[float, float]]:
+    """The Markdown block for the encoder validation, the reference prediction and measured losses."""
+    from kdkit.diagnostics.width import WidthPrediction
+
+    lines: list[str] = []
+    sae_rows = enc.get("sae", {}).get("rows", [])
+    student_rows = enc.get("students", {}).get("rows", [])
+    layer = enc.get("sae", enc.get("students", {})).get("layer")
+    if sae_rows:
+        lines += [
+            f"SAE estimates on the fine-tuned MiniLM teacher, hidden_states[{layer}] (tokens of the "
+            "Rotten Tomatoes train split, each dimension standardised), dictionary sizes × corpus sizes:",
+            "",
+            "| tokens | dictionary | l1 | SAE steps | explained var. | L0 | F̂ | α̂ | d* = F̂/g(α̂) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in sae_rows:
+            lines.append(
+                f"| {r['tokens']} | {r['dictionary']} | {r['l1']} | {r['steps']} "
+                f"| {r['explained_variance']:.3f} | {r['l0']:.1f} | {r['F_hat']} | {r['alpha_hat']:.4f} "
+                f"| {r['d_star']:.1f} |"
+            )
+        d_stars = [r["d_star"] for r in sae_rows]
+        lines += ["", f"d* ranges {min(d_stars):.1f}–{max(d_stars):.1f} over the grid "
+                  f"(F̂ {min(r['F_hat'] for r in sae_rows)}–{max(r['F_hat'] for r in sae_rows)}). "
+                  f"Command: `{enc['sae']['command']}` ({enc['sae']['machine']})."]
+    measured: dict[float, float] = {}
+    reference = None
+    if student_rows:
+        widths = sorted({r["width"] for r in student_rows})
+        by_width = {w: [r for r in student_rows if r["width"] == w] for w in widths}
+        measured = {float(w): statistics.mean(r["loss_share"] for r in rs) for w, rs in by_width.items()}
+        pca = {float(w): statistics.mean(r["pca_loss_share"] for r in rs) for w, rs in by_width.items()}
+        ref = max(sae_rows, key=lambda r: (r["tokens"], r["dictionary"])) if sae_rows else None
+        header = "| width d_S | measured: share of variance lost | best linear student (PCA) |"
+        if ref:
+            header += f" predicted floor (F̂ = {ref['F_hat']}, α̂ = {ref['alpha_hat']:.3f}) |"
+        lines += ["", f"Students of width d_S carrying hidden_states[{layer}] through a width-d_S code "
+                  f"({enc['students']['train_tokens']} training tokens, {enc['students']['heldout_tokens']} "
+                  f"held-out validation-split tokens, {student_rows[0]['steps']} steps, seeds "
+                  f"{sorted({r['seed'] for r in student_rows})}):", "", header,
+                  "|---:|---:|---:|" + ("---:|" if ref else "")]
+        for w in widths:
+            row = f"| {w} | {measured[float(w)]:.4f} | {pca[float(w)]:.4f} |"
+            if ref:
+                row += f" {_floor(ref, w):.4f} |"
+            lines.append(row)
+        if sae_rows:
+            rhos = []
+            for r in sae_rows:
+                floors = [_floor(r, w) for w in widths]
+                rhos.append(spearman(floors, [measured[float(w)] for w in widths]))
+            lines += ["", f"Spearman rank correlation of predicted floors and measured losses over the "
+                      f"{len(widths)} widths: {min(rhos):.2f}–{max(rhos):.2f} across the SAE grid "
+                      f"(reference fit: {rhos[sae_rows.index(ref)]:.2f})."]
+            reference = WidthPrediction(
+                num_features=ref["F_hat"], alpha=ref["alpha_hat"],
+                capacity_per_dim=capacity_per_dim(ref["alpha_hat"]), critical_width=ref["d_star"],
+                teacher_width=384, rows=[{"width": float(w), "floor": _floor(ref, w)} for w in widths],
+            )
+            lines += ["", "![predicted floor vs width, MiniLM](width_minilm.png)"]
+        lines += ["", f"Command: `{enc['students']['command']}` ({enc['students']['machine']})."]
+    return "\n".join(lines), reference, measured
+
+
+def write_encoder_doc() -> None:
+    enc = json.loads((OUT / "width_encoder.json").read_text())
+    text, reference, measured = render_encoder(enc)
+    if reference is not None:
+        plot_floor(reference, OUT / "width_minilm.png", measured=measured,
+                   title=f"MiniLM hidden_states[{enc['sae']['layer']}]: d* ≈ {reference.critical_width:.0f}")
+    doc_path = OUT / "students.md"
+    doc = doc_path.read_text()
+    start, end = "<!-- width-encoder:start -->", "<!-- width-encoder:end -->"
+    if start not in doc:
+        doc += f"\n{start}\n{end}\n"
+    head, _, rest = doc.partition(start)
+    _, _, tail = rest.partition(end)
+    doc_path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
 def write_doc(text: str) -> None:
     doc_path = OUT / "students.md"
     doc = doc_path.read_text()
@@ -376,9 +463,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sae-steps", type=int, default=1500)
     parser.add_argument("--student-steps", type=int, default=1000)
     args = parser.parse_args(argv)
+    if args.encoder_validation and args.report_only:
+        write_encoder_doc()
+        return
     if args.encoder_validation:
         command = "benchmarks/width.py " + " ".join(argv if argv is not None else sys.argv[1:])
         encoder_validation(args, command)
+        write_encoder_doc()
         return
     if args.toy_only:
         out = json.loads((OUT / "width.json").read_text())
