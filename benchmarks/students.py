@@ -45,6 +45,7 @@ MAX_LEN = 32  # student sequences (the CPU budget; the teacher was fine-tuned at
 BATCH = 16
 EVAL_LIMIT = 400  # first examples of the fixed test split (the CPU budget; stated in the doc)
 
+LATENCY_ROUNDS = 10  # interleaved rounds of 2 timed passes per model
 RECIPE = ROOT / "recipes" / "minilm-rotten-tomatoes-students.yaml"
 # Filled from the recipe (a `kdkit run` config whose students are named "<shape>.<arm>"):
 STUDENTS: dict[str, dict[str, Any]] = {}  # shape -> {"keep_layers": ...} or {"budget": ...}
@@ -218,15 +219,23 @@ def footprints(teacher_model: nn.Module, data: dict) -> dict[str, dict[str, floa
     models = {"teacher": teacher_model}
     for name in STUDENTS:
         models[name] = build(teacher_model, name, pretrained=True, seed=0)[0].eval()
+    # Interleaved rounds, the order reversed every round, so a change of machine load in the middle
+    # of the measurement hits every model alike; the median of all timed passes per model.
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(LATENCY_ROUNDS):
+        names = list(models) if round_ % 2 == 0 else list(reversed(models))
+        for name in names:
+            latency = measure_latency(models[name], fixed, repeats=2, warmup=1)
+            times[name].append(latency["latency_ms_median"])
     out = {}
     for name, model in models.items():
-        latency = measure_latency(model, fixed, repeats=10, warmup=2)
         out[name] = {
             "parameters": count_parameters(model),
             "flops": forward_flops(model, fixed),
-            "latency_ms": latency["latency_ms_median"],
-            "latency_p90_ms": latency["latency_ms_p90"],
-            "threads": latency["threads"],
+            "latency_ms": statistics.median(times[name]),
+            "latency_p90_ms": sorted(times[name])[int(0.9 * (len(times[name]) - 1))],
+            "threads": torch.get_num_threads(),
+            "latency_rounds": LATENCY_ROUNDS,
         }
     return out
 
@@ -273,7 +282,11 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        f"Machine: {meta['machine']}; steps per student: {meta['steps']}; command: `{meta['command']}`.",
+        f"Machine: {meta['machine']}; steps per student: {meta['steps']} of batch {BATCH}; "
+        f"command: `{meta['command']}`"
+        + (f"; footprint re-measured by `{meta['footprint_command']}`" if "footprint_command" in meta else "")
+        + (f" (load average {meta['load_average'][0]:.1f})" if "load_average" in meta else "")
+        + ".",
     ]
     return "\n".join(lines)
 
@@ -297,6 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
+        "--footprint", action="store_true",
+        help="re-measure parameters, FLOPs and latency (with --report-only)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "docs" / "benchmarks", help="folder of students.md/.jsonl"
     )
     args = parser.parse_args(argv)
@@ -314,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     hf, data = load_task(args.train_limit)
     teacher_model = teacher(hf, data, args.teacher_steps)
     meta_file = RESULTS.with_suffix(".meta.json")
-    if not args.report_only or not meta_file.exists():
+    if not args.report_only or args.footprint or not meta_file.exists():
         meta = {
             "teacher": {
                 "test_acc": accuracy(teacher_model, batches(data["test"])),
@@ -325,6 +342,13 @@ def main(argv: list[str] | None = None) -> None:
             "steps": args.steps,
             "command": "benchmarks/students.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
+        meta["load_average"] = os.getloadavg()
+        if args.report_only and meta_file.exists():  # a re-measured footprint keeps the training command
+            previous = json.loads(meta_file.read_text())
+            meta.update({k: previous[k] for k in ("steps", "command") if k in previous})
+            meta["footprint_command"] = "benchmarks/students.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]
+            )
         meta_file.write_text(json.dumps(meta, indent=1))
         print(json.dumps(meta, indent=1), flush=True)
     meta = json.loads(meta_file.read_text())
