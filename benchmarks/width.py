@@ -281,7 +281,7 @@ def encoder_validation(args: argparse.Namespace, command: str) -> None:
     if "sae" in args.part:
         grid = sae_grid(train, args.dictionaries, args.tokens, args.sae_steps, args.l1)
         out = json.loads(path.read_text()) if path.exists() else {}
-        out["sae"] = {**meta, "rows": grid, "command": command}
+        out[args.sae_key] = {**meta, "rows": grid, "command": command}
         path.write_text(json.dumps(out, indent=1))
     if "students" in args.part:
         heldout = teacher_activations(args.layer, "validation", 8000)
@@ -356,7 +356,8 @@ def render_encoder(enc: dict[str, Any]) -> tuple[str, Any, dict[float, float]]:
     from kdkit.diagnostics.width import WidthPrediction
 
     lines: list[str] = []
-    sae_rows = enc.get("sae", {}).get("rows", [])
+    sae_keys = sorted(k for k in enc if k.startswith("sae"))
+    sae_rows = [row for k in sae_keys for row in enc[k]["rows"]]
     student_rows = enc.get("students", {}).get("rows", [])
     layer = enc.get("sae", enc.get("students", {})).get("layer")
     if sae_rows:
@@ -376,7 +377,8 @@ def render_encoder(enc: dict[str, Any]) -> tuple[str, Any, dict[float, float]]:
         d_stars = [r["d_star"] for r in sae_rows]
         lines += ["", f"d* ranges {min(d_stars):.1f}–{max(d_stars):.1f} over the grid "
                   f"(F̂ {min(r['F_hat'] for r in sae_rows)}–{max(r['F_hat'] for r in sae_rows)}). "
-                  f"Command: `{enc['sae']['command']}` ({enc['sae']['machine']})."]
+                  "Commands: " + "; ".join(f"`{enc[k]['command']}`" for k in sae_keys)
+                  + f" ({enc['sae']['machine']})."]
     measured: dict[float, float] = {}
     reference = None
     if student_rows:
@@ -384,7 +386,7 @@ def render_encoder(enc: dict[str, Any]) -> tuple[str, Any, dict[float, float]]:
         by_width = {w: [r for r in student_rows if r["width"] == w] for w in widths}
         measured = {float(w): statistics.mean(r["loss_share"] for r in rs) for w, rs in by_width.items()}
         pca = {float(w): statistics.mean(r["pca_loss_share"] for r in rs) for w, rs in by_width.items()}
-        ref = max(sae_rows, key=lambda r: (r["tokens"], r["dictionary"])) if sae_rows else None
+        ref = max(sae_rows, key=lambda r: (r["l1"] == 0.3, r["tokens"], r["dictionary"])) if sae_rows else None
         header = "| width d_S | measured: share of variance lost | best linear student (PCA) |"
         if ref:
             header += f" predicted floor (F̂ = {ref['F_hat']}, α̂ = {ref['alpha_hat']:.3f}) |"
@@ -461,6 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dictionaries", type=int, nargs="+", default=[768, 1536])
     parser.add_argument("--l1", type=float, nargs="+", default=[0.3])
     parser.add_argument("--sae-steps", type=int, default=1500)
+    parser.add_argument("--sae-key", default="sae", help="key of width_encoder.json for this SAE grid")
     parser.add_argument("--student-steps", type=int, default=1000)
     args = parser.parse_args(argv)
     if args.encoder_validation and args.report_only:
