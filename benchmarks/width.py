@@ -386,7 +386,8 @@ def render_encoder(enc: dict[str, Any]) -> tuple[str, Any, dict[float, float]]:
         by_width = {w: [r for r in student_rows if r["width"] == w] for w in widths}
         measured = {float(w): statistics.mean(r["loss_share"] for r in rs) for w, rs in by_width.items()}
         pca = {float(w): statistics.mean(r["pca_loss_share"] for r in rs) for w, rs in by_width.items()}
-        ref = max(sae_rows, key=lambda r: (r["l1"] == 0.3, r["tokens"], r["dictionary"])) if sae_rows else None
+        # the reference fit: the default l1, the largest corpus and dictionary
+        ref = max(sae_rows, key=lambda r: (r["l1"] == 0.3, r["tokens"], r["dictionary"]), default=None)
         header = "| width d_S | measured: share of variance lost | best linear student (PCA) |"
         if ref:
             header += f" predicted floor (F̂ = {ref['F_hat']}, α̂ = {ref['alpha_hat']:.3f}) |"
