@@ -289,7 +289,8 @@ def encoder_validation(args: argparse.Namespace, command: str) -> None:
         for seed in args.seeds:
             rows += width_students(train[: max(args.tokens)], heldout, ENC_WIDTHS, args.student_steps, seed)
         out = json.loads(path.read_text()) if path.exists() else {}
-        out["students"] = {**meta, "rows": rows, "heldout_tokens": int(heldout.shape[0]),
+        kept = [r for r in out.get("students", {}).get("rows", []) if r["seed"] not in args.seeds]
+        out["students"] = {**meta, "rows": kept + rows, "heldout_tokens": int(heldout.shape[0]),
                            "train_tokens": int(min(len(train), max(args.tokens))), "command": command}
         path.write_text(json.dumps(out, indent=1))
 
