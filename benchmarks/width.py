@@ -360,26 +360,32 @@ def render_encoder(enc: dict[str, Any]) -> tuple[str, Any, dict[float, float]]:
     sae_keys = sorted(k for k in enc if k.startswith("sae"))
     sae_rows = [row for k in sae_keys for row in enc[k]["rows"]]
     student_rows = enc.get("students", {}).get("rows", [])
-    layer = enc.get("sae", enc.get("students", {})).get("layer")
+    layer = enc.get("students", enc.get(sae_keys[0], {}) if sae_keys else {}).get("layer")
     if sae_rows:
         lines += [
             f"SAE estimates on the fine-tuned MiniLM teacher, hidden_states[{layer}] (tokens of the "
             "Rotten Tomatoes train split, each dimension standardised), dictionary sizes × corpus sizes:",
             "",
-            "| tokens | dictionary | l1 | SAE steps | explained var. | L0 | F̂ | α̂ | d* = F̂/g(α̂) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| tokens | dictionary | l1 | SAE steps | explained var. | L0 | F̂ | α̂ | d* = F̂/g(α̂) "
+            "| floor at 32 / 128 | Spearman vs measured |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        student_widths = sorted({r["width"] for r in student_rows})
+        mean_loss = [
+            statistics.mean(r["loss_share"] for r in student_rows if r["width"] == w) for w in student_widths
         ]
         for r in sae_rows:
+            rho = spearman([_floor(r, w) for w in student_widths], mean_loss) if student_rows else float("nan")
             lines.append(
                 f"| {r['tokens']} | {r['dictionary']} | {r['l1']} | {r['steps']} "
                 f"| {r['explained_variance']:.3f} | {r['l0']:.1f} | {r['F_hat']} | {r['alpha_hat']:.4f} "
-                f"| {r['d_star']:.1f} |"
+                f"| {r['d_star']:.1f} | {_floor(r, 32):.3f} / {_floor(r, 128):.3f} | {rho:.2f} |"
             )
         d_stars = [r["d_star"] for r in sae_rows]
         lines += ["", f"d* ranges {min(d_stars):.1f}–{max(d_stars):.1f} over the grid "
                   f"(F̂ {min(r['F_hat'] for r in sae_rows)}–{max(r['F_hat'] for r in sae_rows)}). "
                   "Commands: " + "; ".join(f"`{enc[k]['command']}`" for k in sae_keys)
-                  + f" ({enc['sae']['machine']})."]
+                  + f" ({enc[sae_keys[0]]['machine']})."]
     measured: dict[float, float] = {}
     reference = None
     if student_rows:
@@ -424,8 +430,9 @@ def write_encoder_doc() -> None:
     enc = json.loads((OUT / "width_encoder.json").read_text())
     text, reference, measured = render_encoder(enc)
     if reference is not None:
+        layer = enc["students"]["layer"]
         plot_floor(reference, OUT / "width_minilm.png", measured=measured,
-                   title=f"MiniLM hidden_states[{enc['sae']['layer']}]: d* ≈ {reference.critical_width:.0f}")
+                   title=f"MiniLM hidden_states[{layer}]: d* ≈ {reference.critical_width:.0f}")
     doc_path = OUT / "students.md"
     doc = doc_path.read_text()
     start, end = "<!-- width-encoder:start -->", "<!-- width-encoder:end -->"
