@@ -375,7 +375,8 @@ def render_encoder(enc: dict[str, Any]) -> tuple[str, Any, dict[float, float]]:
             statistics.mean(r["loss_share"] for r in student_rows if r["width"] == w) for w in student_widths
         ]
         for r in sae_rows:
-            rho = spearman([_floor(r, w) for w in student_widths], mean_loss) if student_rows else float("nan")
+            floors = [_floor(r, w) for w in student_widths]
+            rho = spearman(floors, mean_loss) if student_rows else float("nan")
             lines.append(
                 f"| {r['tokens']} | {r['dictionary']} | {r['l1']} | {r['steps']} "
                 f"| {r['explained_variance']:.3f} | {r['l0']:.1f} | {r['F_hat']} | {r['alpha_hat']:.4f} "
