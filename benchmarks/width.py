@@ -382,11 +382,17 @@ def render_encoder(enc: dict[str, Any]) -> tuple[str, Any, dict[float, float]]:
                 f"| {r['explained_variance']:.3f} | {r['l0']:.1f} | {r['F_hat']} | {r['alpha_hat']:.4f} "
                 f"| {r['d_star']:.1f} | {_floor(r, 32):.3f} / {_floor(r, 128):.3f} | {rho:.2f} |"
             )
-        d_stars = [r["d_star"] for r in sae_rows]
-        lines += ["", f"d* ranges {min(d_stars):.1f}–{max(d_stars):.1f} over the grid "
-                  f"(F̂ {min(r['F_hat'] for r in sae_rows)}–{max(r['F_hat'] for r in sae_rows)}). "
-                  "Commands: " + "; ".join(f"`{enc[k]['command']}`" for k in sae_keys)
-                  + f" ({enc[sae_keys[0]]['machine']})."]
+        spread = []
+        for l1 in sorted({r["l1"] for r in sae_rows}, reverse=True):
+            group = [r for r in sae_rows if r["l1"] == l1]
+            spread.append(
+                f"l1 = {l1}: d* {min(r['d_star'] for r in group):.1f}–{max(r['d_star'] for r in group):.1f}, "
+                f"F̂ {min(r['F_hat'] for r in group)}–{max(r['F_hat'] for r in group)}, α̂ "
+                f"{min(r['alpha_hat'] for r in group):.4f}–{max(r['alpha_hat'] for r in group):.4f} "
+                f"({len(group)} fit{'s' if len(group) > 1 else ''})"
+            )
+        commands = "; ".join(f"`{enc[k]['command']}`" for k in sae_keys)
+        lines += ["", f"Spread: {'; '.join(spread)}. Commands: {commands} ({enc[sae_keys[0]]['machine']})."]
     measured: dict[float, float] = {}
     reference = None
     if student_rows:
