@@ -433,13 +433,42 @@ def render_encoder(enc: dict[str, Any]) -> tuple[str, Any, dict[float, float]]:
     return "\n".join(lines), reference, measured
 
 
+def plot_encoder(enc: dict[str, Any], measured: dict[float, float]) -> None:
+    """Predicted floor vs width for each SAE l1 (its largest fit), with the measured students and the
+    best linear (PCA) student, into width_minilm.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for k in enc if k.startswith("sae") for row in enc[k]["rows"]]
+    student_rows = enc["students"]["rows"]
+    widths = sorted(measured)
+    pca = [statistics.mean(r["pca_loss_share"] for r in student_rows if r["width"] == w) for w in widths]
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=110)
+    for l1 in sorted({r["l1"] for r in rows}, reverse=True):
+        best = max((r for r in rows if r["l1"] == l1), key=lambda r: (r["tokens"], r["dictionary"]))
+        label = f"predicted, SAE l1 {l1} (d* {best['d_star']:.0f}, EV {best['explained_variance']:.2f})"
+        ax.plot(widths, [_floor(best, int(w)) for w in widths], "o-", label=label)
+    ax.plot(widths, [measured[w] for w in widths], "s-", color="black", lw=2, label="measured students")
+    ax.plot(widths, pca, "x:", color="grey", label="best linear student (PCA)")
+    ax.set_xscale("log")
+    ax.set_xticks(widths, [f"{w:.0f}" for w in widths])
+    ax.minorticks_off()
+    ax.set_xlabel("student width d_S")
+    ax.set_ylabel("share of the layer lost")
+    ax.set_title(f"MiniLM hidden_states[{enc['students']['layer']}]: predicted floors vs students")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(OUT / "width_minilm.png")
+    plt.close(fig)
+
+
 def write_encoder_doc() -> None:
     enc = json.loads((OUT / "width_encoder.json").read_text())
     text, reference, measured = render_encoder(enc)
     if reference is not None:
-        layer = enc["students"]["layer"]
-        plot_floor(reference, OUT / "width_minilm.png", measured=measured,
-                   title=f"MiniLM hidden_states[{layer}]: d* ≈ {reference.critical_width:.0f}")
+        plot_encoder(enc, measured)
     doc_path = OUT / "students.md"
     doc = doc_path.read_text()
     start, end = "<!-- width-encoder:start -->", "<!-- width-encoder:end -->"
