@@ -99,8 +99,10 @@ def run_any_model(
         eval_set = eval_set.take(range(cfg.eval.subset))
     t_adapter = LogitsAdapter(teacher).eval()
     check_models_and_data(None, t_adapter, train_set, "data.train", student_role="teacher")
-    train_set.teacher_logits = predict(t_adapter, train_set)  # once, shared by every KD student
-    log(f"kdkit: teacher logits of {len(train_set):,} training examples cached")
+    # once, shared by every KD student; methods with their own distiller (makd) run the teacher live
+    if any(not getattr(run.method_class(), "own_distiller", False) for run in cfg.students):
+        train_set.teacher_logits = predict(t_adapter, train_set)
+        log(f"kdkit: teacher logits of {len(train_set):,} training examples cached")
 
     models: dict[str, nn.Module] = {"teacher": teacher}
     methods = {"teacher": "teacher"}
