@@ -4,11 +4,13 @@ each trained with logit KD only, with MaKD, and from scratch on the same budget.
     OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python benchmarks/students.py --seeds 0
     .venv/bin/python benchmarks/students.py --report-only      # rewrite the doc from the results
 
-The teacher (all-MiniLM-L6-v2 from the offline package + a 2-way head) is fine-tuned once and cached
-in $KDKIT_CACHE/students/teacher. Every finished run appends one line to
-docs/benchmarks/students.jsonl (so an interrupted benchmark continues where it stopped); the
-table (mean ± sample std over seeds) is written between the markers of docs/benchmarks/students.md.
-Latency is measured on this CPU, all models side by side in one process, batch 16 × ≤32 tokens.
+The students, arms and budget are read from the recipe (recipes/minilm-rotten-tomatoes-students.yaml,
+a `kdkit run` config whose students are named <shape>.<arm>, all `method: makd`); the teacher is the
+shared fine-tuned MiniLM (`kdkit.pipelines.text_teacher`, cached by content hash). Every finished run
+appends one line to docs/benchmarks/students.jsonl (so an interrupted benchmark continues where it
+stopped); the table (mean ± sample std over seeds) is written between the markers of
+docs/benchmarks/students.md. Latency is measured on this CPU, all models side by side in one process,
+batch 16 × ≤32 tokens.
 """
 
 from __future__ import annotations
@@ -32,52 +34,55 @@ from torch import nn
 from kdkit.config.train import TrainConfig
 from kdkit.engine.trainer import train
 from kdkit.eval.footprint import count_parameters, measure_latency
-from kdkit.methods.makd_distiller import LOGIT_KD, SCRATCH, MaKDDistiller, MaKDParams, accuracy
+from kdkit.methods.makd_distiller import MaKDDistiller, MaKDParams, accuracy
 from kdkit.models.builders import derive_student, factorize, forward_flops, select_layers
-from kdkit.paths import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks" / "students.md"
 RESULTS = ROOT / "docs" / "benchmarks" / "students.jsonl"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-MAX_LEN = 32
+MAX_LEN = 32  # student sequences (the CPU budget; the teacher was fine-tuned at 40)
 BATCH = 16
 EVAL_LIMIT = 400  # first examples of the fixed test split (the CPU budget; stated in the doc)
 
+LATENCY_ROUNDS = 10  # interleaved rounds of 2 timed passes per model
 RECIPE = ROOT / "recipes" / "minilm-rotten-tomatoes-students.yaml"
-STUDENTS = {  # name -> how it is built from the teacher (the recipe's defaults)
-    "layers-2": {"keep_layers": 2},
-    "layers-3": {"keep_layers": 3},
-    "lowrank-50": {"budget": 0.5},
-    "lowrank-25": {"budget": 0.25},
-}
-ARMS: dict[str, dict[str, Any]] = {"kd": LOGIT_KD, "makd": {}, "scratch": SCRATCH}
-ARM_LR = {"kd": 1e-4, "makd": 1e-4, "scratch": 3e-4}
-TEACHER_LR = 5e-5
+# Filled from the recipe (a `kdkit run` config whose students are named "<shape>.<arm>"):
+STUDENTS: dict[str, dict[str, Any]] = {}  # shape -> {"keep_layers": ...} or {"budget": ...}
+ARMS: dict[str, dict[str, Any]] = {}  # arm -> {shape: the student's makd parameters}
+PRETRAINED: dict[str, bool] = {}  # arm -> whether its students start from the teacher's weights
+# Learning rate per arm: the recipe's train.lr for the distilled arms; a freshly initialised
+# transformer needs a larger step (a benchmark setting; in `kdkit run` every student shares train.lr).
+ARM_LR = {"scratch": 3e-4}
 
 
 def load_recipe(path: Path) -> dict[str, Any]:
-    """Read the recipe YAML into the module settings; returns its train section."""
-    import yaml
+    """Read the recipe (validated as a kdkit run config) into the module settings; returns its budget."""
+    from kdkit.config import load_run_config
 
-    global MAX_LEN, BATCH, EVAL_LIMIT, TEACHER_LR
-    recipe = yaml.safe_load(path.read_text())
+    global BATCH, EVAL_LIMIT
+    cfg: Any = load_run_config(path)
     STUDENTS.clear()
-    STUDENTS.update(recipe["students"])
     ARMS.clear()
-    for name, arm in recipe["arms"].items():
-        arm = dict(arm)
-        if arm.pop("method", "makd") != "makd":
-            raise SystemExit(f"{path}: arm {name!r}: only method makd (with its weights) is supported here")
-        ARM_LR[name] = float(arm.pop("lr", 1e-4))
-        MaKDParams(**arm)  # checked now, not after the teacher trained
-        ARMS[name] = arm
-    train_section = recipe.get("train", {})
-    MAX_LEN = int(train_section.get("max_length", MAX_LEN))
-    BATCH = int(train_section.get("batch_size", BATCH))
-    EVAL_LIMIT = int(train_section.get("eval_examples", EVAL_LIMIT))
-    TEACHER_LR = float(recipe.get("teacher", {}).get("lr", TEACHER_LR))
-    return {"steps": train_section.get("steps"), "teacher_steps": recipe.get("teacher", {}).get("steps")}
+    for run in cfg.students:
+        shape, _, arm = run.name.partition(".")
+        if run.method != "makd" or not arm:
+            raise SystemExit(f"{path}: student {run.name!r}: name it <shape>.<arm> and use method makd")
+        derived = (run.model or cfg.student).from_teacher
+        if derived is None:
+            raise SystemExit(f"{path}: student {run.name!r} must be built from the teacher (from_teacher)")
+        spec = (
+            {"budget": derived.budget} if derived.budget is not None else {"keep_layers": derived.keep_layers}
+        )
+        if STUDENTS.setdefault(shape, spec) != spec:
+            raise SystemExit(f"{path}: the students of shape {shape!r} are built differently")
+        ARMS.setdefault(arm, {})[shape] = dict(run.model_extra or {})
+        PRETRAINED[arm] = derived.copy_weights
+        ARM_LR.setdefault(arm, cfg.train.lr)
+    BATCH = cfg.train.batch_size
+    EVAL_LIMIT = cfg.eval.subset or EVAL_LIMIT
+    finetune = cfg.teacher.finetune
+    return {"steps": cfg.train.steps, "teacher_steps": finetune.steps if finetune else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +148,7 @@ def load_task(train_limit: int | None) -> tuple[Any, dict[str, list[dict[str, to
 def train_config(steps: int, seed: int, lr: float) -> TrainConfig:
     return TrainConfig(
         steps=steps,
-        batch_size=32,
+        batch_size=BATCH,
         lr=lr,
         weight_decay=0.01,
         schedule="cosine",
@@ -157,20 +162,17 @@ def train_config(steps: int, seed: int, lr: float) -> TrainConfig:
 
 
 def teacher(hf: Any, data: dict[str, list], steps: int) -> nn.Module:
-    """The fine-tuned MiniLM teacher, cached after the first run."""
+    """The shared fine-tuned MiniLM Rotten Tomatoes teacher (`kdkit.pipelines.text_teacher`, cached
+    by content hash; the same folder the bring-your-own recipe and benchmark use), with eager
+    attention so MaKD can read its attention maps. `steps` other than the shared 80 fine-tunes (and
+    caches) a teacher with that many steps instead."""
     from transformers import AutoModelForSequenceClassification
 
-    folder = cache_dir("students", f"teacher-{steps}")
-    if (folder / "config.json").exists():
-        return AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="eager").eval()
-    torch.manual_seed(0)
-    model = hf.load_minilm(2, attn_implementation="eager")
-    distiller = MaKDDistiller(model, None, MaKDParams(**SCRATCH))
-    with tempfile.TemporaryDirectory() as run:
-        train(distiller, data["train"], train_config(steps, 0, TEACHER_LR), Path(run), collate_fn=collate)
-    model = distiller.student.cpu().eval()
-    model.save_pretrained(folder)
-    return model
+    from kdkit.pipelines.text_teacher import TEACHER_SETTINGS, rotten_tomatoes_teacher
+
+    overrides = {} if steps == TEACHER_SETTINGS["steps"] else {"steps": steps, "warmup_steps": steps // 10}
+    folder = rotten_tomatoes_teacher(**overrides)
+    return AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="eager").eval()
 
 
 def build(teacher_model: nn.Module, name: str, pretrained: bool, seed: int) -> tuple[nn.Module, Any]:
@@ -186,11 +188,10 @@ def build(teacher_model: nn.Module, name: str, pretrained: bool, seed: int) -> t
 def run_one(
     teacher_model: nn.Module, data: dict, name: str, arm: str, seed: int, steps: int
 ) -> dict[str, Any]:
-    student, layout = build(teacher_model, name, pretrained=arm != "scratch", seed=seed)
-    params = MaKDParams(**ARMS[arm])
-    if arm == "makd" and "keep_layers" in STUDENTS[name]:
-        params = MaKDParams(layer_mapping=list(layout))  # each kept layer learns from its source
-    distiller = MaKDDistiller(student, None if arm == "scratch" else teacher_model, params)
+    pretrained = PRETRAINED[arm]
+    student, _ = build(teacher_model, name, pretrained=pretrained, seed=seed)
+    params = MaKDParams(**ARMS[arm][name])
+    distiller = MaKDDistiller(student, teacher_model if params.needs_teacher() else None, params)
     lr = ARM_LR.get(arm, 1e-4)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run:
@@ -218,15 +219,23 @@ def footprints(teacher_model: nn.Module, data: dict) -> dict[str, dict[str, floa
     models = {"teacher": teacher_model}
     for name in STUDENTS:
         models[name] = build(teacher_model, name, pretrained=True, seed=0)[0].eval()
+    # Interleaved rounds, the order reversed every round, so a change of machine load in the middle
+    # of the measurement hits every model alike; the median of all timed passes per model.
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(LATENCY_ROUNDS):
+        names = list(models) if round_ % 2 == 0 else list(reversed(models))
+        for name in names:
+            latency = measure_latency(models[name], fixed, repeats=2, warmup=1)
+            times[name].append(latency["latency_ms_median"])
     out = {}
     for name, model in models.items():
-        latency = measure_latency(model, fixed, repeats=10, warmup=2)
         out[name] = {
             "parameters": count_parameters(model),
             "flops": forward_flops(model, fixed),
-            "latency_ms": latency["latency_ms_median"],
-            "latency_p90_ms": latency["latency_ms_p90"],
-            "threads": latency["threads"],
+            "latency_ms": statistics.median(times[name]),
+            "latency_p90_ms": sorted(times[name])[int(0.9 * (len(times[name]) - 1))],
+            "threads": torch.get_num_threads(),
+            "latency_rounds": LATENCY_ROUNDS,
         }
     return out
 
@@ -273,7 +282,11 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        f"Machine: {meta['machine']}; steps per student: {meta['steps']}; command: `{meta['command']}`.",
+        f"Machine: {meta['machine']}; steps per student: {meta['steps']} of batch {BATCH}; "
+        f"command: `{meta['command']}`"
+        + (f"; footprint re-measured by `{meta['footprint_command']}`" if "footprint_command" in meta else "")
+        + (f" (load average {meta['load_average'][0]:.1f})" if "load_average" in meta else "")
+        + ".",
     ]
     return "\n".join(lines)
 
@@ -297,6 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
+        "--footprint", action="store_true",
+        help="re-measure parameters, FLOPs and latency (with --report-only)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "docs" / "benchmarks", help="folder of students.md/.jsonl"
     )
     args = parser.parse_args(argv)
@@ -314,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     hf, data = load_task(args.train_limit)
     teacher_model = teacher(hf, data, args.teacher_steps)
     meta_file = RESULTS.with_suffix(".meta.json")
-    if not args.report_only or not meta_file.exists():
+    if not args.report_only or args.footprint or not meta_file.exists():
         meta = {
             "teacher": {
                 "test_acc": accuracy(teacher_model, batches(data["test"])),
@@ -325,6 +342,13 @@ def main(argv: list[str] | None = None) -> None:
             "steps": args.steps,
             "command": "benchmarks/students.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
+        meta["load_average"] = os.getloadavg()
+        if args.report_only and meta_file.exists():  # a re-measured footprint keeps the training command
+            previous = json.loads(meta_file.read_text())
+            meta.update({k: previous[k] for k in ("steps", "command") if k in previous})
+            meta["footprint_command"] = "benchmarks/students.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]
+            )
         meta_file.write_text(json.dumps(meta, indent=1))
         print(json.dumps(meta, indent=1), flush=True)
     meta = json.loads(meta_file.read_text())

@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     limit.add_argument("--l1", type=float, default=0.3, help="SAE sparsity penalty (standardised inputs)")
     limit.add_argument("--dictionary-size", type=int, default=None, help="SAE entries (default 8 x width)")
     limit.add_argument("--seed", type=int, default=0)
+    limit.add_argument(
+        "--per-dimension", action=argparse.BooleanOptionalAction, default=True,
+        help="scale each activation dimension to unit variance before the SAE (default: on)",
+    )
     return parser
 
 
@@ -113,6 +117,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             l1=args.l1,
             dictionary_size=args.dictionary_size,
             seed=args.seed,
+            per_dimension=args.per_dimension,
         )
         print((args.out / "limit.md").read_text(), end="")
         return 0 if prediction.num_features else 1

@@ -10,7 +10,7 @@ teacher:
   num_labels: 2
   finetune: {steps: 300, lr: 1.0e-4}      # optional: fine-tune on data.train first (cached)
 student:
-  from_teacher: {keep_layers: [0, 5]}     # layer selection; or `source:` like the teacher
+  from_teacher: {keep_layers: [0, 5]}     # layer selection; {budget: 0.5} low-rank; or `source:`
 students:
   - {name: scratch, method: scratch}
   - {name: kd, method: kd, temperature: 2.0}   # the method's parameters, flat
@@ -51,9 +51,25 @@ class FilesDataConfig(StrictModel):
 
 
 class FromTeacher(StrictModel):
-    """A student derived from the teacher by keeping some transformer blocks (layer selection)."""
+    """A student derived from the teacher (`kdkit.models.builders`): keep some transformer blocks
+    (`keep_layers`, layer selection) or factorise every linear layer and embedding table by
+    truncated SVD so the student has at most `budget` parameters (a fraction ≤ 1 of the teacher's,
+    or a count). Neither: keep 2 layers. copy_weights: false gives the same shape freshly
+    initialised (the from-scratch baseline of a fair comparison)."""
 
-    keep_layers: list[int] | int | str = 2
+    keep_layers: list[int] | int | str | None = None
+    budget: float | None = Field(None, gt=0)
+    copy_weights: bool = True
+
+    @model_validator(mode="after")
+    def _one_way(self) -> FromTeacher:
+        if self.keep_layers is not None and self.budget is not None:
+            raise ValueError(
+                "give keep_layers (layer selection) or budget (low-rank factorisation), not both"
+            )
+        if self.budget is None and self.keep_layers is None:
+            self.keep_layers = 2
+        return self
 
 
 class SourceModelConfig(StrictModel):

@@ -152,6 +152,19 @@ class ClassifierRunConfig(StrictModel):
 
     _unique_names = field_validator("students")(unique_student_names)
 
+    @model_validator(mode="after")
+    def _tensor_methods(self) -> ClassifierRunConfig:
+        for i, student in enumerate(self.students):
+            method = student.method_class()
+            if method is not None and getattr(method, "own_distiller", False):
+                raise ValueError(
+                    f"students[{i}] ({student.name}): method {student.method!r} needs Hugging Face "
+                    "transformers' per-layer features; the arch: pipeline trains tensor-input models. "
+                    "Name the teacher by teacher.source and the student by student.from_teacher or "
+                    "student.source (see kdkit.config.any_model)"
+                )
+        return self
+
     def teacher_key(self) -> str:
         """A hash of everything the trained teacher depends on: arch, params, its training
         settings and the training data (not where the files live)."""

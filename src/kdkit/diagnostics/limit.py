@@ -72,9 +72,12 @@ def run_limit(
     l1: float = 0.3,
     steps: int = 3000,
     seed: int = 0,
+    per_dimension: bool = True,
 ) -> WidthPrediction:
     """Load the teacher (`AutoModel.from_pretrained(model)`) and its tokenizer, predict the floors
-    for `widths` from `layer`'s activations over `texts`, write limit.json/.md/.png into `out`."""
+    for `widths` from `layer`'s activations over `texts`, write limit.json/.md/.png into `out`.
+    per_dimension: scale each activation dimension to unit variance before the SAE (transformer
+    residual streams have outlier dimensions that otherwise take the SAE's whole budget)."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
@@ -86,7 +89,8 @@ def run_limit(
         teacher, _batches(tokenizer, corpus, 32, max_length), layer=layer, max_tokens=max_tokens
     )
     prediction = predict_width(
-        activations, widths, dictionary_size=dictionary_size, l1=l1, steps=steps, seed=seed
+        activations, widths, dictionary_size=dictionary_size, l1=l1, steps=steps, seed=seed,
+        per_dimension=per_dimension,
     )
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,13 +99,15 @@ def run_limit(
         "layer": layer,
         "tokens": int(activations.shape[0]),
         "texts": str(texts),
+        "per_dimension": per_dimension,
     }
     (folder / "limit.json").write_text(json.dumps(summary, indent=1))
     lines = [
         f"# Minimum-width prediction for {model} (layer {layer})",
         "",
         f"{activations.shape[0]} tokens; SAE: {prediction.sae['dictionary_size']} entries, "
-        f"explained variance {prediction.sae['explained_variance']:.3f}, L0 {prediction.sae['l0']:.1f}.",
+        f"explained variance {prediction.sae['explained_variance']:.3f}, L0 {prediction.sae['l0']:.1f}"
+        f"{' (each dimension standardised)' if per_dimension else ''}.",
         f"F = {prediction.num_features} live features, α = {prediction.alpha:.4f}, g(α) = "
         f"{prediction.capacity_per_dim:.2f}, critical width d* = {prediction.critical_width:.1f} "
         f"(teacher width {prediction.teacher_width}).",

@@ -138,9 +138,14 @@ def train_sae(
     batch_size: int = 512,
     lr: float = 3e-3,
     seed: int = 0,
+    per_dimension: bool = False,
 ) -> SparseAutoencoder:
     """Fit a `SparseAutoencoder` to activations [N, d] (standardised inside: mean removed, scaled to
     unit mean squared norm per input, so `l1` means the same at every layer and model).
+
+    per_dimension: first scale every dimension to unit variance. Transformer residual streams (BERT,
+    MiniLM) have a few outlier dimensions with variance 10-100× the rest; without this they carry most
+    of the squared norm, the SAE spends its features on them and F comes out far too small.
 
     Loss: mean ‖x − x̂‖² + l1 · mean Σ_i f_i (decoder columns unit-norm). dictionary_size defaults
     to 8·d. Returns the SAE (in eval mode) with `scale` and `center` buffers holding the standardisation.
@@ -149,7 +154,8 @@ def train_sae(
         raise ValueError(f"train_sae wants activations [N, d] with N ≥ 2, got {tuple(activations.shape)}")
     x_all = activations.detach().float()
     center = x_all.mean(0)
-    scale = (x_all - center).square().sum(-1).mean().sqrt().clamp_min(1e-8)
+    scale = (x_all - center).std(0).clamp_min(1e-8) if per_dimension else torch.ones(())
+    scale = scale * ((x_all - center) / scale).square().sum(-1).mean().sqrt().clamp_min(1e-8)
     x_all = (x_all - center) / scale
     n, d = x_all.shape
     generator = torch.Generator().manual_seed(seed)
@@ -328,9 +334,14 @@ def predict_width(
     steps: int = 3000,
     seed: int = 0,
     min_frequency: float = 1e-3,
+    per_dimension: bool = False,
 ) -> WidthPrediction:
-    """Train an SAE on activations [N, d], measure F, α and importances, predict floors for `widths`."""
-    sae = train_sae(activations, dictionary_size=dictionary_size, l1=l1, steps=steps, seed=seed)
+    """Train an SAE on activations [N, d], measure F, α and importances, predict floors for `widths`
+    (per_dimension: see `train_sae`; use it for transformer residual streams)."""
+    sae = train_sae(
+        activations, dictionary_size=dictionary_size, l1=l1, steps=steps, seed=seed,
+        per_dimension=per_dimension,
+    )
     stats = sae_stats(sae, activations, min_frequency=min_frequency)
     return predict_from_stats(stats, widths, teacher_width=int(activations.shape[1]))
 

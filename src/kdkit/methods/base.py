@@ -42,6 +42,9 @@ class ClassifierMethod(Method):
     """A named default list of weighted objective entries (`{name, weight, ...params}` dicts)."""
 
     kind = "classifier"
+    # True for a method over per-layer transformer features (MaKD): it builds its own distiller,
+    # `distiller(params, student, teacher)`, and its Params say `needs_teacher()`.
+    own_distiller: ClassVar[bool] = False
 
     @classmethod
     def objectives(cls, params: Any) -> list[dict[str, Any]]:  # pragma: no cover - abstract

@@ -10,7 +10,9 @@ ffn_out_weight, layer_mapping, match_embeddings, attention_dropout).
 The aspects need per-layer features of Hugging Face transformers (attention maps, hidden states,
 block outputs), which the generic classifier distiller — one tensor in, logits out, hooked module
 outputs — does not produce; `MaKD.distiller(params, student, teacher)` builds the distiller that
-does (`MaKDDistiller`, batches {"input_ids", "attention_mask", "labels"}).
+does (`MaKDDistiller`). `kdkit.distill(method="makd", ...)` and `kdkit run` configs whose models
+are named by source (`students: [{name: m, method: makd, layer_mapping: [0, 5], attn_weight: 1}]`)
+use it; the parameters are checked when the config loads, layer indices when the models are built.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from kdkit.settings import ConfigError
 )
 class MaKD(ClassifierMethod):
     Params = MaKDParams
+    own_distiller = True  # kdkit.distill and `kdkit run` build MaKD.distiller, not objective entries
 
     @classmethod
     def objectives(cls, params: Any) -> list[dict[str, Any]]:
         raise ConfigError(
             "method 'makd' matches attention maps and per-layer features of Hugging Face transformers; "
-            "the tensor-input classifier pipeline has none. Use kdkit.methods.makd.MaKD.distiller(params, "
-            "student, teacher) with a transformer student and teacher (see benchmarks/students.py)"
+            "the tensor-input (arch:) classifier pipeline has none. Name the models by source "
+            "(teacher.source, student.from_teacher or student.source) or call kdkit.distill(method='makd')"
         )
 
     @classmethod

@@ -13,17 +13,20 @@ layer-selected copy) learns from the frozen teacher through, each weighted and l
 With every aspect weight 0 this is plain logit KD (no feature pass at all); without a teacher and
 kd_weight 0 it is from-scratch training — one class for the three arms of a fair comparison.
 Batches: {"input_ids", "attention_mask", "labels"} (+ "token_type_ids"), labels [B] for sequence
-classification. The raw (unweighted) value of every term is logged as "_raw_<term>".
+classification (-100: unlabelled, left out of ce), or kdkit's `Examples` batches
+{"inputs": {...}, "labels"} (`kdkit.distill` / `kdkit run` with method makd).
+The raw (unweighted) value of every term is logged as "_raw_<term>".
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from kdkit.engine.distiller import Distiller
@@ -55,6 +58,22 @@ class MaKDParams(ParamsModel):
     layer_mapping: str | list[int] | list[list[int]] = "uniform"
     match_embeddings: bool = True  # also match the embedding outputs in hidden_mse
     attention_dropout: bool = False  # False: switch the student's attention dropout off (see below)
+
+    @field_validator("layer_mapping")
+    @classmethod
+    def _mapping_form(cls, value: Any) -> Any:
+        """The form is checked when the config loads; indices against the models when they are built."""
+        if isinstance(value, str):
+            if value.strip() != "uniform" and not re.fullmatch(r"last:[1-9]\d*", value.strip()):
+                raise ValueError(f"{value!r}: use 'uniform', 'last:K' (K >= 1) or a list of teacher layers")
+        elif not value:
+            raise ValueError("an explicit layer mapping lists at least one layer")
+        elif isinstance(value[0], list) and any(len(pair) != 2 for pair in value):
+            raise ValueError(f"{value!r}: explicit pairs are [student layer, teacher layer]")
+        return value
+
+    def needs_teacher(self) -> bool:
+        return self.kd_weight > 0 or bool(self.aspects())
 
     def aspects(self) -> list[str]:
         return [aspect for aspect, key in _ASPECT_WEIGHTS.items() if getattr(self, key) > 0]
@@ -89,7 +108,12 @@ class MaKDDistiller(Distiller):
             assert teacher is not None
             n_s, n_t = len(layer_stack(student)[1]), len(layer_stack(teacher)[1])
             mapping: str | Sequence[Any] = p.layer_mapping
-            self.pairs = layer_pairs(n_s, n_t, mapping)
+            try:
+                self.pairs = layer_pairs(n_s, n_t, mapping)
+            except ValueError as error:  # the field to fix, and both depths
+                raise ValueError(
+                    f"layer_mapping {mapping!r}: {error} (the student has {n_s} layers, the teacher {n_t})"
+                ) from None
             d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
             if d_s != d_t:  # one learned map from the student's residual width to the teacher's
                 self.projection = nn.Linear(d_s, d_t, bias=False)
@@ -110,14 +134,20 @@ class MaKDDistiller(Distiller):
             "module_outputs": bool({"attn_out_mse", "ffn_out_mse"} & set(self.aspects)),
         }
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         p = self.params
+        if "inputs" in batch:  # kdkit's Examples batches: {"inputs": {token tensors}, "labels", ...}
+            batch = {**batch["inputs"], "labels": batch["labels"]}
         labels = batch["labels"]
         options = self._features_options()
         student_out = transformer_features(self.student, batch, **options)
         raw: dict[str, Tensor] = {}
-        if p.ce_weight > 0:
-            raw["ce"] = F.cross_entropy(student_out.logits, labels)
+        if p.ce_weight > 0:  # unlabelled examples (label -100) are left out; a batch of none gives 0
+            labelled = labels != -100
+            raw["ce"] = (
+                F.cross_entropy(student_out.logits[labelled], labels[labelled])
+                if bool(labelled.any()) else student_out.logits.sum() * 0.0
+            )
         if self.teacher is not None and (p.kd_weight > 0 or self.aspects):
             teacher_out = teacher_features(self.teacher, batch, **options)
             if p.kd_weight > 0:

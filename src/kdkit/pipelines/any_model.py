@@ -20,7 +20,7 @@ from kdkit.config.any_model import AnyModelRunConfig, FilesDataConfig, SourceMod
 from kdkit.data.examples import Examples, as_examples, default_image_transform
 from kdkit.data.generic import check_columns, load_files
 from kdkit.methods.any_model import LogitsAdapter
-from kdkit.models.builders import derive_student
+from kdkit.models.builders import LOWRANK_FILE, derive_student, factorize, load_student
 from kdkit.models.hf import load_model, load_tokenizer
 from kdkit.pipelines.distill import _evaluate_examples, check_models_and_data, distill, predict
 from kdkit.pipelines.run_folder import resolve_run_dir
@@ -57,8 +57,14 @@ def build_teacher(cfg: AnyModelRunConfig, train_data: Any, eval_data: Any, log: 
 
 def build_student(spec: SourceModelConfig, teacher: nn.Module, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    if spec.from_teacher is not None:
-        return derive_student(teacher, keep_layers=spec.from_teacher.keep_layers).train()
+    derived = spec.from_teacher
+    if derived is not None and derived.budget is not None:
+        return factorize(teacher, derived.budget, copy_weights=derived.copy_weights, seed=seed)[0].train()
+    if derived is not None:
+        assert derived.keep_layers is not None
+        return derive_student(
+            teacher, keep_layers=derived.keep_layers, copy_weights=derived.copy_weights, seed=seed
+        ).train()
     assert spec.source is not None
     return load_model(spec.source, task=spec.task, num_labels=spec.num_labels, kwargs=spec.kwargs)
 
@@ -93,8 +99,10 @@ def run_any_model(
         eval_set = eval_set.take(range(cfg.eval.subset))
     t_adapter = LogitsAdapter(teacher).eval()
     check_models_and_data(None, t_adapter, train_set, "data.train", student_role="teacher")
-    train_set.teacher_logits = predict(t_adapter, train_set)  # once, shared by every KD student
-    log(f"kdkit: teacher logits of {len(train_set):,} training examples cached")
+    # once, shared by every KD student; methods with their own distiller (makd) run the teacher live
+    if any(not getattr(run.method_class(), "own_distiller", False) for run in cfg.students):
+        train_set.teacher_logits = predict(t_adapter, train_set)
+        log(f"kdkit: teacher logits of {len(train_set):,} training examples cached")
 
     models: dict[str, nn.Module] = {"teacher": teacher}
     methods = {"teacher": "teacher"}
@@ -145,7 +153,9 @@ def evaluate_any_model_run(run_dir: str | Path, *, log: Log = print) -> Path:
     for run in cfg.students:
         out = run_dir / "students" / run.name
         spec = run.model or cfg.student
-        if (out / "model" / "config.json").is_file():
+        if (out / "model" / LOWRANK_FILE).is_file():  # a factorised student (save_student's layout)
+            models[run.name] = load_student(out / "model")
+        elif (out / "model" / "config.json").is_file():
             models[run.name] = load_model(out / "model", task=spec.task)
         elif (out / "model.safetensors").is_file():
             from safetensors.torch import load_file

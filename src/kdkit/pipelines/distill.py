@@ -52,6 +52,8 @@ from kdkit.methods.any_model import (
     drop_label_terms,
     resolve_objectives,
 )
+from kdkit.methods.base import classifier_method
+from kdkit.models.builders import lowrank_layers, save_student
 from kdkit.models.hf import load_model, load_tokenizer
 from kdkit.pipelines.run_folder import resolve_run_dir
 from kdkit.registry import OBJECTIVES, load_builtins
@@ -251,13 +253,28 @@ def distill(
     """
     load_builtins()
     cfg = _train_config(settings)
-    specs = resolve_objectives(method, method_params, objectives)
+    # A method over per-layer transformer features (MaKD) builds its own distiller from its Params
+    # instead of naming objective entries.
+    own = classifier_method(method) if method is not None else None
+    own_params = None
+    if own is not None and own.own_distiller:
+        if objectives:
+            raise ValueError(
+                f"method {method!r} builds its own distiller; objectives entries do not apply to it"
+            )
+        own_params = own.params(dict(method_params or {}))
+        specs = []
+    else:
+        own = None
+        specs = resolve_objectives(method, method_params, objectives)
     label = student_name or (method or "+".join(s.name for s in specs))
     if student is None:
         raise TypeError("distill needs a student (an nn.Module, a Hugging Face model, or a model id/folder)")
     if data is None:
         raise TypeError("distill needs data to train on")
-    needs_teacher = any(_needs_teacher(s) for s in specs)
+    needs_teacher = (
+        own_params.needs_teacher() if own_params is not None else any(_needs_teacher(s) for s in specs)
+    )
     if needs_teacher and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher, but none was given")
     teacher_source, student_source = teacher, student
@@ -280,7 +297,14 @@ def distill(
     check_models_and_data(t_adapter, s_adapter, train_set, "data")
     if eval_set is not None:
         check_models_and_data(t_adapter, s_adapter, eval_set, "eval_data")
-    specs, notes = drop_label_terms(specs, train_set.has_labels)
+    if own_params is not None:
+        notes = []
+        if not train_set.has_labels and getattr(own_params, "ce_weight", 0) > 0:
+            raise ValueError(
+                f"method {method!r}: ce_weight > 0 needs labels, but the data has none (set ce_weight: 0)"
+            )
+    else:
+        specs, notes = drop_label_terms(specs, train_set.has_labels)
     if train_set.has_labels and train_set.labelled < len(train_set):
         notes.append(
             f"{train_set.labelled:,} of {len(train_set):,} training examples are labelled; label terms "
@@ -289,14 +313,20 @@ def distill(
     for note in notes:
         log(f"kdkit: {note}")
 
-    distiller = AnyModelDistiller(
-        s_adapter, t_adapter if needs_teacher else None, specs, train_set.batch(range(min(2, len(train_set))))
-    )
+    distiller: Any
+    if own is not None:  # its own batches: the student's and teacher's per-layer features, live
+        distiller = own.distiller(own_params, student_model, teacher_model if needs_teacher else None)
+        live_teacher = True
+    else:
+        distiller = AnyModelDistiller(
+            s_adapter, t_adapter if needs_teacher else None, specs,
+            train_set.batch(range(min(2, len(train_set)))),
+        )
+        live_teacher = bool(distiller.teacher_layers)  # feature objectives need the teacher's live features
     cache_s = None
-    live_teacher = bool(distiller.teacher_layers)  # feature objectives need the teacher's live features
     if train_set.teacher_logits is not None and needs_teacher and not live_teacher:
         log("kdkit: reusing the teacher logits already cached with the data")
-    elif cache_teacher and needs_teacher and not distiller.teacher_layers and t_adapter is not None:
+    elif cache_teacher and needs_teacher and not live_teacher and t_adapter is not None:
         started = time.perf_counter()
         train_set.teacher_logits = predict(t_adapter, train_set)
         cache_s = time.perf_counter() - started
@@ -309,6 +339,7 @@ def distill(
         "kind": "distill",
         "method": method,
         "objectives": [s.model_dump() for s in specs],
+        "method_params": own_params.model_dump(mode="json") if own_params is not None else None,
         "train": cfg.model_dump(mode="json"),
         "teacher": _describe_model(teacher_source),
         "student": _describe_model(student_source),
@@ -332,7 +363,8 @@ def distill(
             teacher_model.train(teacher_state[0])
             for parameter, flag in zip(teacher_model.parameters(), teacher_state[1]):
                 parameter.requires_grad_(flag)
-    student_model = distiller.student.model.cpu()
+    trained = distiller.student
+    student_model = (trained.model if isinstance(trained, LogitsAdapter) else trained).cpu()
     _save(student_model, out, tokenizer)
     trained_s = result.train_time_s  # over every session of this student, resumed ones too
     (out / "train.json").write_text(json.dumps(
@@ -379,7 +411,11 @@ def _describe_model(model: Any) -> dict[str, Any]:
 
 
 def _save(model: nn.Module, folder: Path, tokenizer: Any) -> None:
-    """A Hugging Face model as a plain HF folder (folder/model), else folder/model.safetensors."""
+    """A Hugging Face model as a plain HF folder (folder/model), a factorised one as
+    `save_student`'s folder (reloaded by `load_student`), else folder/model.safetensors."""
+    if lowrank_layers(model):
+        save_student(model, folder / "model", tokenizer)
+        return
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(folder / "model")
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
