@@ -25,6 +25,19 @@ from kdkit.config import ConfigError, validation_message
 EXIT_CONFIG_ERROR = 2
 
 
+def _l1(text: str) -> float | str:
+    """`--l1`: 'auto' or a positive number."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"l1 must be > 0, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation toolkit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -63,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     limit.add_argument("--out", type=Path, default=Path("limit"), help="folder for limit.json/.md/.png")
     limit.add_argument("--max-tokens", type=int, default=20_000)
     limit.add_argument("--steps", type=int, default=3000, help="sparse-autoencoder training steps")
-    limit.add_argument("--l1", type=float, default=0.3, help="SAE sparsity penalty (standardised inputs)")
+    limit.add_argument(
+        "--l1", type=_l1, default="auto",
+        help="SAE sparsity penalty (standardised inputs), or 'auto' (default): the largest of 0.3, 0.1, "
+        "0.03, 0.01 whose SAE explains >= 90%% of the variance",
+    )
     limit.add_argument("--dictionary-size", type=int, default=None, help="SAE entries (default 8 x width)")
     limit.add_argument("--seed", type=int, default=0)
     limit.add_argument(

@@ -69,7 +69,7 @@ def run_limit(
     max_tokens: int = 20_000,
     max_length: int = 128,
     dictionary_size: int | None = None,
-    l1: float = 0.3,
+    l1: float | str = "auto",
     steps: int = 3000,
     seed: int = 0,
     per_dimension: bool = True,
@@ -106,7 +106,8 @@ def run_limit(
         f"# Minimum-width prediction for {model} (layer {layer})",
         "",
         f"{activations.shape[0]} tokens; SAE: {prediction.sae['dictionary_size']} entries, "
-        f"explained variance {prediction.sae['explained_variance']:.3f}, L0 {prediction.sae['l0']:.1f}"
+        f"l1 {prediction.sae['l1']:g}, explained variance {prediction.sae['explained_variance']:.3f}, "
+        f"L0 {prediction.sae['l0']:.1f}"
         f"{' (each dimension standardised)' if per_dimension else ''}.",
         f"F = {prediction.num_features} live features, α = {prediction.alpha:.4f}, g(α) = "
         f"{prediction.capacity_per_dim:.2f}, critical width d* = {prediction.critical_width:.1f} "
