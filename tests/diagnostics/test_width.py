@@ -123,5 +123,6 @@ def test_auto_l1_lowers_the_penalty_until_the_sae_explains_the_layer() -> None:
     sweep = auto.sae["l1_sweep"]
     assert [s["l1"] for s in sweep] == list(AUTO_L1[: len(sweep)]) and len(sweep) > 1
     assert all(s["explained_variance"] < MIN_EXPLAINED_VARIANCE for s in sweep[:-1])
-    assert auto.sae["l1"] == sweep[-1]["l1"] and auto.sae["explained_variance"] == sweep[-1]["explained_variance"]
+    assert auto.sae["l1"] == sweep[-1]["l1"]
+    assert auto.sae["explained_variance"] == sweep[-1]["explained_variance"]
     assert auto.sae["explained_variance"] >= MIN_EXPLAINED_VARIANCE or len(sweep) == len(AUTO_L1)
