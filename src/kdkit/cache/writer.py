@@ -215,39 +215,15 @@ def write_caches(
     shards = sorted(set().union(*(t.todo for t in targets)))
     bar = _progress(sum(min(S, len(samples) - i * S) for i in shards), enabled=progress)
     try:
-        waiting = []
-        for shard in shards:
-            waiting += _write_shard(
-                shard,
-                targets,
-                teacher,
-                samples,
-                collate,
-                crcs,
-                vocab,
-                batch_size,
-                device,
-                bar,
-                verify,
-                log,
-                block=False,
+        def write(shard: int, block: bool) -> list[int]:
+            return _write_shard(
+                shard, targets, teacher, samples, collate, crcs, vocab, batch_size, device, bar, verify, log,
+                block=block,
             )
+
+        waiting = [held for shard in shards for held in write(shard, block=False)]
         for shard in sorted(set(waiting)):  # locked by another process: wait, then do what is left
-            _write_shard(
-                shard,
-                targets,
-                teacher,
-                samples,
-                collate,
-                crcs,
-                vocab,
-                batch_size,
-                device,
-                bar,
-                verify,
-                log,
-                block=True,
-            )
+            write(shard, block=True)
     finally:
         bar.close()
     out = []
