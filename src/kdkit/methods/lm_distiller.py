@@ -157,7 +157,7 @@ class LMDistiller(Distiller):
         small, large = sorted((kd, ce))
         if small > 0 and large / small > MAGNITUDE_WARNING_RATIO:
             log.warning(
-                "kdkit: the weighted kd term (%.3g) and ce term (%.3g) differ by more than %.0f×; "
+                "the weighted kd term (%.3g) and ce term (%.3g) differ by more than %.0f×; "
                 "the smaller one barely moves the student, check kd_weight / ce_weight",
                 kd,
                 ce,
