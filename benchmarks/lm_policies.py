@@ -193,6 +193,29 @@ def docs_samples(tokenizer: Any, count: int, prompt_tokens: int, completion_toke
     return samples
 
 
+def timing_train_config(
+    cfg: LMRunConfig, *, warmup: int, steps: int, batch_size: int, seed: int, log_every: int
+) -> Any:
+    """The engine settings of a timed kdkit run (part 2 and benchmarks/step_profile.py): constant lr
+    1e-4, no decay or warm-up, clipping at 1.0, float32, no progress bar, no checkpoint while timed."""
+    return cfg.train.model_copy(
+        update={
+            "steps": warmup + steps,
+            "batch_size": batch_size,
+            "log_every": log_every,
+            "checkpoint_every": 10_000,
+            "progress": False,
+            "schedule": "constant",
+            "warmup_steps": 0,
+            "lr": 1e-4,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "mixed_precision": "no",
+            "seed": seed,
+        }
+    )
+
+
 def kdkit_throughput(
     cfg: LMRunConfig,
     teacher: Any,
@@ -236,22 +259,8 @@ def kdkit_throughput(
     distiller = build_distiller(spec, student, teacher, tokenizer)
     # log only at the end of warm-up and at the end (like TRL's logging_steps here), so per-step
     # logging costs neither tool anything; each record averages its window's steps
-    train_cfg = cfg.train.model_copy(
-        update={
-            "steps": warmup + steps,
-            "batch_size": batch_size,
-            "log_every": warmup,
-            "checkpoint_every": 10_000,
-            "progress": False,
-            "schedule": "constant",
-            "warmup_steps": 0,
-            "lr": 1e-4,
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
-            "mixed_precision": "no",
-            "seed": seed,
-        }
-    )
+    train_cfg = timing_train_config(cfg, warmup=warmup, steps=steps, batch_size=batch_size, seed=seed,
+                                    log_every=warmup)
     result = train(distiller, data, train_cfg, work, collate_fn=collate)
     records = [json.loads(line) for line in result.history_path.read_text().splitlines() if line.strip()]
     start = next(r for r in records if r["step"] == warmup)

@@ -36,7 +36,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kdkit.config import load_run_config  # noqa: E402
 from kdkit.pipelines.lm import build_distiller, build_student, load_teacher  # noqa: E402
-from lm_policies import RECIPE, SMOLLM2_RECIPE, chat_ids, chat_tokenizer, docs_samples  # noqa: E402
+from lm_policies import (  # noqa: E402
+    RECIPE,
+    SMOLLM2_RECIPE,
+    chat_ids,
+    chat_tokenizer,
+    docs_samples,
+    timing_train_config,
+)
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 #: table/plot order; "student_forward" is reported apart from the loss that triggers it
@@ -76,22 +83,9 @@ def profile_steps(
         sampling_temperature=1.0,
     )
     distiller = build_distiller(spec, student, teacher, tokenizer)
-    train_cfg = cfg.train.model_copy(
-        update={
-            "steps": warmup + steps,
-            "batch_size": batch_size,
-            "log_every": warmup + steps,  # the one log and checkpoint come after the last timed phase
-            "checkpoint_every": 10_000,
-            "progress": False,
-            "schedule": "constant",
-            "warmup_steps": 0,
-            "lr": 1e-4,
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
-            "mixed_precision": "no",
-            "seed": seed,
-        }
-    )
+    # the one log and checkpoint come after the last timed phase
+    train_cfg = timing_train_config(cfg, warmup=warmup, steps=steps, batch_size=batch_size, seed=seed,
+                                    log_every=warmup + steps)
     collate = PromptCompletionCollator(tokenizer, add_eos=False)
     with PhaseTimer() as timer:
         train(distiller, samples, train_cfg, work, collate_fn=collate)
