@@ -69,7 +69,7 @@ def _kd(cfg, student_entry, caches_built, batch, teacher, tokenizer, initial):
 
     student_cfg = resolve_student(LMStudentRun.model_validate(student_entry), caches_built)
     distiller = build_distiller(student_cfg, initial, teacher, tokenizer)
-    expected = "CacheSignal" if "cache" in student_entry else "LogitsSignal"
+    expected = "CacheSignal" if "cache" in student_entry else "HiddenSignal"  # fused: auto
     assert type(distiller.signal).__name__ == expected
     return distiller(batch)["kd"]
 

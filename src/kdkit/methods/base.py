@@ -14,7 +14,8 @@ where the method's paper chooses another value.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+import logging
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -22,6 +23,8 @@ from kdkit.objectives.lm import DivergenceParams
 from kdkit.registry import LM_OBJECTIVES, SAMPLERS, TEACHER_SIGNALS
 from kdkit.settings import LMContext, NoParams, ParamsModel
 from kdkit.specs import method_of_kind
+
+logger = logging.getLogger(__name__)
 
 
 class Method:
@@ -71,26 +74,50 @@ class LMWeights(ParamsModel):
 
 class DivergenceMethodParams(LMWeights, DivergenceParams):
     """An LM method minimising a divergence; `fused` computes it from hidden states in token
-    chunks (the "hidden" teacher signal), never holding both [tokens × vocabulary] logits.
+    chunks (the "hidden" teacher signal), never holding both [tokens × vocabulary] logits:
+    "auto" (default) = fused whenever both models are Hugging Face causal LMs whose heads the fused
+    loss reproduces (`kdkit.models.heads.fused_loss_support`), else the logits; true = fused or a
+    clear error; false = always the logits. Values and gradients are the same either way (to
+    1e-5 in float32); fused is faster and needs far less memory at large vocabularies.
     `cache` reads the teacher from a logit cache instead of running it (the "cache" signal; the
     name of one of the run's `caches:` or a folder built by `kdkit cache`; dataset sampler only);
     `cache_tail: false` renormalises a top-k cache over its kept ids instead of using the tail."""
 
-    fused: bool = False
+    fused: bool | Literal["auto"] = "auto"
     cache: str | None = None
     cache_tail: bool = True
 
     @model_validator(mode="after")
     def _one_signal(self) -> DivergenceMethodParams:
-        if self.fused and self.cache:
+        if self.fused is True and self.cache:
             raise ValueError("fused and cache exclude each other (a cache stores no hidden states)")
         return self
 
 
 def divergence_signal(params: Any) -> str:
+    """ "cache", "hidden" (fused: true, or "auto" until `LMMethod.build` sees the models) or "logits"."""
     if getattr(params, "cache", None):
         return "cache"
-    return "hidden" if params.fused else "logits"
+    return "logits" if params.fused is False else "hidden"
+
+
+def resolve_fused(params: Any, student: Any, teacher: Any) -> Any:
+    """`params` with `fused: "auto"` decided for these models: true when the fused loss reproduces
+    both heads (and there is a teacher to project), else false, the reason logged once."""
+    if getattr(params, "fused", None) != "auto":
+        return params
+    from kdkit.models.heads import fused_loss_support
+
+    reason = "no teacher model" if teacher is None else None
+    for role, model in (("student", student), ("teacher", teacher)):
+        reason = reason or fused_loss_support(model, role)
+    if reason is not None and reason not in _logged_auto:
+        _logged_auto.add(reason)
+        logger.info("fused: auto -> the materialised logits (%s)", reason)
+    return params.model_copy(update={"fused": reason is None})
+
+
+_logged_auto: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -139,6 +166,7 @@ class LMMethod(Method):
         """The `LMDistiller` of these params; `options` go to the distiller (e.g. tokenizers)."""
         from kdkit.methods.lm_distiller import LMDistiller
 
+        params = resolve_fused(params, student, teacher)
         parts = cls.parts(params)
         sampler = _build(SAMPLERS, parts.sampler, params, ctx)
         objective = _build(LM_OBJECTIVES, parts.objective, params, ctx)
@@ -176,6 +204,7 @@ __all__ = [
     "ClassifierMethod",
     "DivergenceMethodParams",
     "divergence_signal",
+    "resolve_fused",
     "LMMethod",
     "LMParts",
     "LMWeights",

@@ -118,11 +118,30 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, LinearHead]:
     `backbone(**inputs).last_hidden_state` [B, T, H] is what `head.logits` maps to the model's own
     logits [B, T, V]; both go to `kdkit.losses.fused.fused_causal_lm_losses`.
     """
-    prefix = getattr(model, "base_model_prefix", "model")
-    backbone = getattr(model, prefix, None)
-    if backbone is None:
-        raise ValueError(f"the fused loss needs a Hugging Face causal LM with a backbone, got {type(model)}")
-    return backbone, output_head(model)
+    backbone: Any = model
+    for _ in range(4):  # descend through wrappers (PEFT's PeftModel -> LoraModel -> causal LM) to the decoder
+        inner = getattr(backbone, getattr(backbone, "base_model_prefix", "model"), None)
+        if not isinstance(inner, nn.Module) or inner is backbone:
+            raise ValueError(
+                f"the fused loss needs a Hugging Face causal LM with a backbone, got {type(model).__name__}"
+            )
+        backbone = inner
+        get_head = getattr(backbone, "get_output_embeddings", None)
+        if not callable(get_head) or get_head() is None:  # a decoder, not another model with a head
+            return backbone, output_head(model)
+    raise ValueError(f"no decoder without an LM head found inside {type(model).__name__}")
+
+
+def fused_loss_support(model: Any, role: str = "model") -> str | None:
+    """None when the fused loss can project `model` (a Hugging Face causal LM with a backbone and
+    a head whose post-head transform kdkit knows), else why not (for `fused: auto`)."""
+    if not isinstance(model, nn.Module):
+        return f"the {role} is not a torch module"
+    try:
+        backbone_and_head(model)
+    except (ValueError, AttributeError, TypeError) as error:  # UnsupportedHeadError is a ValueError
+        return f"the {role}: {error}"
+    return None
 
 
 def logits_from(model: nn.Module, inputs: dict[str, Any], start: int) -> Any:
@@ -147,6 +166,7 @@ __all__ = [
     "UnsupportedHeadError",
     "accepts_argument",
     "backbone_and_head",
+    "fused_loss_support",
     "head_transform",
     "logits_from",
     "output_head",
