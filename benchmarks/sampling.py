@@ -188,6 +188,7 @@ def on_policy_step(student, teacher, optimizer, prompts, settings, sampler: str)
             [row[: int(n)].tolist() for row, n in zip(new, lengths)],
             settings.pad_token_id,
         )
+        batch = {k: v.to(ids.device) for k, v in batch.items()}
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         t_logits = teacher(**inputs).logits[:, :-1]
@@ -398,6 +399,44 @@ def smollm2_random(device: torch.device, quick: bool) -> tuple[Any, int]:
     return model, int(eos[0] if isinstance(eos, (list, tuple)) else eos)
 
 
+def decode_step_ms(
+    model, ids: torch.Tensor, mask: torch.Tensor, steps: int, repeats: int = 3
+) -> dict[str, Any]:
+    """Milliseconds per decode step of the whole batch (no rows dropped), `steps` steps after a
+    prefill, best of `repeats`: the dynamic lean step, the fixed-shape step run eagerly, and (on
+    CUDA) its graph replay, with the capture's own cost (warm-up + capture, ms) and whether the
+    graph was captured at all (a failed capture would decode eagerly; its reason is recorded)."""
+    from kdkit.samplers.fast_decode import LeanDecoder, StaticStepDecoder
+
+    device = ids.device
+    graph = device.type == "cuda"
+    out: dict[str, Any] = {"steps": steps}
+    kinds = {"lean_dynamic": False, "fixed_eager": False, **({"fixed_graph": True} if graph else {})}
+    with torch.no_grad():
+        for name, captured in kinds.items():
+            best, capture = float("inf"), float("inf")
+            for _ in range(repeats):
+                decoder = LeanDecoder(model) if name == "lean_dynamic" else StaticStepDecoder(model, captured)
+                token = decoder.prefill(ids, mask, steps + 1).argmax(-1)
+                synchronize(device)
+                start = time.perf_counter()
+                token = decoder.step(token).argmax(-1)  # the first step captures the graph
+                synchronize(device)
+                first = time.perf_counter() - start
+                start = time.perf_counter()
+                for _ in range(steps - 1):
+                    token = decoder.step(token).argmax(-1)
+                synchronize(device)
+                per_step = (time.perf_counter() - start) / (steps - 1)
+                best, capture = min(best, per_step), min(capture, first - per_step)
+            out[f"{name}_ms"] = best * 1e3
+            if name == "fixed_graph":
+                out["graph_capture_ms"] = capture * 1e3
+                out["graph_captured"] = decoder.graph is not None
+                out["graph_failure"] = decoder.graph_failed
+    return out
+
+
 def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The device suite (parts 5 and 6 of the module docstring) on `args.device`."""
     global DEVICE
@@ -433,14 +472,21 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     }
     progress(f"device suite on {result['device_name']}")
     teacher, tokenizer, folder = get_arithmetic_teacher()
-    teacher = teacher.to(device).eval()
+    # both students derived on the CPU from the same teacher weights, then moved
     student = derive_student(teacher, keep_layers=3, intermediate_size=48).to(device).eval()
+    train_student = derive_student(teacher, keep_layers=3, intermediate_size=48).to(device).train()
+    teacher = teacher.to(device).eval()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = PromptCompletionCollator(tokenizer)(arithmetic_dataset(batch, (1, 3), seed=args.seed))
     prompts = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prompts.items()}
     ids, mask = prompts["prompt_ids"], prompts["prompt_attention_mask"]
     result["arithmetic"] = {"teacher": str(folder), "batch": batch, "group": group, "max_new_tokens": n}
 
+    progress("ms per decode step (arithmetic student, the whole batch)")
+    result["arithmetic"]["decode_step"] = guarded(
+        "decode_step", lambda: decode_step_ms(student, ids, mask, n - 1), errors
+    )
+    progress(f"  {json.dumps(result['arithmetic']['decode_step'])}")
     with torch.no_grad():
         progress(f"arithmetic student: {batch} prompts x 1 sample")
         runs = sampler_runs(student, ids, mask, n, eos, pad, names=DEVICE_SAMPLERS)
@@ -461,7 +507,6 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     progress("on-policy reverse-KL steps")
     settings = GenerationSettings(temperature=1.0, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
-    train_student = derive_student(teacher, keep_layers=3, intermediate_size=48).to(device).train()
     steps = guarded(
         "steps",
         lambda: step_rounds(train_student, teacher, prompts, settings, n_rounds, args.seed, STEP_SAMPLERS),
@@ -478,6 +523,8 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
             100, model.config.vocab_size, (s_batch, 16), generator=torch.Generator().manual_seed(args.seed)
         ).to(device)
         s_mask = torch.ones_like(s_ids)
+        step_ms = decode_step_ms(model, s_ids, s_mask, s_new - 1, repeats=2)
+        progress(f"  {json.dumps(step_ms)}")
         with torch.no_grad():
             part = device_rounds(
                 sampler_runs(model, s_ids, s_mask, s_new, s_eos, s_eos, names=SMOLLM2_SAMPLERS),
@@ -493,6 +540,7 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
             "batch": s_batch,
             "prompt_tokens": 16,
             "max_new_tokens": s_new,
+            "decode_step": step_ms,
             "raw": part,
             **ratio_table(part),
         }
@@ -507,8 +555,8 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     path.write_text(json.dumps(result, indent=1))
     brief = {
         part: {k: v for k, v in result["arithmetic"][part].items() if k != "raw"}
-        for part in ("one_sample", "group", "steps")
-        if part in result["arithmetic"]
+        for part in ("one_sample", "group", "steps", "decode_step")
+        if result["arithmetic"].get(part)
     }
     if result["smollm2"] is not None:
         brief["smollm2"] = {k: v for k, v in result["smollm2"].items() if k != "raw"}
