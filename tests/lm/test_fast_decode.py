@@ -182,6 +182,62 @@ def test_graph_decode_samples_equal_the_dynamic_lean_path(device: str) -> None:
     assert not torch.equal(after[:, 0], free[:, 0])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_failed_capture_decodes_eagerly_with_a_reason_logged_once(device: str, caplog, monkeypatch) -> None:
+    """No graph (a CPU; on cuda a capture made to fail): the same fixed-shape step runs eagerly,
+    the same tokens come out, and the reason is logged once at debug level."""
+    if device == "cuda":
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("capture refused (test)")
+
+        monkeypatch.setattr(torch.cuda, "graph", broken)
+    model = tiny("llama", num_key_value_heads=2).to(device)
+    ids = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(7)).to(device)
+    mask = torch.ones_like(ids)
+    expected = sample_tokens(model, ids, mask, temperature=0, max_new_tokens=6, graph_decode=False)
+    fast_decode._logged.clear()
+    with caplog.at_level(logging.DEBUG, logger="kdkit.samplers.fast_decode"):
+        for _ in range(2):
+            decoder = StaticStepDecoder(model, graph=True)
+            with torch.no_grad():
+                tokens = [decoder.prefill(ids, mask, 6).argmax(-1)]
+                for _ in range(5):
+                    tokens.append(decoder.step(tokens[-1]).argmax(-1))
+            assert decoder.graph is None and decoder.graph_failed
+            assert torch.equal(torch.stack(tokens, 1), expected)
+    logged = [r.getMessage() for r in caplog.records if "decoding eagerly" in r.getMessage()]
+    assert len(logged) == 1 and ("no CUDA graphs" if device == "cpu" else "capture refused") in logged[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_graph_is_captured_under_deterministic_algorithms_cuda(monkeypatch) -> None:
+    """kdkit trains on GPUs under torch.use_deterministic_algorithms(warn_only=True), where
+    index_copy_ / index_put_ check their indices on the host (a sync, which breaks capture): the
+    graphed step still captures there and draws the dynamic step's tokens."""
+    from kdkit.engine.trainer import deterministic_algorithms
+
+    made: list[StaticStepDecoder] = []
+
+    class Recorded(StaticStepDecoder):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(generation, "StaticStepDecoder", Recorded)
+    model = tiny("qwen3", num_key_value_heads=2, head_dim=12).to("cuda")
+    ids = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(8)).to("cuda")
+    mask = torch.ones_like(ids)
+    mask[2, :2] = 0
+    free = sample_tokens(model, ids, mask, temperature=0, max_new_tokens=8, graph_decode=False)
+    kwargs = {"temperature": 0, "max_new_tokens": 8, "eos_token_ids": (int(free[1, 2]),), "pad_token_id": 0}
+    with deterministic_algorithms(True, torch.device("cuda")):
+        graphed = sample_tokens(model, ids, mask, graph_decode=None, **kwargs)  # None: graphs on cuda
+        dynamic = sample_tokens(model, ids, mask, graph_decode=False, **kwargs)
+    assert len(made) == 1 and made[0].graph is not None, made[0].graph_failed if made else "no decoder"
+    assert torch.equal(graphed, dynamic)
+
+
 def test_greedy_fast_path_equals_the_generic_loop_and_reads_live_weights() -> None:
     model = tiny("qwen2", num_key_value_heads=2)
     ids = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(2))

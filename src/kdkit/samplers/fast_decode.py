@@ -426,14 +426,17 @@ class StaticStepDecoder(LeanDecoder):
 
     def _static_inputs(self) -> None:
         device = self.visible.device
-        batch = self.visible.shape[0]
+        batch, length = self.visible.shape
         self.rows = torch.arange(batch, device=device)  # the full-batch rows still wanted
+        self.all_rows = True
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.slot = torch.full((1,), self.width + self.step_index, dtype=torch.long, device=device)
+        self.cache_index = torch.arange(length, device=device)
 
     def select(self, rows: Tensor) -> None:
         """Keep only `rows` (indices into the rows still wanted) in the output; the batch keeps them all."""
         self.rows = self.rows[rows]
+        self.all_rows = False
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per wanted row [B'] (at its next position): logits [B', V] for the next."""
@@ -442,7 +445,10 @@ class StaticStepDecoder(LeanDecoder):
                 f"StaticStepDecoder: more decode steps than the {self.visible.shape[1] - self.width} prepared"
             )
         self.step_index += 1
-        self.tokens.index_copy_(0, self.rows, tokens)
+        if self.all_rows:
+            self.tokens.copy_(tokens)
+        else:  # finished rows keep their last token (their logits are not returned)
+            self.tokens.index_copy_(0, self.rows, tokens)
         if self.graph is None and self.graph_wanted and self.graph_failed is None:
             self._capture()
         if self.graph is not None:
@@ -454,17 +460,26 @@ class StaticStepDecoder(LeanDecoder):
 
     def _fixed_step(self) -> Tensor:
         """One decode step of the whole static batch: reads `tokens`, writes the cache at `slot`,
-        advances `slot` and `next_pos` in place; logits [B, V]."""
-        self.visible.index_fill_(1, self.slot, 0.0)
+        advances `slot` and `next_pos` in place; logits [B, V].
+
+        Only elementwise, matmul, softmax and index_select kernels: `index_copy_` / `index_put_`
+        would run torch's deterministic variant under `torch.use_deterministic_algorithms` (kdkit's
+        GPU training default), which checks index bounds on the host, a sync that breaks capture.
+        """
+        at_slot = self.cache_index == self.slot  # [L] bool: the cache slot this step writes
+        self.visible.masked_fill_(at_slot, 0.0)
         visible = self.visible[:, None, None, :]  # [B, 1, 1, L]
+        write = at_slot.to(self.visible.dtype)[:, None]  # [L, 1]: 1 at the slot, 0 elsewhere
         cos = self.cos.index_select(0, self.next_pos).unsqueeze(-2)  # [B, 1, D]
         sin = self.sin.index_select(0, self.next_pos).unsqueeze(-2)
         x = F.embedding(self.tokens, self.embed)
         batch = x.shape[0]
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             q, k, v = self._qkv(layer, _rms(x, layer.ln1, layer.ln1_eps), cos, sin)
-            keys.index_copy_(2, self.slot, k.unsqueeze(2))
-            values.index_copy_(2, self.slot, v.unsqueeze(2))
+            # cache + write·(new − cache): exactly the new k / v at the slot (lerp's weight-1 branch
+            # returns `end`), the cache untouched elsewhere (finite values: the cache starts at 0)
+            keys.lerp_(k.unsqueeze(2), write)
+            values.lerp_(v.unsqueeze(2), write)
             # grouped-query attention written out (query head h reads key/value head h // groups):
             # plain matmul / softmax kernels, with no SDPA backend choice to depend on under capture
             q = q.reshape(batch, self.n_kv, self.groups, self.head_dim)
@@ -486,6 +501,7 @@ class StaticStepDecoder(LeanDecoder):
         by the first replay) and the counters, which are restored."""
         if self.tokens.device.type != "cuda":
             self.graph_failed = f"device {self.tokens.device} has no CUDA graphs"
+            _log_once(f"no CUDA graph, decoding eagerly: {self.graph_failed}")
             return
         next_pos, slot = self.next_pos.clone(), self.slot.clone()
         stream = torch.cuda.Stream(device=self.tokens.device)
@@ -498,7 +514,8 @@ class StaticStepDecoder(LeanDecoder):
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=stream):
+            # (the outer stream context restores the caller's stream even if capture_end raises)
+            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
                 logits = self._fixed_step()
         except Exception as error:  # noqa: BLE001 - any capture failure: run the step eagerly
             self.graph_failed = f"{type(error).__name__}: {error}"
