@@ -446,7 +446,7 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     errors: dict[str, str] = {}
     quick = args.quick
-    n_rounds = 2 if quick else 3
+    n_rounds = 2 if quick else args.rounds or 3
     batch, group = (8, 2) if quick else (32, 4)
     n = 8 if quick else args.max_new_tokens
 
@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=None, help="default 5 (3 in the device suite)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--group", type=int, default=4, help="G samples per prompt in part 2")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -593,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.set_num_threads(args.threads)
         return device_main(args, argv)
+    args.rounds = args.rounds or 5
     if args.quick:
         args.rounds, args.batch, args.smollm2_rounds, args.smollm2_batch = 2, 8, 1, 2
     torch.set_num_threads(args.threads)

@@ -15,6 +15,10 @@ one. `lean_decoder_support` names the first thing it does not reproduce exactly 
 subclass or hooked module such as a PEFT adapter, dynamic/long RoPE, a sliding window shorter than
 the sequence, attention dropout in training mode, ...); `kdkit.samplers.generation.sample_tokens`
 then falls back to its generic loop over `model(...)` and logs the reason once at debug level.
+
+`StaticStepDecoder` (below) is the same decoder with a fixed-shape decode step (whole static batch,
+attention over the whole cache, slot and positions in device tensors) that a CUDA device runs as
+one CUDA graph replay per token; `sample_tokens` picks it on CUDA (`GenerationSettings.graph_decode`).
 """
 
 from __future__ import annotations

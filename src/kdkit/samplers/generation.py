@@ -12,8 +12,9 @@ model's configs. The loop stops a row at any of the EOS ids (chat models list se
 finished rows from the batch and the cache, and shares one prompt prefill among the
 `num_samples` completions of each prompt. Llama / Mistral / Qwen2 / Qwen3 models decode through
 `kdkit.samplers.fast_decode.LeanDecoder` (the same logits from the live weights, a fraction of the
-per-token overhead of the model's forward); anything it does not reproduce exactly runs the model's
-own forward, the reason logged once at debug level.
+per-token overhead of the model's forward; on a CUDA device one CUDA graph replay per token,
+`StaticStepDecoder`); anything it does not reproduce exactly runs the model's own forward, the
+reason logged once at debug level.
 """
 
 from __future__ import annotations
