@@ -507,8 +507,12 @@ class StaticStepDecoder(LeanDecoder):
             self.graph_failed = f"device {self.tokens.device} has no CUDA graphs"
             _log_once(f"no CUDA graph, decoding eagerly: {self.graph_failed}")
             return
+        with torch.cuda.device(self.tokens.device):
+            self._capture_on_device()
+
+    def _capture_on_device(self) -> None:
         next_pos, slot = self.next_pos.clone(), self.slot.clone()
-        stream = torch.cuda.Stream(device=self.tokens.device)
+        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(self.WARMUP_STEPS):
