@@ -20,6 +20,20 @@ process, rounds alternating the order of the methods (seed r for every method of
     .venv/bin/python benchmarks/sampling.py --rounds 4 --smollm2   # -> docs/benchmarks/sampling.json
     .venv/bin/python benchmarks/sampling.py --quick                # smoke run -> runs/benchmarks/
     .venv/bin/python benchmarks/sampling.py --ops-only             # ops and ms of one decode step
+
+`--device cuda` (or `--device cpu` to check the same code paths here; `--quick` shrinks it) runs
+the device suite instead, which adds the lean decoder's fixed-shape step captured in a CUDA graph
+(`kdkit_graph`: `sample_tokens(graph_decode=True)`; on a CPU the same fixed-shape step runs
+eagerly, no graph) next to the dynamic lean step (`kdkit_lean`: `graph_decode=False`):
+
+5. the arithmetic student (float32): tokens/s of HF generate, kdkit generic, lean and graph with 32
+   prompts x 1 sample and 8 prompts x G = 4 (3 rounds, order alternating, per-round ratios), and
+   sampling's share of the on-policy reverse-KL step with generate, lean and graph;
+6. SmolLM2-135M's shape (random weights from `$KDKIT_CACHE/models/SmolLM2-135M-Instruct/config.json`,
+   bfloat16, 8 random 16-token prompts, 32 new tokens): tokens/s of generate, lean and graph.
+
+    python benchmarks/sampling.py --device cuda --out DIR   # -> DIR/sampling_cuda.json (~1 min, H200)
+    python benchmarks/sampling.py --device cpu --quick --out /tmp/s  # every code path, tiny sizes
 """
 
 from __future__ import annotations
@@ -74,11 +88,22 @@ def hf_generate(
     return out[:, ids.shape[1] :]
 
 
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], torch.Tensor], eos: int) -> tuple[float, int]:
+    """Wall seconds of fn() (device work included) and its completion tokens."""
+    synchronize(DEVICE)
     start = time.perf_counter()
     new = fn()
+    synchronize(DEVICE)
     seconds = time.perf_counter() - start
     return seconds, int(completion_lengths(new, eos).sum())
+
+
+DEVICE = torch.device("cpu")  # the device suite sets it (timed() waits for its queued work)
 
 
 def rounds(
@@ -97,31 +122,55 @@ def rounds(
 
 
 SAMPLERS = ("hf_generate", "kdkit_generic", "kdkit_lean")
+# kdkit's decoders: name -> (fast_decode, graph_decode). The CPU suite's "kdkit_lean" is the default
+# path there (graph_decode None = the dynamic step off CUDA); the device suite names both explicitly.
+KDKIT_DECODERS: dict[str, tuple[bool, bool | None]] = {
+    "kdkit_generic": (False, None),
+    "kdkit_lean": (True, None),
+    "kdkit_lean_eager": (True, False),
+    "kdkit_graph": (True, True),
+}
 
 
-def kdkit_sample(model, ids, mask, n: int, eos: int, pad: int, fast: bool, g: int = 1) -> torch.Tensor:
+def kdkit_sample(
+    model, ids, mask, n: int, eos: int, pad: int, fast: bool, g: int = 1, graph_decode: bool | None = None
+) -> torch.Tensor:
     return sample_tokens(
-        model, ids, mask, max_new_tokens=n, eos_token_ids=(eos,), pad_token_id=pad, num_samples=g, fast=fast
+        model,
+        ids,
+        mask,
+        max_new_tokens=n,
+        eos_token_ids=(eos,),
+        pad_token_id=pad,
+        num_samples=g,
+        fast=fast,
+        graph_decode=graph_decode,
     )
 
 
-def sampler_runs(model, ids, mask, n: int, eos: int, pad: int, g: int = 1) -> dict[str, Callable]:
-    """The three samplers as timed callables (seconds, completion tokens)."""
-    return {
-        "hf_generate": lambda: timed(lambda: hf_generate(model, ids, mask, n, eos, pad, g), eos),
-        "kdkit_generic": lambda: timed(lambda: kdkit_sample(model, ids, mask, n, eos, pad, False, g), eos),
-        "kdkit_lean": lambda: timed(lambda: kdkit_sample(model, ids, mask, n, eos, pad, True, g), eos),
-    }
+def sampler_runs(
+    model, ids, mask, n: int, eos: int, pad: int, g: int = 1, names: tuple[str, ...] = SAMPLERS
+) -> dict[str, Callable]:
+    """The samplers `names` as timed callables (seconds, completion tokens)."""
+
+    def run(name: str) -> Callable[[], tuple[float, int]]:
+        if name == "hf_generate":
+            return lambda: timed(lambda: hf_generate(model, ids, mask, n, eos, pad, g), eos)
+        fast, graph = KDKIT_DECODERS[name]
+        return lambda: timed(lambda: kdkit_sample(model, ids, mask, n, eos, pad, fast, g, graph), eos)
+
+    return {name: run(name) for name in names}
 
 
 def on_policy_step(student, teacher, optimizer, prompts, settings, sampler: str) -> dict[str, float]:
     """One on-policy reverse-KL step; returns its wall seconds and the sampling seconds within it."""
+    synchronize(DEVICE)
     started = time.perf_counter()
     ids, mask = prompts["prompt_ids"], prompts["prompt_attention_mask"]
     if sampler != "hf_generate":
-        batch, info = generate_batch(
-            student, ids, mask, replace(settings, fast_decode=sampler == "kdkit_lean")
-        )
+        fast, graph = KDKIT_DECODERS[sampler]
+        choice = replace(settings, fast_decode=fast, graph_decode=graph)
+        batch, info = generate_batch(student, ids, mask, choice)
         sampling = info["generation_s"]
     else:  # the same batch layout, sampled by HF generate
         t0 = time.perf_counter()
@@ -131,6 +180,7 @@ def on_policy_step(student, teacher, optimizer, prompts, settings, sampler: str)
                 student, ids, mask, settings.max_new_tokens, settings.eos_token_id, settings.pad_token_id
             )
         student.train()
+        synchronize(DEVICE)
         sampling = time.perf_counter() - t0
         lengths = completion_lengths(new, settings.eos_token_id)
         batch = build_lm_batch(
@@ -138,6 +188,7 @@ def on_policy_step(student, teacher, optimizer, prompts, settings, sampler: str)
             [row[: int(n)].tolist() for row, n in zip(new, lengths)],
             settings.pad_token_id,
         )
+        batch = {k: v.to(ids.device) for k, v in batch.items()}
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         t_logits = teacher(**inputs).logits[:, :-1]
@@ -147,17 +198,21 @@ def on_policy_step(student, teacher, optimizer, prompts, settings, sampler: str)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"step_s": time.perf_counter() - started, "sampling_s": sampling, "tokens": float(mask_t.sum())}
+    synchronize(DEVICE)
+    tokens = float(mask_t.sum())
+    return {"step_s": time.perf_counter() - started, "sampling_s": sampling, "tokens": tokens}
 
 
-def step_rounds(student, teacher, prompts, settings, n: int, seed: int) -> dict[str, list[dict[str, float]]]:
+def step_rounds(
+    student, teacher, prompts, settings, n: int, seed: int, names: tuple[str, ...] = SAMPLERS
+) -> dict[str, list[dict[str, float]]]:
     """On-policy steps with each sampler, order alternating per round, after one warm-up step each."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    steps: dict[str, list[dict[str, float]]] = {k: [] for k in SAMPLERS}
-    for name in SAMPLERS:
+    steps: dict[str, list[dict[str, float]]] = {k: [] for k in names}
+    for name in names:
         on_policy_step(student, teacher, optimizer, prompts, settings, name)
     for r in range(n):
-        order = list(SAMPLERS) if r % 2 == 0 else list(SAMPLERS)[::-1]
+        order = list(names) if r % 2 == 0 else list(names)[::-1]
         for name in order:
             torch.manual_seed(seed + r)
             steps[name].append(on_policy_step(student, teacher, optimizer, prompts, settings, name))
@@ -287,12 +342,237 @@ def summary(seconds: list[float], tokens: list[int]) -> dict[str, float]:
     return {"tokens_per_s": statistics.median(rates), "min": min(rates), "max": max(rates)}
 
 
+DEVICE_SAMPLERS = ("hf_generate", "kdkit_generic", "kdkit_lean_eager", "kdkit_graph")
+STEP_SAMPLERS = ("hf_generate", "kdkit_lean_eager", "kdkit_graph")
+SMOLLM2_SAMPLERS = ("hf_generate", "kdkit_lean_eager", "kdkit_graph")
+
+
+def guarded(name: str, fn: Callable[[], Any], errors: dict[str, str]) -> Any:
+    """fn(), or None with its error recorded under `name` (one failing case never ends the run)."""
+    try:
+        return fn()
+    except Exception as error:  # noqa: BLE001 - recorded in the JSON, the run goes on
+        errors[name] = f"{type(error).__name__}: {error}"
+        print(f"  {name} FAILED: {errors[name]}", flush=True)
+        return None
+
+
+def device_rounds(methods: dict[str, Callable], n: int, seed: int, errors: dict[str, str], tag: str):
+    """One unmeasured warm-up call per method (CUDA/cuBLAS initialisation, first captures), then
+    `rounds`; a method that fails is recorded in `errors` and left out."""
+    working = {}
+    for name, fn in methods.items():
+        if guarded(f"{tag}/{name}", fn, errors) is not None:
+            working[name] = fn
+    return rounds(working, n, seed)
+
+
+def ratio_table(part: dict[str, dict[str, list]]) -> dict[str, Any]:
+    """Median tokens/s per method and per-round ratios of each kdkit sampler over generate and of
+    the graph over the eager lean step (where both ran)."""
+    out: dict[str, Any] = {"tokens_per_s": {k: summary(v["seconds"], v["tokens"]) for k, v in part.items()}}
+    pairs = [(m, "hf_generate") for m in part if m != "hf_generate"]
+    pairs.append(("kdkit_graph", "kdkit_lean_eager"))
+    for method, base in pairs:
+        if method in part and base in part:
+            per_round = ratios(part, method, base)
+            out[f"{method}_over_{base}"] = {"per_round": per_round, "median": statistics.median(per_round)}
+    return out
+
+
+def smollm2_random(device: torch.device, quick: bool) -> tuple[Any, int]:
+    """SmolLM2-135M-Instruct's architecture with random weights (timings do not depend on the
+    values), bfloat16, on `device`; its EOS id. `quick`: 2 of its 30 layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kdkit.paths import cache_dir
+
+    folder = cache_dir("models", "SmolLM2-135M-Instruct")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder / 'config.json'} is missing (SmolLM2-135M-Instruct's config)")
+    config = AutoConfig.from_pretrained(folder)
+    if quick:
+        config.num_hidden_layers = 2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=torch.bfloat16).eval()
+    eos = config.eos_token_id
+    return model, int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+
+
+def decode_step_ms(
+    model, ids: torch.Tensor, mask: torch.Tensor, steps: int, repeats: int = 3
+) -> dict[str, Any]:
+    """Milliseconds per decode step of the whole batch (no rows dropped), `steps` steps after a
+    prefill, best of `repeats`: the dynamic lean step, the fixed-shape step run eagerly, and (on
+    CUDA) its graph replay, with the capture's own cost (warm-up + capture, ms) and whether the
+    graph was captured at all (a failed capture would decode eagerly; its reason is recorded)."""
+    from kdkit.samplers.fast_decode import LeanDecoder, StaticStepDecoder
+
+    device = ids.device
+    graph = device.type == "cuda"
+    out: dict[str, Any] = {"steps": steps}
+    kinds = {"lean_dynamic": False, "fixed_eager": False, **({"fixed_graph": True} if graph else {})}
+    with torch.no_grad():
+        for name, captured in kinds.items():
+            best, capture = float("inf"), float("inf")
+            for _ in range(repeats):
+                decoder = LeanDecoder(model) if name == "lean_dynamic" else StaticStepDecoder(model, captured)
+                token = decoder.prefill(ids, mask, steps + 1).argmax(-1)
+                synchronize(device)
+                start = time.perf_counter()
+                token = decoder.step(token).argmax(-1)  # the first step captures the graph
+                synchronize(device)
+                first = time.perf_counter() - start
+                start = time.perf_counter()
+                for _ in range(steps - 1):
+                    token = decoder.step(token).argmax(-1)
+                synchronize(device)
+                per_step = (time.perf_counter() - start) / (steps - 1)
+                best, capture = min(best, per_step), min(capture, first - per_step)
+            out[f"{name}_ms"] = best * 1e3
+            if name == "fixed_graph":
+                out["graph_capture_ms"] = capture * 1e3
+                out["graph_captured"] = decoder.graph is not None
+                out["graph_failure"] = decoder.graph_failed
+    return out
+
+
+def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The device suite (parts 5 and 6 of the module docstring) on `args.device`."""
+    global DEVICE
+    DEVICE = device = torch.device(args.device)
+    started = time.perf_counter()
+    out_dir = Path(args.out) if args.out else ROOT / "runs" / "benchmarks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors: dict[str, str] = {}
+    quick = args.quick
+    n_rounds = 2 if quick else args.rounds or 3
+    batch, group = (8, 2) if quick else (32, 4)
+    n = 8 if quick else args.max_new_tokens
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
+
+    result: dict[str, Any] = {
+        "command": "python benchmarks/sampling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}",
+        "load_avg_1min": [os.getloadavg()[0]],
+        "seed": args.seed,
+        "rounds": n_rounds,
+        "samplers": {
+            "hf_generate": "model.generate(do_sample=True, temperature=1, top_k=0, top_p=1)",
+            "kdkit_generic": "sample_tokens(fast=False): kdkit's loop over the model's own forward",
+            "kdkit_lean_eager": "sample_tokens(graph_decode=False): LeanDecoder's dynamic step, eager",
+            "kdkit_graph": "sample_tokens(graph_decode=True): StaticStepDecoder's fixed-shape step, "
+            + ("one CUDA graph replay per token" if device.type == "cuda" else "EAGER (CPUs have no graphs)"),
+        },
+        "errors": errors,
+    }
+    progress(f"device suite on {result['device_name']}")
+    teacher, tokenizer, folder = get_arithmetic_teacher()
+    # both students derived on the CPU from the same teacher weights, then moved
+    student = derive_student(teacher, keep_layers=3, intermediate_size=48).to(device).eval()
+    train_student = derive_student(teacher, keep_layers=3, intermediate_size=48).to(device).train()
+    teacher = teacher.to(device).eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = PromptCompletionCollator(tokenizer)(arithmetic_dataset(batch, (1, 3), seed=args.seed))
+    prompts = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prompts.items()}
+    ids, mask = prompts["prompt_ids"], prompts["prompt_attention_mask"]
+    result["arithmetic"] = {"teacher": str(folder), "batch": batch, "group": group, "max_new_tokens": n}
+
+    progress("ms per decode step (arithmetic student, the whole batch)")
+    result["arithmetic"]["decode_step"] = guarded(
+        "decode_step", lambda: decode_step_ms(student, ids, mask, n - 1), errors
+    )
+    progress(f"  {json.dumps(result['arithmetic']['decode_step'])}")
+    with torch.no_grad():
+        progress(f"arithmetic student: {batch} prompts x 1 sample")
+        runs = sampler_runs(student, ids, mask, n, eos, pad, names=DEVICE_SAMPLERS)
+        part1 = device_rounds(runs, n_rounds, args.seed, errors, "g1")
+        result["arithmetic"]["one_sample"] = {"raw": part1, **ratio_table(part1)}
+        progress(f"  {json.dumps(result['arithmetic']['one_sample']['tokens_per_s'])}")
+        progress(f"arithmetic student: {batch // group} prompts x G = {group}")
+        gids, gmask = ids[: batch // group], mask[: batch // group]
+        part2 = device_rounds(
+            sampler_runs(student, gids, gmask, n, eos, pad, group, names=DEVICE_SAMPLERS),
+            n_rounds,
+            args.seed,
+            errors,
+            f"g{group}",
+        )
+        result["arithmetic"]["group"] = {"raw": part2, **ratio_table(part2)}
+        progress(f"  {json.dumps(result['arithmetic']['group']['tokens_per_s'])}")
+
+    progress("on-policy reverse-KL steps")
+    settings = GenerationSettings(temperature=1.0, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
+    steps = guarded(
+        "steps",
+        lambda: step_rounds(train_student, teacher, prompts, settings, n_rounds, args.seed, STEP_SAMPLERS),
+        errors,
+    )
+    if steps is not None:
+        result["arithmetic"]["steps"] = {"raw": steps, **step_summary(steps)}
+        progress(f"  sampling share {json.dumps(result['arithmetic']['steps']['share'])}")
+
+    def smollm2() -> dict[str, Any]:
+        model, s_eos = smollm2_random(device, quick)
+        s_batch, s_new = (2, 4) if quick else (8, 32)
+        s_ids = torch.randint(
+            100, model.config.vocab_size, (s_batch, 16), generator=torch.Generator().manual_seed(args.seed)
+        ).to(device)
+        s_mask = torch.ones_like(s_ids)
+        step_ms = decode_step_ms(model, s_ids, s_mask, s_new - 1, repeats=2)
+        progress(f"  {json.dumps(step_ms)}")
+        with torch.no_grad():
+            part = device_rounds(
+                sampler_runs(model, s_ids, s_mask, s_new, s_eos, s_eos, names=SMOLLM2_SAMPLERS),
+                n_rounds,
+                args.seed,
+                errors,
+                "smollm2",
+            )
+        return {
+            "layers": model.config.num_hidden_layers,
+            "params": sum(p.numel() for p in model.parameters()),
+            "dtype": "bfloat16",
+            "batch": s_batch,
+            "prompt_tokens": 16,
+            "max_new_tokens": s_new,
+            "decode_step": step_ms,
+            "raw": part,
+            **ratio_table(part),
+        }
+
+    result["smollm2"] = None
+    if device.type == "cuda" or quick or args.smollm2:  # (full size on a CPU: only when asked)
+        progress("SmolLM2-135M shape, random weights, bfloat16")
+        result["smollm2"] = guarded("smollm2", smollm2, errors)
+    if result["smollm2"] is not None:
+        progress(f"  {json.dumps(result['smollm2']['tokens_per_s'])}")
+    result["load_avg_1min"].append(os.getloadavg()[0])
+    result["seconds"] = time.perf_counter() - started
+    path = out_dir / f"sampling_{device.type}.json"
+    path.write_text(json.dumps(result, indent=1))
+    brief = {
+        part: {k: v for k, v in result["arithmetic"][part].items() if k != "raw"}
+        for part in ("one_sample", "group", "steps", "decode_step")
+        if result["arithmetic"].get(part)
+    }
+    if result["smollm2"] is not None:
+        brief["smollm2"] = {k: v for k, v in result["smollm2"].items() if k != "raw"}
+    print(json.dumps({"summary": brief, "errors": errors}, indent=1), flush=True)
+    progress(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=None, help="default 5 (3 in the device suite)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--group", type=int, default=4, help="G samples per prompt in part 2")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -304,7 +584,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smollm2-batch", type=int, default=8)
     parser.add_argument("--smollm2-new-tokens", type=int, default=32)
     parser.add_argument("--smollm2-rounds", type=int, default=3)
+    parser.add_argument(
+        "--device", default=None, help="run the device suite (CUDA graphs) on this device: cuda, cpu, auto"
+    )
     args = parser.parse_args(argv)
+    if args.device is not None:
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.set_num_threads(args.threads)
+        return device_main(args, argv)
+    args.rounds = args.rounds or 5
     if args.quick:
         args.rounds, args.batch, args.smollm2_rounds, args.smollm2_batch = 2, 8, 1, 2
     torch.set_num_threads(args.threads)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from kdkit.samplers import fast_decode, generation
-from kdkit.samplers.fast_decode import LeanDecoder, lean_decoder_support
+from kdkit.samplers.fast_decode import LeanDecoder, StaticStepDecoder, lean_decoder_support
 from kdkit.samplers.generation import sample_tokens
 
 VOCAB = 40
@@ -67,6 +67,12 @@ def tiny(model_type: str, seed: int = 0, **extra):
     return model
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
 def reference_logits(model, rows: list[Tensor]) -> list[Tensor]:
     """Each unpadded row's last-position logits from the model's own forward [V]."""
     with torch.no_grad():
@@ -109,6 +115,127 @@ def test_lean_logits_equal_the_model_forward_at_every_position(
         rows = [torch.cat([r, c[None]]) for r, c in zip(rows, chosen)]
         with torch.no_grad():
             logits = decoder.step(chosen)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "llama-biases-untied", "mistral-gqa", "qwen3-qk-norm"])
+def test_static_step_logits_equal_the_dynamic_step_and_the_model(name: str, device: str) -> None:
+    """The fixed-shape step (whole static batch, attention over the whole zero-initialised cache,
+    slot and positions in device tensors; a CUDA graph replay on cuda) gives the dynamic lean
+    step's and the model's logits at every position: left-padded prompts, G = 2 samples per prompt,
+    rows dropped mid-way (kept in the static batch, left out of the output)."""
+    model_type, extra = CONFIGS[name]
+    model = tiny(model_type, **extra).to(device)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (7, 4, 5)]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 7 - len(p) :], mask[i, 7 - len(p) :] = p, 1
+    ids, mask = ids.to(device), mask.to(device)
+    static, dynamic = StaticStepDecoder(model, graph=device == "cuda"), LeanDecoder(model)
+    with torch.no_grad():
+        logits = static.prefill(ids, mask, max_new_tokens=8)
+        expected_dynamic = dynamic.prefill(ids, mask, max_new_tokens=8)
+    for decoder in (static, dynamic):
+        decoder.repeat_interleave(2)  # rows 2i, 2i+1 continue prompt i
+    rows = [p.to(device) for p in prompts for _ in range(2)]
+    logits, expected_dynamic = logits.repeat_interleave(2, 0), expected_dynamic.repeat_interleave(2, 0)
+    atol = 1e-5 if device == "cpu" else 1e-4  # GPU kernels sum in another order
+    for step in range(7):
+        assert bool(torch.isfinite(logits).all())
+        torch.testing.assert_close(logits, torch.stack(reference_logits(model, rows)), rtol=0, atol=atol)
+        torch.testing.assert_close(logits, expected_dynamic, rtol=0, atol=atol)
+        chosen = torch.randint(3, VOCAB, (len(rows),), generator=g).to(device)
+        if step in (2, 4):  # drop rows mid-way, as the sampling loop does for finished rows
+            keep = torch.tensor([0, 2, 3, 5] if step == 2 else [1, 2], device=device)
+            static.select(keep)
+            dynamic.select(keep)
+            rows, chosen = [rows[i] for i in keep.tolist()], chosen[keep]
+        rows = [torch.cat([r, c[None]]) for r, c in zip(rows, chosen)]
+        with torch.no_grad():
+            logits, expected_dynamic = static.step(chosen), dynamic.step(chosen)
+    assert static.keys[0].shape[0] == 6  # the static batch kept every row
+    if device == "cuda":  # the graph was captured and replayed, not silently skipped
+        assert static.graph is not None and static.graph_failed is None, static.graph_failed
+    else:
+        assert static.graph is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_decode_samples_equal_the_dynamic_lean_path(device: str) -> None:
+    """sample_tokens with the fixed-shape step (graph_decode=True; a CUDA graph on cuda) draws the
+    dynamic lean path's greedy tokens, with EOS ending rows mid-way, and reads the live weights."""
+    model = tiny("qwen3", num_key_value_heads=2, head_dim=12).to(device)
+    ids = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(2)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    free = sample_tokens(model, ids, mask, temperature=0, max_new_tokens=10, graph_decode=False)
+    stop = int(free[0, 3])
+    kwargs = {"temperature": 0, "max_new_tokens": 10, "eos_token_ids": (stop,), "pad_token_id": 0}
+    dynamic = sample_tokens(model, ids, mask, graph_decode=False, **kwargs)
+    assert torch.equal(sample_tokens(model, ids, mask, graph_decode=True, **kwargs), dynamic)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    after = sample_tokens(model, ids, mask, graph_decode=False, **kwargs)
+    assert torch.equal(sample_tokens(model, ids, mask, graph_decode=True, **kwargs), after)
+    assert not torch.equal(after[:, 0], free[:, 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_failed_capture_decodes_eagerly_with_a_reason_logged_once(device: str, caplog, monkeypatch) -> None:
+    """No graph (a CPU; on cuda a capture made to fail): the same fixed-shape step runs eagerly,
+    the same tokens come out, and the reason is logged once at debug level."""
+    if device == "cuda":
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("capture refused (test)")
+
+        monkeypatch.setattr(torch.cuda, "graph", broken)
+    model = tiny("llama", num_key_value_heads=2).to(device)
+    ids = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(7)).to(device)
+    mask = torch.ones_like(ids)
+    expected = sample_tokens(model, ids, mask, temperature=0, max_new_tokens=6, graph_decode=False)
+    fast_decode._logged.clear()
+    with caplog.at_level(logging.DEBUG, logger="kdkit.samplers.fast_decode"):
+        for _ in range(2):
+            decoder = StaticStepDecoder(model, graph=True)
+            with torch.no_grad():
+                tokens = [decoder.prefill(ids, mask, 6).argmax(-1)]
+                for _ in range(5):
+                    tokens.append(decoder.step(tokens[-1]).argmax(-1))
+            assert decoder.graph is None and decoder.graph_failed
+            assert torch.equal(torch.stack(tokens, 1), expected)
+    logged = [r.getMessage() for r in caplog.records if "decoding eagerly" in r.getMessage()]
+    assert len(logged) == 1 and ("no CUDA graphs" if device == "cpu" else "capture refused") in logged[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_graph_is_captured_under_deterministic_algorithms_cuda(monkeypatch) -> None:
+    """kdkit trains on GPUs under torch.use_deterministic_algorithms(warn_only=True), where
+    index_copy_ / index_put_ check their indices on the host (a sync, which breaks capture): the
+    graphed step still captures there and draws the dynamic step's tokens."""
+    from kdkit.engine.trainer import deterministic_algorithms
+
+    made: list[StaticStepDecoder] = []
+
+    class Recorded(StaticStepDecoder):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(generation, "StaticStepDecoder", Recorded)
+    model = tiny("qwen3", num_key_value_heads=2, head_dim=12).to("cuda")
+    ids = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(8)).to("cuda")
+    mask = torch.ones_like(ids)
+    mask[2, :2] = 0
+    free = sample_tokens(model, ids, mask, temperature=0, max_new_tokens=8, graph_decode=False)
+    kwargs = {"temperature": 0, "max_new_tokens": 8, "eos_token_ids": (int(free[1, 2]),), "pad_token_id": 0}
+    with deterministic_algorithms(True, torch.device("cuda")):
+        graphed = sample_tokens(model, ids, mask, graph_decode=None, **kwargs)  # None: graphs on cuda
+        dynamic = sample_tokens(model, ids, mask, graph_decode=False, **kwargs)
+    assert len(made) == 1 and made[0].graph is not None, made[0].graph_failed if made else "no decoder"
+    assert torch.equal(graphed, dynamic)
 
 
 def test_greedy_fast_path_equals_the_generic_loop_and_reads_live_weights() -> None:

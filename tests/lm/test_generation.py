@@ -118,32 +118,62 @@ def test_settings_take_an_int_or_a_list_of_eos_ids(tokenizer) -> None:
         GenerationSettings(top_p=0.0)
 
 
+DECODE_PATHS = [
+    pytest.param("cpu", None, id="cpu-lean"),
+    pytest.param("cpu", True, id="cpu-fixed-shape"),
+    pytest.param(
+        "cuda",
+        None,
+        id="cuda-graph",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("device", "graph_decode"), DECODE_PATHS)
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (1.3, 0.9)])
 def test_samples_follow_the_model_not_its_generation_config(
-    tokenizer, temperature: float, top_p: float
+    tokenizer, temperature: float, top_p: float, device: str, graph_decode: bool | None, monkeypatch
 ) -> None:
     """An instruct model's generation_config (repetition penalty, min_p, top_k, no-repeat n-grams)
     must not change on-policy samples: token frequencies at steps 1 and 2 match the model's own
-    softmax(logits / T) (top-p nucleus when set), computed exactly."""
-    model = peaked_lm(tokenizer, seed=1)
+    softmax(logits / T) (top-p nucleus when set), computed exactly. Through the dynamic lean step,
+    the fixed-shape step, and (on cuda, by default) its CUDA graph."""
+    from kdkit.samplers import generation
+    from kdkit.samplers.fast_decode import StaticStepDecoder
+
+    made: list[StaticStepDecoder] = []
+
+    class Recorded(StaticStepDecoder):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(generation, "StaticStepDecoder", Recorded)
+    model = peaked_lm(tokenizer, seed=1).to(device)
     gc = model.generation_config
     gc.repetition_penalty, gc.min_p, gc.top_k, gc.no_repeat_ngram_size = 10.0, 0.2, 3, 1
     gc.do_sample, gc.temperature = True, 0.3
     data = prompts(tokenizer, 1, seed=5)
     prompt = data["prompt_ids"][0]
     assert lean_decoder_support(model, prompt.shape[0] + 2) is None  # sampled through the lean path
-    p1, p2 = two_step_probs(model, prompt, temperature, top_p)
+    prompt = prompt.to(device)
+    p1, p2 = (p.cpu() for p in two_step_probs(model, prompt, temperature, top_p))
     n = 3000
     torch.manual_seed(0)
     tokens = sample_tokens(
         model,
         prompt.repeat(n, 1),
-        torch.ones(n, prompt.shape[0], dtype=torch.long),
+        torch.ones(n, prompt.shape[0], dtype=torch.long, device=device),
         temperature=temperature,
         top_p=top_p,
         max_new_tokens=2,
         eos_token_ids=(),
-    )
+        graph_decode=graph_decode,
+    ).cpu()
+    assert len(made) == (0 if device == "cpu" and graph_decode is None else 1)
+    if device == "cuda":  # sampled through a replayed CUDA graph, not an eager fallback
+        assert made[0].graph is not None, made[0].graph_failed
     vocab = p1.shape[0]
     assert_matches(torch.bincount(tokens[:, 0], minlength=vocab), p1)
     assert_matches(torch.bincount(tokens[:, 1], minlength=vocab), p2)

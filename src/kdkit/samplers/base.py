@@ -34,6 +34,9 @@ class GenerationParams(ParamsModel):
     #: from the live weights, a fraction of the per-token overhead of the model's forward); other
     #: models always use their own forward. false = always the model's forward.
     fast_decode: bool = True
+    #: the lean decoder's steps as CUDA graph replays: null = on CUDA devices, true = the
+    #: fixed-shape step everywhere (eager off CUDA), false = never (GenerationSettings.graph_decode).
+    graph_decode: bool | None = None
 
 
 def generation_settings(params: GenerationParams, ctx: LMContext) -> GenerationSettings:
@@ -45,6 +48,7 @@ def generation_settings(params: GenerationParams, ctx: LMContext) -> GenerationS
         pad_token_id=ctx.pad_token_id,
         num_samples=params.num_samples,
         fast_decode=params.fast_decode,
+        graph_decode=params.graph_decode,
     )
 
 

@@ -15,15 +15,22 @@ one. `lean_decoder_support` names the first thing it does not reproduce exactly 
 subclass or hooked module such as a PEFT adapter, dynamic/long RoPE, a sliding window shorter than
 the sequence, attention dropout in training mode, ...); `kdkit.samplers.generation.sample_tokens`
 then falls back to its generic loop over `model(...)` and logs the reason once at debug level.
+
+`StaticStepDecoder` (below) is the same decoder with a fixed-shape decode step (whole static batch,
+attention over the whole cache, slot and positions in device tensors) that a CUDA device runs as
+one CUDA graph replay per token; `sample_tokens` picks it on CUDA (`GenerationSettings.graph_decode`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 # model_type -> the Hugging Face class whose forward this module reproduces (transformers 5.x).
 SUPPORTED: dict[str, str] = {
@@ -305,8 +312,10 @@ class LeanDecoder:
         self._rope_tables(int(positions.max()) + max_new_tokens + 1)
         dtype, device = self.embed.dtype, ids.device
         shape = (batch, self.n_kv, length, self.head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
+        # zeros, not empty: `StaticStepDecoder` attends over the whole cache (masked), and uninitialised
+        # memory could hold NaN / inf, which a -inf mask does not cancel (NaN + -inf = NaN, 0 · inf = NaN)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         # additive attention mask over the cache: 0 = a token to attend to, -inf = padding / not yet
         self.visible = torch.full((batch, length), float("-inf"), dtype=dtype, device=device)
         self.visible[:, :width].masked_fill_(mask, 0.0)
@@ -377,4 +386,161 @@ class LeanDecoder:
         return self._logits(x)
 
 
-__all__ = ["SUPPORTED", "LeanDecoder", "lean_decoder_support"]
+class StaticStepDecoder(LeanDecoder):
+    """`LeanDecoder` with a fixed-shape decode step, captured in a CUDA graph on CUDA devices.
+
+    On a GPU a decode step of a small model is kernel-launch overhead (~250-400 launches per token
+    for the arithmetic student), which one `CUDAGraph.replay()` removes. A graph replays the same
+    kernels on the same memory, so nothing in the step may change shape or depend on a Python value
+    that changes per step:
+
+    - the batch keeps all its rows: `select(rows)` only records which rows are still wanted;
+      `step(tokens)` takes the tokens of those rows, scatters them into the full static batch
+      (finished rows re-feed their last token; their results are ignored) and returns the logits
+      of those rows only, so the sampling loop is the same as with `LeanDecoder`;
+    - attention runs over the whole cache length with the additive mask `visible` (-inf on padding
+      and on slots not written yet; the cache is zero-initialised so unwritten slots are finite),
+      the current slot unmasked in place;
+    - the cache slot and each row's position live in device tensors advanced in place.
+
+    The graph is captured at the first `step` of each decoder (decoders, and so graphs, are built
+    once per `sample_tokens` call from the live weights): warm-up on a side stream, capture, then a
+    replay per step with the tokens copied into the static input buffer. A capture that fails falls
+    back to running the same step eagerly, the reason logged once at debug level. graph=False runs
+    the fixed-shape step eagerly (what CPUs do: they have no graphs).
+    """
+
+    WARMUP_STEPS = 2  # eager runs on the side stream before capture (cuBLAS handles, workspaces)
+
+    def __init__(self, model: nn.Module, graph: bool = True) -> None:
+        super().__init__(model)
+        self.graph_wanted = graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_failed: str | None = None
+        self.groups = self.n_q // self.n_kv
+
+    def prefill(self, ids: Tensor, mask: Tensor, max_new_tokens: int) -> Tensor:
+        logits = super().prefill(ids, mask, max_new_tokens)
+        self._static_inputs()
+        return logits
+
+    def repeat_interleave(self, repeats: int) -> None:
+        super().repeat_interleave(repeats)
+        self._static_inputs()
+
+    def _static_inputs(self) -> None:
+        device = self.visible.device
+        batch, length = self.visible.shape
+        self.rows = torch.arange(batch, device=device)  # the full-batch rows still wanted
+        self.all_rows = True
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slot = torch.full((1,), self.width + self.step_index, dtype=torch.long, device=device)
+        self.cache_index = torch.arange(length, device=device)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only `rows` (indices into the rows still wanted) in the output; the batch keeps them all."""
+        self.rows = self.rows[rows]
+        self.all_rows = False
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed one token per wanted row [B'] (at its next position): logits [B', V] for the next."""
+        if self.width + self.step_index >= self.visible.shape[1]:
+            raise RuntimeError(
+                f"StaticStepDecoder: more decode steps than the {self.visible.shape[1] - self.width} prepared"
+            )
+        self.step_index += 1
+        if self.all_rows:
+            self.tokens.copy_(tokens)
+        else:  # finished rows keep their last token (their logits are not returned)
+            self.tokens.index_copy_(0, self.rows, tokens)
+        if self.graph is None and self.graph_wanted and self.graph_failed is None:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.graph_logits
+        else:
+            logits = self._fixed_step()
+        return logits.index_select(0, self.rows)  # a copy: the next replay overwrites graph_logits
+
+    def _fixed_step(self) -> Tensor:
+        """One decode step of the whole static batch: reads `tokens`, writes the cache at `slot`,
+        advances `slot` and `next_pos` in place; logits [B, V].
+
+        Only elementwise, matmul, softmax and index_select kernels: `index_copy_` / `index_put_`
+        would run torch's deterministic variant under `torch.use_deterministic_algorithms` (kdkit's
+        GPU training default), which checks index bounds on the host, a sync that breaks capture.
+        """
+        at_slot = self.cache_index == self.slot  # [L] bool: the cache slot this step writes
+        self.visible.masked_fill_(at_slot, 0.0)
+        visible = self.visible[:, None, None, :]  # [B, 1, 1, L]
+        write = at_slot.to(self.visible.dtype)[:, None]  # [L, 1]: 1 at the slot, 0 elsewhere
+        cos = self.cos.index_select(0, self.next_pos).unsqueeze(-2)  # [B, 1, D]
+        sin = self.sin.index_select(0, self.next_pos).unsqueeze(-2)
+        x = F.embedding(self.tokens, self.embed)
+        batch = x.shape[0]
+        for layer, keys, values in zip(self.layers, self.keys, self.values):
+            q, k, v = self._qkv(layer, _rms(x, layer.ln1, layer.ln1_eps), cos, sin)
+            # cache + write·(new − cache): exactly the new k / v at the slot (lerp's weight-1 branch
+            # returns `end`), the cache untouched elsewhere (finite values: the cache starts at 0)
+            keys.lerp_(k.unsqueeze(2), write)
+            values.lerp_(v.unsqueeze(2), write)
+            # grouped-query attention written out (query head h reads key/value head h // groups):
+            # plain matmul / softmax kernels, with no SDPA backend choice to depend on under capture
+            q = q.reshape(batch, self.n_kv, self.groups, self.head_dim)
+            scores = torch.add(visible, torch.matmul(q, keys.transpose(-1, -2)), alpha=self.scaling)
+            if scores.dtype in (torch.float32, torch.float64):
+                probs = torch.softmax(scores, -1)
+            else:  # 16-bit: softmax in float32, as the models' eager attention does
+                probs = torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
+            out = torch.matmul(probs, values)  # [B, Hkv, groups, D]
+            x = layer.o(out.view(batch, -1), residual=x)
+            x = self._mlp(layer, x)
+        self.next_pos.add_(1)
+        self.slot.add_(1)
+        return self._logits(x)
+
+    def _capture(self) -> None:
+        """Capture `_fixed_step` into a CUDA graph (torch's recipe: warm-up on a side stream, then
+        capture on it). Warm-up runs change only the current slot (rewritten with the same values
+        by the first replay) and the counters, which are restored."""
+        if self.tokens.device.type != "cuda":
+            self.graph_failed = f"device {self.tokens.device} has no CUDA graphs"
+            _log_once(f"no CUDA graph, decoding eagerly: {self.graph_failed}")
+            return
+        with torch.cuda.device(self.tokens.device):
+            self._capture_on_device()
+
+    def _capture_on_device(self) -> None:
+        next_pos, slot = self.next_pos.clone(), self.slot.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.WARMUP_STEPS):
+                self._fixed_step()
+                self.next_pos.copy_(next_pos)
+                self.slot.copy_(slot)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # (the outer stream context restores the caller's stream even if capture_end raises)
+            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+                logits = self._fixed_step()
+        except Exception as error:  # noqa: BLE001 - any capture failure: run the step eagerly
+            self.graph_failed = f"{type(error).__name__}: {error}"
+            self.next_pos.copy_(next_pos)  # (capture records, it does not run; restored to be safe)
+            self.slot.copy_(slot)
+            _log_once(f"CUDA graph capture failed, decoding eagerly: {self.graph_failed}")
+            return
+        self.graph, self.graph_logits = graph, logits
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.debug("kdkit sampling: %s", message)
+
+
+__all__ = ["SUPPORTED", "LeanDecoder", "StaticStepDecoder", "lean_decoder_support"]

@@ -12,8 +12,9 @@ model's configs. The loop stops a row at any of the EOS ids (chat models list se
 finished rows from the batch and the cache, and shares one prompt prefill among the
 `num_samples` completions of each prompt. Llama / Mistral / Qwen2 / Qwen3 models decode through
 `kdkit.samplers.fast_decode.LeanDecoder` (the same logits from the live weights, a fraction of the
-per-token overhead of the model's forward); anything it does not reproduce exactly runs the model's
-own forward, the reason logged once at debug level.
+per-token overhead of the model's forward; on a CUDA device one CUDA graph replay per token,
+`StaticStepDecoder`); anything it does not reproduce exactly runs the model's own forward, the
+reason logged once at debug level.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.samplers.collate import build_lm_batch
-from kdkit.samplers.fast_decode import LeanDecoder, lean_decoder_support
+from kdkit.samplers.fast_decode import LeanDecoder, StaticStepDecoder, lean_decoder_support
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,13 @@ class GenerationSettings:
     fast_decode: decode Llama / Mistral / Qwen2 / Qwen3 models with the lean decoder
         (`kdkit.samplers.fast_decode`: the same logits from the live weights, several times fewer
         ops per token); False = always the model's own forward. Unsupported models fall back anyway.
+    graph_decode: how the lean decoder steps. None (default) = on a CUDA device, one CUDA graph
+        replay per token (`StaticStepDecoder`: a fixed-shape step captured once per sampling call,
+        finished rows kept in the static batch and ignored; removes the per-kernel launch overhead
+        that dominates small models on a GPU), elsewhere the dynamic lean step (finished rows
+        dropped, attention over the filled prefix only). True = the fixed-shape step on any device
+        (captured on CUDA, eager elsewhere); False = never. Same samples either way (the same
+        logits up to float rounding); a failed capture decodes eagerly, logged once at debug level.
     """
 
     temperature: float = 1.0
@@ -57,6 +65,7 @@ class GenerationSettings:
     pad_token_id: int | None = None
     num_samples: int = 1
     fast_decode: bool = True
+    graph_decode: bool | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -193,13 +202,19 @@ class _ModelDecoder:
 _logged_fallbacks: set[tuple[str, str]] = set()
 
 
-def _decoder(model: nn.Module, total_length: int, fast: bool) -> _ModelDecoder | LeanDecoder:
+def _decoder(
+    model: nn.Module, total_length: int, fast: bool, graph_decode: bool | None, device: torch.device
+) -> _ModelDecoder | LeanDecoder:
     """The lean decoder when it reproduces `model` exactly (and `fast`), else the generic one; the
-    reason for a fallback is logged once per (model class, reason) at debug level."""
+    reason for a fallback is logged once per (model class, reason) at debug level. The lean decoder
+    steps with a CUDA graph when `graph_decode` is True, or None on a CUDA device (see
+    `GenerationSettings.graph_decode`)."""
     if not fast:
         return _ModelDecoder(model)
     reason = lean_decoder_support(model, total_length)
     if reason is None:
+        if graph_decode or (graph_decode is None and device.type == "cuda"):
+            return StaticStepDecoder(model, graph=device.type == "cuda")
         return LeanDecoder(model)
     key = (type(model).__name__, reason)
     if key not in _logged_fallbacks:
@@ -221,6 +236,7 @@ def sample_tokens(
     pad_token_id: int = 0,
     num_samples: int = 1,
     fast: bool = True,
+    graph_decode: bool | None = None,
 ) -> Tensor:
     """Sample completions with the KV cache: [B * num_samples, steps] long, `pad_token_id` after EOS.
 
@@ -231,7 +247,9 @@ def sample_tokens(
     `sample_from_logits(logits, temperature, top_p)`; no other logits processing is applied.
     fast: decode Llama / Mistral / Qwen2 / Qwen3 models with `kdkit.samplers.fast_decode.LeanDecoder`
     (the same logits, several times fewer ops per step, the live weights); other models, or
-    fast=False, run the model's own forward.
+    fast=False, run the model's own forward. graph_decode: None = its decode steps replay a CUDA
+    graph on CUDA devices (`StaticStepDecoder`, captured per call), True = the fixed-shape step on
+    any device, False = the dynamic lean step (`GenerationSettings.graph_decode`).
     """
     batch, width = prompt_ids.shape
     device = prompt_ids.device
@@ -240,7 +258,7 @@ def sample_tokens(
             "sample_tokens: prompts must be left-padded (every row's last prompt_attention_mask "
             "column is 1); collate prompts with kdkit.samplers.PromptCompletionCollator"
         )
-    decoder = _decoder(model, width + max_new_tokens, fast)
+    decoder = _decoder(model, width + max_new_tokens, fast, graph_decode, device)
     logits = decoder.prefill(prompt_ids, prompt_attention_mask, max_new_tokens)
     if num_samples > 1:  # one prefill shared by the G samples of each prompt
         decoder.repeat_interleave(num_samples)
@@ -317,6 +335,7 @@ def generate_batch(
             pad_token_id=pad,
             num_samples=settings.num_samples,
             fast=settings.fast_decode,
+            graph_decode=settings.graph_decode,
         )
     finally:
         model.train(was_training)
