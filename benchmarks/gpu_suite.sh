@@ -8,7 +8,7 @@
 # result JSON go to a work folder that is packed into OUT_DIR/results.tar.gz after every part, so a
 # run cut short still returns what it finished. Environment: a machine without a network, its own
 # Python with torch (CUDA); Python packages it lacks can travel as wheels in .whl/ (installed into
-# /tmp/site), and KDKIT_CACHE defaults to .devcache/ (the cached arithmetic teacher and the
+# /tmp/site; WHEELS names another folder), and KDKIT_CACHE defaults to .devcache/ (the cached arithmetic teacher and the
 # SmolLM2-135M config + tokenizer, no weights: SmolLM2-size runs there use random weights).
 set -u
 OUT_DIR=${1:?usage: gpu_suite.sh OUT_DIR [PART ...]}
@@ -16,20 +16,21 @@ shift
 PARTS=${*:-env tests sampling loss policies profile e2e suite}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-WORK=/tmp/kdkit_gpu
+WORK=${WORK:-/tmp/kdkit_gpu}
+WHEELS=${WHEELS:-$ROOT/.whl}
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT_DIR"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >"$WORK/wheels.log" 2>&1 || echo "wheel install failed (see wheels.log)"
-  export PYTHONPATH=/tmp/site
+if [ ! -d /tmp/site ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl >"$WORK/wheels.log" 2>&1 || echo "wheel install failed (see wheels.log)"
 fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
 export PYTHONPATH="$ROOT/src:$ROOT:${PYTHONPATH:-}"
 export KDKIT_CACHE=${KDKIT_CACHE:-$ROOT/.devcache}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MPLBACKEND=Agg
 START=$(date +%s)
 
-pack() { tar -czf "$OUT_DIR/results.tar.gz" -C "$WORK" . 2>/dev/null; }
+pack() { tar -czf "$OUT_DIR/${PACK:-results}.tar.gz" -C "$WORK" . 2>/dev/null; }
 part() {  # part NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2

@@ -522,9 +522,15 @@ class StaticStepDecoder(LeanDecoder):
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            # (the outer stream context restores the caller's stream even if capture_end raises)
-            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-                logits = self._fixed_step()
+            # capture_begin/end rather than `torch.cuda.graph`, whose entry runs gc.collect() and
+            # empties torch's CUDA cache: at one capture per sampling call that would cost the
+            # training step its cached blocks (and tens of ms of garbage collection) every step
+            with torch.cuda.stream(stream):  # restores the caller's stream even if capture_end raises
+                graph.capture_begin()
+                try:
+                    logits = self._fixed_step()
+                finally:
+                    graph.capture_end()
         except Exception as error:  # noqa: BLE001 - any capture failure: run the step eagerly
             self.graph_failed = f"{type(error).__name__}: {error}"
             self.next_pos.copy_(next_pos)  # (capture records, it does not run; restored to be safe)
