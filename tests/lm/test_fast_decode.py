@@ -175,6 +175,12 @@ def test_graph_decode_samples_equal_the_dynamic_lean_path(device: str) -> None:
     kwargs = {"temperature": 0, "max_new_tokens": 10, "eos_token_ids": (stop,), "pad_token_id": 0}
     dynamic = sample_tokens(model, ids, mask, graph_decode=False, **kwargs)
     assert torch.equal(sample_tokens(model, ids, mask, graph_decode=True, **kwargs), dynamic)
+    # every row ends by its third token: the whole-batch loop (which asks the device whether all
+    # rows ended only every EOS_CHECK_EVERY steps) returns the same width and padding
+    early = {**kwargs, "eos_token_ids": tuple(sorted(set(free[:, 2].tolist())))}
+    dynamic = sample_tokens(model, ids, mask, graph_decode=False, **early)
+    assert dynamic.shape[1] <= 3 < generation.EOS_CHECK_EVERY
+    assert torch.equal(sample_tokens(model, ids, mask, graph_decode=True, **early), dynamic)
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)
     after = sample_tokens(model, ids, mask, graph_decode=False, **kwargs)
@@ -191,7 +197,7 @@ def test_a_failed_capture_decodes_eagerly_with_a_reason_logged_once(device: str,
         def broken(*args, **kwargs):
             raise RuntimeError("capture refused (test)")
 
-        monkeypatch.setattr(torch.cuda, "graph", broken)
+        monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", broken)
     model = tiny("llama", num_key_value_heads=2).to(device)
     ids = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(7)).to(device)
     mask = torch.ones_like(ids)
@@ -392,3 +398,26 @@ def test_right_padded_prompts_are_refused() -> None:
     for fast in (True, False):
         with pytest.raises(ValueError, match="left-padded"):
             sample_tokens(model, ids, mask, max_new_tokens=3, fast=fast)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fixed_shape_step_runs_under_bf16_autocast(device: str) -> None:
+    """Mixed-precision training samples inside autocast, where k / v come out in bf16 while the
+    cache keeps the model's float32 (a defect: the in-place cache write refused the dtype, seen on
+    an H200). The fixed-shape step (graphed on cuda, with autocast's casts recorded in the graph)
+    gives the dynamic step's logits under the same autocast, to bf16 precision."""
+    model = tiny("llama", num_key_value_heads=2).to(device)
+    ids = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(9)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        fixed, dynamic = StaticStepDecoder(model, graph=True), LeanDecoder(model)
+        logits = [(fixed.prefill(ids, mask, 6), dynamic.prefill(ids, mask, 6))]
+        for _ in range(5):
+            token = logits[-1][1].argmax(-1)
+            logits.append((fixed.step(token), dynamic.step(token)))
+    if device == "cuda":
+        assert fixed.graph is not None, fixed.graph_failed
+    for got, expected in logits:
+        assert got.dtype == expected.dtype
+        assert torch.allclose(got.float(), expected.float(), atol=0.1, rtol=0.05)

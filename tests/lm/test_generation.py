@@ -75,7 +75,7 @@ def two_step_probs(model, prompt: Tensor, temperature: float, top_p: float = 1.0
     with torch.no_grad():
         p1 = dist(model(prompt[None]).logits[0, -1])
         vocab = p1.shape[0]
-        seqs = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab)[:, None]], 1)
+        seqs = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab, device=prompt.device)[:, None]], 1)
         p2 = (p1[:, None] * dist(model(seqs).logits[:, -1])).sum(0)
     return p1, p2
 

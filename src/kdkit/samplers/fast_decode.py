@@ -410,7 +410,10 @@ class StaticStepDecoder(LeanDecoder):
     the fixed-shape step eagerly (what CPUs do: they have no graphs).
     """
 
-    WARMUP_STEPS = 2  # eager runs on the side stream before capture (cuBLAS handles, workspaces)
+    # eager runs on the capture stream before each capture (cuBLAS handles and workspaces, lazily
+    # loaded kernels: nothing may be initialised during capture); one per capture suffices, the
+    # stream being one per device for the process
+    WARMUP_STEPS = 1
 
     def __init__(self, model: nn.Module, graph: bool = True) -> None:
         super().__init__(model)
@@ -482,8 +485,9 @@ class StaticStepDecoder(LeanDecoder):
             q, k, v = self._qkv(layer, _rms(x, layer.ln1, layer.ln1_eps), cos, sin)
             # cache + write·(new − cache): exactly the new k / v at the slot (lerp's weight-1 branch
             # returns `end`), the cache untouched elsewhere (finite values: the cache starts at 0)
-            keys.lerp_(k.unsqueeze(2), write)
-            values.lerp_(v.unsqueeze(2), write)
+            # (under autocast k / v come out in the autocast dtype; the cache keeps the model's)
+            keys.lerp_(k.unsqueeze(2).to(keys.dtype), write)
+            values.lerp_(v.unsqueeze(2).to(values.dtype), write)
             # grouped-query attention written out (query head h reads key/value head h // groups):
             # plain matmul / softmax kernels, with no SDPA backend choice to depend on under capture
             q = q.reshape(batch, self.n_kv, self.groups, self.head_dim)
@@ -507,12 +511,19 @@ class StaticStepDecoder(LeanDecoder):
             self.graph_failed = f"device {self.tokens.device} has no CUDA graphs"
             _log_once(f"no CUDA graph, decoding eagerly: {self.graph_failed}")
             return
-        with torch.cuda.device(self.tokens.device):
+        # Under autocast (bf16 mixed-precision training samples inside the step) the casts of the
+        # weights must be recorded in the graph: autocast's cache of cast weights lives only until
+        # its context exits, so a graph reading cached copies would replay on freed memory.
+        autocast = torch.is_autocast_enabled("cuda")
+        no_cache = torch.autocast(
+            "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False
+        )
+        with torch.cuda.device(self.tokens.device), no_cache:
             self._capture_on_device()
 
     def _capture_on_device(self) -> None:
         next_pos, slot = self.next_pos.clone(), self.slot.clone()
-        stream = torch.cuda.Stream()
+        stream = _capture_stream(self.tokens.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(self.WARMUP_STEPS):
@@ -538,6 +549,18 @@ class StaticStepDecoder(LeanDecoder):
             _log_once(f"CUDA graph capture failed, decoding eagerly: {self.graph_failed}")
             return
         self.graph, self.graph_logits = graph, logits
+
+
+_capture_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per CUDA device for warm-ups and captures (a new stream per capture would
+    allocate a new cuBLAS workspace each time)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capture_streams:
+        _capture_streams[index] = torch.cuda.Stream(device=index)
+    return _capture_streams[index]
 
 
 _logged: set[str] = set()

@@ -266,6 +266,8 @@ def sample_tokens(
     rows = batch * num_samples
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    if isinstance(decoder, StaticStepDecoder):
+        return _sample_whole_batch(decoder, logits, tokens, eos, temperature, top_p, pad_token_id)
     active = torch.arange(rows, device=device)  # full-batch row of each cache row
     steps = 0
     for step in range(max_new_tokens):
@@ -283,6 +285,43 @@ def sample_tokens(
                 decoder.select(keep)
                 active, chosen = active[keep], chosen[keep]
         logits = decoder.step(chosen)
+    return tokens[:, :steps]
+
+
+# How often the fixed-shape loop asks whether every row has ended. Each ask waits for the GPU, after
+# which the CPU has nothing queued; between asks it queues replays ahead of the GPU.
+EOS_CHECK_EVERY = 8
+
+
+def _sample_whole_batch(
+    decoder: StaticStepDecoder,
+    logits: Tensor,
+    tokens: Tensor,
+    eos: Tensor,
+    temperature: float,
+    top_p: float,
+    pad_token_id: int,
+) -> Tensor:
+    """`sample_tokens`' loop for the fixed-shape step: no row leaves the batch (the graph's shapes
+    are fixed), so rows past their EOS are fed and given `pad_token_id` and nothing is read back
+    from the device but every `EOS_CHECK_EVERY` steps. Returns tokens cut to the width the
+    row-dropping loop returns (up to the step where the last row ended)."""
+    max_new_tokens = tokens.shape[1]
+    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    steps = 0
+    for step in range(max_new_tokens):
+        chosen = sample_from_logits(logits, temperature, top_p).masked_fill_(done, pad_token_id)
+        tokens[:, step] = chosen
+        steps = step + 1
+        if step == max_new_tokens - 1:
+            break
+        if eos.numel():
+            done |= torch.isin(chosen, eos)
+            if steps % EOS_CHECK_EVERY == 0 and bool(done.all()):
+                break
+        logits = decoder.step(chosen)
+    if eos.numel():
+        steps = int(completion_lengths(tokens[:, :steps], eos.tolist()).max())
     return tokens[:, :steps]
 
 
