@@ -39,13 +39,26 @@ from kdkit.losses.divergences import DIVERGENCES, LOGIT_FLOOR, forward_kl, gener
 # the loaded 2-core CPU (jsd, one thread): 160-token chunks 1.11-1.27x the matmul floor vs 1.2-1.4x
 # for 680 at V = 49,152, H = 576. At V = 151,936, H = 1,024 the 48 tokens of 32 MiB were ~10-20%
 # slower than 192-216-token chunks (each BLAS call packs the [V, H] weight): at least 128 tokens.
-# On GPU the caching allocator reuses memory and larger matmuls
-# pay off: 128 MiB (the earlier CPU default; not re-measured on a GPU).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 MIN_CPU_CHUNK_TOKENS = 128
+# On a CUDA GPU the chunk is sized from the device's memory: one [chunk, V] float32 buffer takes
+# 1/128 of it (about 1.1 GB, 1,808 tokens at V = 151,936 on a 141 GB H200; 640 MB on an 80 GB
+# card), so the 5-8 chunk-sized buffers of a step take at most ~6% of the device. Larger chunks
+# matter there: the weight-gradient matmul G^T h of a chunk reads and writes the whole float32
+# [V, H] accumulator, which costs as much as the matmul itself at a few hundred tokens. Other
+# accelerators (or none known): 128 MiB.
+CUDA_CHUNK_FRACTION = 1 / 128
+MIN_CUDA_CHUNK_BYTES = 128 * 2**20
 ACCELERATOR_CHUNK_BYTES = 128 * 2**20
 
 DivergenceFn = Callable[..., Tensor]
+
+
+def _accelerator_chunk_bytes(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(MIN_CUDA_CHUNK_BYTES, int(total * CUDA_CHUNK_FRACTION))
+    return ACCELERATOR_CHUNK_BYTES
 
 
 def auto_chunk_size(
@@ -59,13 +72,14 @@ def auto_chunk_size(
 
     chunk_bytes: None = `DEFAULT_CHUNK_BYTES` on CPU (or no device given) but at least
     `MIN_CPU_CHUNK_TOKENS` tokens (a BLAS matmul packs the [V, H] weight once per call, so very few
-    rows per call waste that work at large V), `ACCELERATOR_CHUNK_BYTES` on any other device.
+    rows per call waste that work at large V); on a CUDA device `CUDA_CHUNK_FRACTION` of its memory
+    (at least `MIN_CUDA_CHUNK_BYTES`); `ACCELERATOR_CHUNK_BYTES` on any other device.
     Returns an int in [1, max(n_tokens, 1)]; a multiple of 8 when above 8.
     """
     minimum = 1
     if chunk_bytes is None:
         on_cpu = device is None or torch.device(device).type == "cpu"
-        chunk_bytes = DEFAULT_CHUNK_BYTES if on_cpu else ACCELERATOR_CHUNK_BYTES
+        chunk_bytes = DEFAULT_CHUNK_BYTES if on_cpu else _accelerator_chunk_bytes(torch.device(device))
         minimum = MIN_CPU_CHUNK_TOKENS if on_cpu else 1
     tokens = max(minimum, chunk_bytes // (4 * max(vocab_size, 1)))
     if tokens > 8:
@@ -81,6 +95,111 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # float32 at least (bf16/fp16 logits lose the small probabilities a divergence depends on);
     # float64 stays float64 so the loss can be gradchecked.
     return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Half-precision matmuls with float32 outputs (bf16/fp16 inputs on a GPU)
+#
+# Upcasting bf16 weights and hidden states to float32 would run the four large matmuls at the
+# GPU's float32 rate (~15x below its bf16 tensor-core rate on an H100/H200). Instead they run on
+# the half-precision inputs with float32 accumulation and float32 outputs (`out_dtype`, CUDA only,
+# torch >= 2.8): the logits are then exactly those of the float32 product of the same bf16 values
+# (the products of two bf16 numbers are exact in float32), and the chunk's softmax math stays
+# float32. Only the gradient products see one more rounding: d loss / d logits (entries in [-1, 1])
+# is cast to the inputs' dtype before G·W and Gᵀ·h, as the returned gradients are in that dtype
+# anyway. The weight gradient accumulates over chunks in float32.
+# Which form works is probed once per (device, dtype) on tiny exact matrices; a device or torch
+# build without it falls back to upcasting (correct, slower).
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Device types where bf16/fp16 inputs take the half-precision matmul path. Tests add "cpu", where
+# the same calls are emulated by upcasting (identical numerics, none of the speed).
+HALF_MATMUL_DEVICE_TYPES = {"cuda"}
+_HALF_MODES: dict[tuple[str, int | None, torch.dtype], str | None] = {}
+
+
+def _mm_f32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """out (float32 or float64) = a @ b, for a, b of out's dtype or of a half dtype (fp32 accumulation)."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    if out.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)
+    return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)  # emulation (tests)
+
+
+def _addmm_f32(acc: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float, mode: str | None) -> None:
+    """acc = beta·acc + alpha·(a @ b) for a float32 `acc`, a and b float32 or half (fp32 accumulation).
+
+    mode (from `_half_mode`): "addmm" = one cuBLAS call with a float32 C and half A, B;
+    "temp" = the product into a temporary float32 [V, H] and an add; None / emulation: upcast.
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b, beta=beta, alpha=alpha)
+    elif mode == "addmm":
+        torch.addmm(acc, a, b, beta=beta, alpha=alpha, out_dtype=acc.dtype, out=acc)
+    elif mode == "temp":
+        product = _mm_f32(a, b, torch.empty_like(acc))
+        if beta == 0.0:
+            acc.copy_(product).mul_(alpha)
+        else:
+            if beta != 1.0:
+                acc.mul_(beta)
+            acc.add_(product, alpha=alpha)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta, alpha=alpha)
+
+
+def _near(got: Tensor, expected: Tensor) -> bool:
+    # Exact values, but a reduced-precision reduction (allowed for bf16 by default) may round them:
+    # the probe only has to tell a working call from a wrong one.
+    return got.dtype == expected.dtype and torch.allclose(got, expected, rtol=1e-2, atol=1e-2)
+
+
+def _probe_half_mode(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The first form of half-input, float32-output matmul that works exactly on this device."""
+
+    def exact(rows: int, cols: int, salt: int) -> Tensor:  # small multiples of 1/8: exact in fp16/bf16
+        grid = torch.arange(rows * cols, device=device).reshape(rows, cols)
+        return (((grid * 37 + salt) % 11) - 5).to(torch.float32) / 8
+
+    a32, b32, c32 = exact(24, 40, 1), exact(56, 40, 2), exact(56, 24, 3)  # [C, H], [V, H], [V, C]
+    a, b, c = a32.to(dtype), b32.to(dtype), c32.to(dtype)
+    try:
+        logits = _mm_f32(a, b.t(), torch.empty(24, 56, device=device))  # h · Wᵀ
+        grad_h = _mm_f32(c.t(), b, torch.empty(24, 40, device=device))  # G · W
+        if not (_near(logits, a32 @ b32.t()) and _near(grad_h, c32.t() @ b32)):
+            return None
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    expected = 2.0 * b32 + 0.5 * (c32 @ a32)  # Gᵀ · h accumulated
+    for mode in ("addmm", "temp"):
+        acc = b32.clone()
+        try:
+            _addmm_f32(acc, c, a, beta=2.0, alpha=0.5, mode=mode)
+        except (RuntimeError, TypeError, NotImplementedError):
+            continue
+        if acc.dtype == torch.float32 and _near(acc, expected):
+            return mode
+    return None
+
+
+def _half_mode(device: torch.device, dtype: torch.dtype) -> str | None:
+    """ "addmm" / "temp" when `dtype` inputs take the half-precision matmul path on `device`, else None."""
+    if dtype not in _HALF_DTYPES or device.type not in HALF_MATMUL_DEVICE_TYPES:
+        return None
+    key = (device.type, device.index, dtype)
+    if key not in _HALF_MODES:
+        _HALF_MODES[key] = _probe_half_mode(device, dtype)
+    return _HALF_MODES[key]
+
+
+def _matmul_dtype(hidden: Tensor, weight: Tensor, compute: torch.dtype) -> tuple[torch.dtype, str | None]:
+    """(dtype its matmuls run in, accumulation mode): its half dtype where supported, else `compute`."""
+    if hidden.dtype == weight.dtype:
+        mode = _half_mode(hidden.device, hidden.dtype)
+        if mode is not None:
+            return hidden.dtype, mode
+    return compute, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +292,9 @@ def _log_softmax_(logits: Tensor, floor: bool) -> Tensor:
         logits.clamp_min_(LOGIT_FLOOR)
     if logits.device.type == "cpu":  # the CPU kernel reads each row before writing it: in place is safe
         return torch._log_softmax(logits, -1, False, out=logits)
-    return logits.copy_(torch.log_softmax(logits, dim=-1))  # elsewhere not verified in place
+    # Elsewhere not verified in place: a new tensor (the caching allocator reuses its memory from
+    # chunk to chunk; no copy back into `logits`, which would be one more pass over [C, V]).
+    return torch.log_softmax(logits, dim=-1)
 
 
 def _forward_kl_closed(
@@ -319,15 +440,18 @@ def _project(
 
     The scale and 1/T ride on the matmul's alpha when there is no soft-cap. With a soft-cap and
     `slope_out`, slope_out = 1 − tanh² (d z'/d z without the scale, which the caller folds in).
+    hidden and weight may be half precision (see `_mm_f32`); out and bias are float32/float64.
     """
     cap = transform.softcap
     alpha = transform.scale / (cap if cap is not None else temperature)
-    if bias is None:
-        torch.mm(hidden, weight.t(), out=out)
+    if bias is not None and hidden.dtype == out.dtype:
+        torch.addmm(bias, hidden, weight.t(), beta=alpha, alpha=alpha, out=out)
+    else:
+        _mm_f32(hidden, weight.t(), out)
+        if bias is not None:
+            out.add_(bias)
         if alpha != 1.0:
             out.mul_(alpha)
-    else:
-        torch.addmm(bias, hidden, weight.t(), beta=alpha, alpha=alpha, out=out)
     if cap is None:
         return None
     tanh = out.tanh_()
@@ -395,20 +519,24 @@ class _FusedLinearDivergence(torch.autograd.Function):
 
         # Only counted tokens are computed: padding and prompt tokens cost nothing. A chunk is
         # then always fully counted, so the divergence gets mask=None.
+        # (The nonzero is this call's one host synchronisation; none happens per chunk.)
         rows = mask.nonzero().squeeze(1) if mask is not None else None
         h_s = student_hidden if rows is None else student_hidden.index_select(0, rows)
         h_t = teacher_hidden if rows is None else teacher_hidden.index_select(0, rows)
         ids = targets if rows is None or targets is None else targets.index_select(0, rows)
         n_counted = h_s.shape[0]
-        if ids is not None and n_counted and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        if ids is not None and n_counted and bool(((ids < 0) | (ids >= vocab)).any()):
             raise ValueError(
                 f"fused cross-entropy: every counted token needs a target id in [0, {vocab}), got "
                 f"ids from {int(ids.min())} to {int(ids.max())} (mask the positions labelled -100)"
             )
 
-        # Weights are cast once, not per chunk (a no-op when they are already float32).
-        w_s = student_weight.to(dtype)
-        w_t = teacher_weight.to(dtype)
+        # The matmuls run in each model's half dtype where the device supports it (float32 outputs),
+        # else in the compute dtype. Weights are cast once, not per chunk (a no-op when they match).
+        mm_s, mode_s = _matmul_dtype(student_hidden, student_weight, dtype)
+        mm_t, _ = _matmul_dtype(teacher_hidden, teacher_weight, dtype)
+        w_s = student_weight.to(mm_s)
+        w_t = teacher_weight.to(mm_t)
         b_s = None if student_bias is None else student_bias.to(dtype)
         b_t = None if teacher_bias is None else teacher_bias.to(dtype)
         # Clamping at LOGIT_FLOOR matters only where a logit can be -inf: a -inf bias entry.
@@ -419,7 +547,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         ce_total = torch.zeros((), dtype=dtype, device=device)
         grad_h = torch.empty((n_counted, h_s.shape[1]), dtype=dtype, device=device) if need_h else None
         # Written (beta = 0) by the first chunk's addmm: no zero-fill pass over [V, H_S].
-        grad_w = torch.empty_like(w_s) if need_w else None
+        grad_w = torch.empty(w_s.shape, dtype=dtype, device=device) if need_w else None
         grad_w_written = False
         grad_b = torch.zeros(vocab, dtype=dtype, device=device) if need_b else None
         mean_scale = 1.0 / max(n_counted, 1) if options.reduction == "mean" else 1.0
@@ -432,6 +560,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         n_extra = closed.buffers if closed is not None else 0
         n_buffers = 2 + n_extra + int(want_slope) + int(own_ce)
         work = _workspace(max(1, min(chunk_size, n_counted)), vocab, dtype, device)
+        arange = torch.arange(min(chunk_size, max(n_counted, 1)), device=device) if ids is not None else None
 
         for start in range(0, n_counted, chunk_size):
             stop = min(start + chunk_size, n_counted)
@@ -439,14 +568,14 @@ class _FusedLinearDivergence(torch.autograd.Function):
             logits_s, logits_t, extra = buffers[0], buffers[1], buffers[2 : 2 + n_extra]
             slope_buffer = buffers[2 + n_extra] if want_slope else None
             ce_buffer = buffers[-1] if own_ce else None
-            h_s_chunk = h_s[start:stop].to(dtype)
+            h_s_chunk = h_s[start:stop].to(mm_s)
             chunk_ids = None if ids is None else ids[start:stop]
-            at = torch.arange(stop - start, device=device)
+            at = None if arange is None else arange[: stop - start]
             # Closed forms take logits already divided by T; the generic divergence divides itself.
             t_temp = temperature if closed is not None else 1.0
             s_temp = 1.0 if (own_ce or closed is None) else temperature
             with torch.no_grad():
-                _project(h_t[start:stop].to(dtype), w_t, b_t, t_transform, t_temp, logits_t, None)
+                _project(h_t[start:stop].to(mm_t), w_t, b_t, t_transform, t_temp, logits_t, None)
                 slope = _project(h_s_chunk, w_s, b_s, s_transform, s_temp, logits_s, slope_buffer)
                 ce_grad = None
                 if own_ce:
@@ -496,17 +625,25 @@ class _FusedLinearDivergence(torch.autograd.Function):
                     grad_logits.mul_(slope)
                 # c, the transform's scale and the mean's 1/n ride on the matmuls' alpha.
                 alpha = c * s_transform.scale * mean_scale
+                if grad_b is not None:
+                    grad_b.add_(grad_logits.sum(0), alpha=alpha)
+                # Half-precision matmuls take G in the inputs' dtype (see `_mm_f32`).
+                g_mm = grad_logits if mm_s == dtype else grad_logits.to(mm_s)
                 if grad_h is not None:
-                    torch.mm(grad_logits, w_s, out=grad_h[start:stop])  # [C, H_S]
+                    _mm_f32(g_mm, w_s, grad_h[start:stop])  # [C, H_S]
                     if alpha != 1.0:
                         grad_h[start:stop].mul_(alpha)
                 if grad_w is not None:  # in place: no [V, H_S] temporary
-                    grad_w.addmm_(
-                        grad_logits.t(), h_s_chunk, beta=1.0 if grad_w_written else 0.0, alpha=alpha
+                    _addmm_f32(
+                        grad_w,
+                        g_mm.t(),
+                        h_s_chunk,
+                        beta=1.0 if grad_w_written else 0.0,
+                        alpha=alpha,
+                        mode=mode_s,
                     )
                     grad_w_written = True
-                if grad_b is not None:
-                    grad_b.add_(grad_logits.sum(0), alpha=alpha)
+                del g_mm
             del grad_logits, value
         del work
         if grad_w is not None and not grad_w_written:
@@ -536,12 +673,21 @@ class _FusedLinearDivergence(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("fused_linear_divergence: its gradients were already used by a backward")
         grads, ctx.grads = ctx.grads, None
-        # grad_output is 1.0 in the usual loss.backward(); skip the multiply (and its copy) then.
-        unit = torch.equal(grad_output, torch.ones_like(grad_output))
-        grad_h, grad_w, grad_b = (g if g is None or unit else g * grad_output for g in grads)
+        grad_h, grad_w, grad_b = _scaled(grads, grad_output)
         del grads
         # Teacher tensors, mask, targets and the settings never get a gradient.
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _scaled(grads: list[Tensor | None], grad_output: Tensor) -> list[Tensor | None]:
+    """The stored gradients times the incoming scalar gradient, in place (they are this call's own).
+
+    On CPU, grad_output = 1 (the usual loss.backward()) skips the pass over [V, H]; elsewhere that
+    test would be a host synchronisation, and the multiply costs less than one.
+    """
+    if grad_output.device.type == "cpu" and torch.equal(grad_output, torch.ones_like(grad_output)):
+        return grads
+    return [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
 
 
 @dataclass(frozen=True)
