@@ -586,6 +586,8 @@ DEVICE_METHODS: dict[str, tuple[str, str, dict[str, float]]] = {
     "fused_fkl": ("fused", "fkl", {}),
     "fused_rkl": ("fused", "rkl", {}),
     "fused_jsd": ("fused", "jsd", {"beta": 0.5}),
+    # jsd at half the automatic chunk: what a smaller memory budget costs (bf16 cases only)
+    "fused_jsd_half_chunk": ("fused_half_chunk", "jsd", {"beta": 0.5}),
     "trl_jsd": ("trl", "jsd", {"beta": 0.5}),
     "unfused_jsd": ("unfused", "jsd", {"beta": 0.5}),
 }
@@ -680,9 +682,10 @@ def _device_steps(case: DeviceCase, device: torch.device, methods: list[str]):  
 
         def run() -> float:
             clear()
-            if kind == "fused":
+            if kind in ("fused", "fused_half_chunk"):
+                size = chunk if kind == "fused" else max(8, chunk // 2)
                 loss = fused_linear_divergence(
-                    h_s, w_s, h_t, w_t, divergence=divergence, mask=mask, chunk_size=chunk, **kwargs
+                    h_s, w_s, h_t, w_t, divergence=divergence, mask=mask, chunk_size=size, **kwargs
                 )
             elif kind == "trl":
                 loss = _chunked_divergence_loss(h_s, h_t, w_s, w_t, mask, beta=kwargs["beta"])[0]
@@ -704,8 +707,18 @@ def _device_steps(case: DeviceCase, device: torch.device, methods: list[str]):  
         elif kind == "floor_unchunked":
             steps[method] = floor_step(n)
         else:
-            steps[method] = loss_step(kind, divergence, kwargs)
+            try:
+                steps[method] = loss_step(kind, divergence, kwargs)
+            except Exception as error:  # noqa: BLE001 - e.g. TRL not importable: that method only
+                steps[method] = _failing(f"{type(error).__name__}: {str(error)[:300]}")
     return (h_s, w_s, h_t, w_t), chunk, steps
+
+
+def _failing(message: str):  # type: ignore[no-untyped-def]
+    def run() -> None:
+        raise RuntimeError(message)
+
+    return run
 
 
 def _device_case(case: DeviceCase, device: torch.device, args: argparse.Namespace) -> dict:
@@ -714,6 +727,8 @@ def _device_case(case: DeviceCase, device: torch.device, args: argparse.Namespac
 
     cuda = device.type == "cuda"
     methods = [m for m in args.device_methods if m in DEVICE_METHODS]
+    if case.dtype == "float32":  # the float32 cases are the slow ones; the chunk question is bf16's
+        methods = [m for m in methods if m != "fused_jsd_half_chunk"]
     record: dict = {"case": asdict(case), "methods": {}}
     try:
         inputs, chunk, steps = _device_steps(case, device, methods)
@@ -734,15 +749,7 @@ def _device_case(case: DeviceCase, device: torch.device, args: argparse.Namespac
                 entry["status"] = f"skipped: needs ~{need / GiB:.0f} GiB > 90% of {free / GiB:.0f} GiB free"
                 continue
         try:
-            steps[method]()  # warm-up: kernels load / compile (Triton), the allocator grows
-            if cuda:
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            value = steps[method]()  # the memory step
-            if cuda:
-                torch.cuda.synchronize(device)
-                entry["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / MiB
+            value = steps[method]()  # warm-up: kernels load / compile (Triton), the allocator grows
             if value is not None:
                 entry["loss"] = float(value.detach())
         except torch.cuda.OutOfMemoryError:
@@ -756,10 +763,22 @@ def _device_case(case: DeviceCase, device: torch.device, args: argparse.Namespac
         order = live if round_index % 2 == 0 else live[::-1]
         pending = []
         for method in order:
+            if round_index == 0 and cuda:  # peak memory of this step alone (allocator stats: host side)
+                for tensor in inputs:
+                    tensor.grad = None  # the previous method's gradients are not this one's memory
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
             try:
                 pending.append((method, timer.time(steps[method])))
+            except torch.cuda.OutOfMemoryError:
+                results[method]["status"] = "out of memory (while timing)"
+                torch.cuda.empty_cache()
+                continue
             except Exception as error:  # noqa: BLE001
                 results[method]["status"] = f"error while timing: {type(error).__name__}: {str(error)[:200]}"
+                continue
+            if round_index == 0 and cuda:
+                results[method]["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / MiB
         for method, seconds in pending:
             results[method]["times_s"].append(seconds())
         live = [m for m in live if results[m]["status"] == "ok"]
