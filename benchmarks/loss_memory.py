@@ -588,9 +588,15 @@ DEVICE_METHODS: dict[str, tuple[str, str, dict[str, float]]] = {
     "fused_jsd": ("fused", "jsd", {"beta": 0.5}),
     # jsd at half the automatic chunk: what a smaller memory budget costs (bf16 cases only)
     "fused_jsd_half_chunk": ("fused_half_chunk", "jsd", {"beta": 0.5}),
+    # the closed forms compiled (KDKIT_FUSED_COMPILE=1; bf16 cases only; compiled in the warm-up)
+    "fused_fkl_compiled": ("fused_compiled", "fkl", {}),
+    "fused_rkl_compiled": ("fused_compiled", "rkl", {}),
+    "fused_jsd_compiled": ("fused_compiled", "jsd", {"beta": 0.5}),
     "trl_jsd": ("trl", "jsd", {"beta": 0.5}),
     "unfused_jsd": ("unfused", "jsd", {"beta": 0.5}),
 }
+# The kinds of method also run on float32 inputs (the others on bf16 only, to keep the run short).
+BOTH_DTYPES = ("floor", "fused", "trl", "unfused")
 # Peak extra memory of the unfused loss in multiples of one model's float32 [N, V] logits (its
 # autograd graph keeps ~12-16 [N, V] float32 intermediates); a case is skipped up front above it.
 UNFUSED_COPIES = 16.0
@@ -600,10 +606,11 @@ def _device_cases(quick: bool) -> list[DeviceCase]:
     if quick:
         return [DeviceCase(4_096, 192, 64, dtype) for dtype in ("bfloat16", "float32")]
     shapes = [(v, n, 1_024) for v in (49_152, 151_936) for n in (4_096, 16_384)]
-    shapes.insert(3, (151_936, 4_096, 2_048))
-    # bf16 first (how LMs train), then float32; within each, the cheap cases first, so that what a
-    # budget cut leaves out is the largest float32 case.
-    return [DeviceCase(v, n, h, dtype) for dtype in ("bfloat16", "float32") for v, n, h in shapes]
+    # bf16 first (how LMs train; H = 2,048 at one size too), then float32; within each the cheap
+    # cases first, so that what a budget cut leaves out is the largest float32 case.
+    bf16 = [DeviceCase(v, n, h, "bfloat16") for v, n, h in shapes]
+    bf16.insert(3, DeviceCase(151_936, 4_096, 2_048, "bfloat16"))
+    return bf16 + [DeviceCase(v, n, h, "float32") for v, n, h in shapes]
 
 
 class _Timer:
@@ -633,6 +640,7 @@ def _device_steps(case: DeviceCase, device: torch.device, methods: list[str]):  
     """(inputs, {method: step}) for one case; each step does forward + backward (or the floor)."""
     import torch
 
+    from kdkit.losses import fused as fused_module
     from kdkit.losses.divergences import DIVERGENCES
     from kdkit.losses.fused import auto_chunk_size, fused_linear_divergence
 
@@ -682,11 +690,15 @@ def _device_steps(case: DeviceCase, device: torch.device, methods: list[str]):  
 
         def run() -> float:
             clear()
-            if kind in ("fused", "fused_half_chunk"):
-                size = chunk if kind == "fused" else max(8, chunk // 2)
-                loss = fused_linear_divergence(
-                    h_s, w_s, h_t, w_t, divergence=divergence, mask=mask, chunk_size=size, **kwargs
-                )
+            if kind.startswith("fused"):
+                size = max(8, chunk // 2) if kind == "fused_half_chunk" else chunk
+                fused_module.COMPILE_CLOSED_FORMS = kind == "fused_compiled"
+                try:
+                    loss = fused_linear_divergence(
+                        h_s, w_s, h_t, w_t, divergence=divergence, mask=mask, chunk_size=size, **kwargs
+                    )
+                finally:
+                    fused_module.COMPILE_CLOSED_FORMS = False
             elif kind == "trl":
                 loss = _chunked_divergence_loss(h_s, h_t, w_s, w_t, mask, beta=kwargs["beta"])[0]
             else:
@@ -727,8 +739,8 @@ def _device_case(case: DeviceCase, device: torch.device, args: argparse.Namespac
 
     cuda = device.type == "cuda"
     methods = [m for m in args.device_methods if m in DEVICE_METHODS]
-    if case.dtype == "float32":  # the float32 cases are the slow ones; the chunk question is bf16's
-        methods = [m for m in methods if m != "fused_jsd_half_chunk"]
+    if case.dtype == "float32":  # the float32 cases are the slow ones; these questions are bf16's
+        methods = [m for m in methods if m != "floor_unchunked" and DEVICE_METHODS[m][0] in BOTH_DTYPES]
     record: dict = {"case": asdict(case), "methods": {}}
     try:
         inputs, chunk, steps = _device_steps(case, device, methods)
@@ -957,7 +969,7 @@ def main(argv: list[str] | None = None) -> None:
         help="with --device: comma-separated subset of " + ", ".join(DEVICE_METHODS),
     )
     parser.add_argument(
-        "--budget-s", type=float, default=80.0, help="with --device: skip cases after this long"
+        "--budget-s", type=float, default=75.0, help="with --device: skip cases after this long"
     )
     parser.add_argument("--render", metavar="JSON", help="print the markdown tables of a --device run's JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -207,3 +207,89 @@ def test_cuda_host_synchronisations_do_not_grow_with_the_chunks() -> None:
     syncs(8)  # warm-up: the one-time probe of the matmul path synchronises too
     few, many = syncs(64), syncs(4)
     assert few == many <= 3, (few, many)
+
+
+def _fused_ce(x: dict[str, Tensor], labels: Tensor, name: str, temperature: float, **kwargs: Any) -> Tensor:
+    return fused_linear_divergence(
+        x["student_hidden"],
+        x["student_weight"],
+        x["teacher_hidden"],
+        x["teacher_weight"],
+        student_bias=x["student_bias"],
+        teacher_bias=x["teacher_bias"],
+        divergence=name,
+        temperature=temperature,
+        mask=labels != -100,
+        targets=labels.clamp_min(0),
+        ce_weight=CE_WEIGHT,
+        chunk_size=12,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("name", "kwargs", "temperature"),
+    [("fkl", {}, 1.0), ("rkl", {}, 1.0), ("jsd", {"beta": 0.3}, 1.0), ("jsd", {"beta": 0.5}, 2.0)],
+    ids=str,
+)
+def test_functional_closed_forms_equal_unfused(
+    device: torch.device,
+    dtype: torch.dtype,
+    name: str,
+    kwargs: dict,
+    temperature: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one-graph closed forms (what KDKIT_FUSED_COMPILE=1 compiles), run eagerly here: same math.
+
+    (At T = 2 the CE term needs its own pass, so the eager forms run: the switch must not break it.)
+    """
+    monkeypatch.setattr(fused_module, "COMPILE_CLOSED_FORMS", True)
+    calls: list[str] = []
+
+    def eager(*args: Any) -> Any:
+        calls.append(args[3])
+        return fused_module._closed_functional(*args)
+
+    monkeypatch.setattr(fused_module, "_COMPILED", {"fn": eager})
+    x, ref, labels = _inputs(device, dtype)
+    expected = _unfused(ref, labels, name, temperature, **kwargs)
+    got = _fused_ce(x, labels, name, temperature, **kwargs)
+    assert bool(calls) == (temperature == 1.0)
+    close = _close_fp32 if dtype == torch.float32 else _close_bf16
+    close(got, expected)
+    for g_fused, g_ref in zip(_grads(got, x), _grads(expected, ref)):
+        close(g_fused, g_ref)
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused_module, "COMPILE_CLOSED_FORMS", True)
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("no compiler here")
+
+    state = {"fn": broken}
+    monkeypatch.setattr(fused_module, "_COMPILED", state)
+    x, ref, labels = _inputs(torch.device("cpu"), torch.float32)
+    with pytest.warns(RuntimeWarning, match="running them eagerly"):
+        got = _fused_ce(x, labels, "jsd", 1.0, beta=0.5)
+    assert state["fn"] is None and "no compiler here" in state["error"]
+    _close_fp32(got, _unfused(ref, labels, "jsd", 1.0, beta=0.5))
+    for g_fused, g_ref in zip(_grads(got, x), _grads(_unfused(ref, labels, "jsd", 1.0, beta=0.5), ref)):
+        _close_fp32(g_fused, g_ref)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_cuda_compiled_closed_form_equals_unfused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real torch.compile (Inductor/Triton) of the closed forms, once (bf16 jsd + CE: ~20-60 s)."""
+    monkeypatch.setattr(fused_module, "COMPILE_CLOSED_FORMS", True)
+    monkeypatch.setattr(fused_module, "_COMPILED", {})
+    x, ref, labels = _inputs(torch.device("cuda"), torch.bfloat16)
+    got = _fused_ce(x, labels, "jsd", 1.0, beta=0.3)
+    assert fused_module._COMPILED.get("fn") is not None, fused_module._COMPILED.get("error")
+    expected = _unfused(ref, labels, "jsd", 1.0, beta=0.3)
+    _close_bf16(got, expected)
+    for g_fused, g_ref in zip(_grads(got, x), _grads(expected, ref)):
+        _close_bf16(g_fused, g_ref)

@@ -22,7 +22,9 @@ chunk pass. Any divergence of
 from __future__ import annotations
 
 import math
+import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -369,6 +371,16 @@ class _Closed:
     buffers: int
     grad_scale: float  # c without the 1/T: (1 − β) for jsd, 1 otherwise
 
+    @property
+    def kind(self) -> tuple[str, float]:
+        """("fkl" | "rkl" | "jsd", β) for `_closed_functional` (jsd at β = 0 / 1 is fkl / rkl)."""
+        if self.form is _forward_kl_closed:
+            return "fkl", 0.0
+        if self.form is _reverse_kl_closed:
+            return "rkl", 1.0
+        beta = self.kwargs["beta"]
+        return ("fkl" if beta == 0.0 else "rkl" if beta == 1.0 else "jsd"), beta
+
 
 def _closed_form(fn: DivergenceFn, divergence_kwargs: dict[str, Any]) -> _Closed | None:
     """The closed form for `fn` with its kwargs, or None when it has none (then local autograd)."""
@@ -383,6 +395,98 @@ def _closed_form(fn: DivergenceFn, divergence_kwargs: dict[str, Any]) -> _Closed
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         return _Closed(form, {"beta": beta}, buffers, 1.0 - beta if beta < 1.0 else 1.0)
     return _Closed(form, {}, buffers, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same closed forms as one functional graph, for torch.compile (opt-in: COMPILE_CLOSED_FORMS)
+#
+# Eager, a chunk's closed form is ~15-20 elementwise kernels, each a full pass over [C, V] float32
+# in memory: on a GPU, whose bf16 matmuls are ~150x faster per byte than its memory, those passes
+# cost more than the four matmuls. Compiled (Inductor/Triton), the same math becomes a few fused
+# reductions that read the two logit buffers ~3 times and write G once in the matmul dtype. It is
+# opt-in because each new (divergence, dtype, CE) combination compiles once (tens of seconds).
+
+
+def _closed_functional(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    ids: Tensor | None,
+    kind: str,
+    beta: float,
+    ce: float,
+    floor_s: bool,
+    floor_t: bool,
+    need_grad: bool,
+    grad_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(divergence summed over the chunk, CE summed or None, G in `grad_dtype` or None), as the closed forms.
+
+    logits_*: [C, V] already divided by T (and transformed); ids [C] target ids of a CE term at T = 1
+    (then `ce` = its weight / c; G gets ce·p_S, and −ce at the target ids); kind: "fkl", "rkl", "jsd".
+    """
+    if floor_s:
+        logits_s = logits_s.clamp_min(LOGIT_FLOOR)
+    if floor_t:
+        logits_t = logits_t.clamp_min(LOGIT_FLOOR)
+    log_s = torch.log_softmax(logits_s, dim=-1)
+    log_t = torch.log_softmax(logits_t, dim=-1)
+    p_s = log_s.exp()
+    if kind == "fkl":
+        p_t = log_t.exp()
+        value = (p_t * (log_t - log_s)).sum()
+        grad = p_s * (1.0 + ce) - p_t if need_grad else None
+    elif kind == "rkl":
+        diff = log_s - log_t
+        per_token = (p_s * diff).sum(-1, keepdim=True)
+        value = per_token.sum()
+        grad = p_s * (diff - per_token + ce) if need_grad else None
+    else:
+        p_t = log_t.exp()
+        log_m = (torch.log(p_s + p_t * (beta / (1.0 - beta))) + math.log1p(-beta)).clamp_min(LOGIT_FLOOR)
+        diff = log_s - log_m
+        kl_s = (p_s * diff).sum(-1, keepdim=True)
+        value = beta * (p_t * (log_t - log_m)).sum() + (1.0 - beta) * kl_s.sum()
+        grad = p_s * (diff - kl_s + ce) if need_grad else None
+    ce_sum = None
+    if ids is not None:
+        hit = torch.arange(logits_s.shape[-1], device=logits_s.device)[None, :] == ids[:, None]
+        ce_sum = -torch.where(hit, log_s, 0.0).sum()
+        if grad is not None and ce:
+            grad = torch.where(hit, grad - ce, grad)
+    return value, ce_sum, None if grad is None else grad.to(grad_dtype)
+
+
+# Opt-in: KDKIT_FUSED_COMPILE=1 in the environment, or set this to True.
+COMPILE_CLOSED_FORMS = os.environ.get("KDKIT_FUSED_COMPILE", "") == "1"
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled_closed() -> Callable[..., tuple[Tensor, Tensor | None, Tensor | None]] | None:
+    """The compiled `_closed_functional` (None after a compile failure, which warns once)."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_closed_functional, dynamic=True, fullgraph=True)
+    return _COMPILED["fn"]
+
+
+def _run_closed_functional(*args: Any) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """The compiled closed form on one chunk, or None when compiling failed (the caller runs eager)."""
+    fn = _compiled_closed()
+    if fn is None:
+        return None
+    try:
+        return fn(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a compiler failure must not fail the training step
+        _COMPILED["fn"] = None
+        _COMPILED["error"] = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"kdkit: torch.compile of the fused loss's closed forms failed ({type(error).__name__}); "
+            "running them eagerly from now on (unset KDKIT_FUSED_COMPILE to silence this)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
 
 
 class _Workspace:
@@ -557,6 +661,8 @@ class _FusedLinearDivergence(torch.autograd.Function):
         fold_ce = ids is not None and closed is not None and temperature == 1.0
         own_ce = ids is not None and not fold_ce
         want_slope = need_any and s_transform.softcap is not None
+        # The compiled closed form (opt-in) covers the common case: no soft-cap, CE (if any) at T = 1.
+        functional = COMPILE_CLOSED_FORMS and closed is not None and not (own_ce or s_transform.softcap)
         n_extra = closed.buffers if closed is not None else 0
         n_buffers = 2 + n_extra + int(want_slope) + int(own_ce)
         work = _workspace(max(1, min(chunk_size, n_counted)), vocab, dtype, device)
@@ -564,7 +670,9 @@ class _FusedLinearDivergence(torch.autograd.Function):
 
         for start in range(0, n_counted, chunk_size):
             stop = min(start + chunk_size, n_counted)
-            buffers = work.take(n_buffers, stop - start)
+            # (the compiled form needs only the two logit buffers; `extra` is taken if it falls back)
+            functional = functional and _compiled_closed() is not None
+            buffers = work.take(2 if functional else n_buffers, stop - start)
             logits_s, logits_t, extra = buffers[0], buffers[1], buffers[2 : 2 + n_extra]
             slope_buffer = buffers[2 + n_extra] if want_slope else None
             ce_buffer = buffers[-1] if own_ce else None
@@ -586,7 +694,21 @@ class _FusedLinearDivergence(torch.autograd.Function):
                         ce_grad[at, chunk_ids] -= 1.0
                     if closed is not None and temperature != 1.0:
                         logits_s.div_(temperature)
-                if closed is not None:
+                done = None
+                if functional:
+                    c = closed.grad_scale / temperature
+                    ce_term = ce_weight / c if (fold_ce and need_any and ce_weight) else 0.0
+                    kind, beta = closed.kind
+                    done = _run_closed_functional(
+                        logits_s, logits_t, chunk_ids, kind, beta, ce_term, s_floor, t_floor, need_any, mm_s
+                    )
+                if done is not None:
+                    value, ce_chunk, grad_logits = done
+                    if ce_chunk is not None:
+                        ce_total += ce_chunk
+                elif closed is not None:
+                    if functional:  # the compiler failed on this chunk: eager from here on
+                        functional, extra = False, work.take(n_buffers, stop - start)[2 : 2 + n_extra]
                     log_s = _log_softmax_(logits_s, s_floor)
                     if fold_ce:
                         ce_total -= log_s[at, chunk_ids].sum()
@@ -626,9 +748,9 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 # c, the transform's scale and the mean's 1/n ride on the matmuls' alpha.
                 alpha = c * s_transform.scale * mean_scale
                 if grad_b is not None:
-                    grad_b.add_(grad_logits.sum(0), alpha=alpha)
+                    grad_b.add_(grad_logits.sum(0, dtype=dtype), alpha=alpha)
                 # Half-precision matmuls take G in the inputs' dtype (see `_mm_f32`).
-                g_mm = grad_logits if mm_s == dtype else grad_logits.to(mm_s)
+                g_mm = grad_logits if grad_logits.dtype == mm_s else grad_logits.to(mm_s)
                 if grad_h is not None:
                     _mm_f32(g_mm, w_s, grad_h[start:stop])  # [C, H_S]
                     if alpha != 1.0:
@@ -1014,6 +1136,7 @@ class FusedLinearDivergence(nn.Module):
 
 __all__ = [
     "ACCELERATOR_CHUNK_BYTES",
+    "COMPILE_CLOSED_FORMS",
     "DEFAULT_CHUNK_BYTES",
     "FusedLinearDivergence",
     "FusedLosses",
