@@ -838,16 +838,23 @@ def _device_run(args: argparse.Namespace, command: str) -> Path:
         "cases": [],
     }
     started = time.perf_counter()
+    # seconds of timed + warm-up steps per matmul FLOP, per dtype, from the last case run: a case
+    # that would end past the budget is not started (compile and load times are not in the rate)
+    rates: dict[str, float] = {}
     for case in _device_cases(args.quick) if not args.case else _picked_device_cases(args.case):
-        if time.perf_counter() - started > args.budget_s:
-            report["cases"].append(
-                {"case": asdict(case), "error": f"not run: past the {args.budget_s:.0f} s budget"}
-            )
+        predicted = rates.get(case.dtype, 0.0) * case.matmul_flop
+        if time.perf_counter() - started + predicted > args.budget_s:
+            cut = f"not run: would end past the {args.budget_s:.0f} s budget (~{predicted:.0f} s)"
+            report["cases"].append({"case": asdict(case), "error": cut})
+            print(f"{case.label:<40} {cut}", flush=True)
         else:
             t0 = time.perf_counter()
             record = _device_case(case, device, args)
             record["wall_s"] = time.perf_counter() - t0
             report["cases"].append(record)
+            step_s = sum(r.get("time_s", 0.0) for r in record.get("methods", {}).values())
+            if step_s:
+                rates[case.dtype] = step_s * (args.repeats + 1) / case.matmul_flop
             summary = "  ".join(
                 f"{m} {r['x_floor']:.2f}x" if "x_floor" in r else f"{m} {r['status'][:40]}"
                 for m, r in record.get("methods", {}).items()
@@ -969,7 +976,7 @@ def main(argv: list[str] | None = None) -> None:
         help="with --device: comma-separated subset of " + ", ".join(DEVICE_METHODS),
     )
     parser.add_argument(
-        "--budget-s", type=float, default=75.0, help="with --device: skip cases after this long"
+        "--budget-s", type=float, default=85.0, help="with --device: start no case that would end later"
     )
     parser.add_argument("--render", metavar="JSON", help="print the markdown tables of a --device run's JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
