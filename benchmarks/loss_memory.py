@@ -158,6 +158,7 @@ def _child(spec: dict) -> dict:
 
         ref_spec = importlib.util.spec_from_file_location("fused_ref", spec["reference_fused"])
         ref_module = importlib.util.module_from_spec(ref_spec)
+        sys.modules["fused_ref"] = ref_module  # dataclasses look their module up there
         ref_spec.loader.exec_module(ref_module)
         ref_fused = ref_module.fused_linear_divergence
         ref_chunk = ref_module.auto_chunk_size(case.tokens, case.vocab)
