@@ -164,20 +164,21 @@ def _probe_half_mode(device: torch.device, dtype: torch.dtype) -> str | None:
         grid = torch.arange(rows * cols, device=device).reshape(rows, cols)
         return (((grid * 37 + salt) % 11) - 5).to(torch.float32) / 8
 
-    a32, b32, c32 = exact(24, 40, 1), exact(56, 40, 2), exact(56, 24, 3)  # [C, H], [V, H], [V, C]
-    a, b, c = a32.to(dtype), b32.to(dtype), c32.to(dtype)
+    # The layouts of the loss's own calls: h [C, H], W [V, H], G [C, V], all contiguous.
+    h32, w32, g32 = exact(24, 40, 1), exact(56, 40, 2), exact(24, 56, 3)
+    h, w, g = h32.to(dtype), w32.to(dtype), g32.to(dtype)
     try:
-        logits = _mm_f32(a, b.t(), torch.empty(24, 56, device=device))  # h · Wᵀ
-        grad_h = _mm_f32(c.t(), b, torch.empty(24, 40, device=device))  # G · W
-        if not (_near(logits, a32 @ b32.t()) and _near(grad_h, c32.t() @ b32)):
+        logits = _mm_f32(h, w.t(), torch.empty(24, 56, device=device))  # h · Wᵀ
+        grad_h = _mm_f32(g, w, torch.empty(24, 40, device=device))  # G · W
+        if not (_near(logits, h32 @ w32.t()) and _near(grad_h, g32 @ w32)):
             return None
     except (RuntimeError, TypeError, NotImplementedError):
         return None
-    expected = 2.0 * b32 + 0.5 * (c32 @ a32)  # Gᵀ · h accumulated
+    expected = 2.0 * w32 + 0.5 * (g32.t() @ h32)  # Gᵀ · h accumulated into a [V, H] float32
     for mode in ("addmm", "temp"):
-        acc = b32.clone()
+        acc = w32.clone()
         try:
-            _addmm_f32(acc, c, a, beta=2.0, alpha=0.5, mode=mode)
+            _addmm_f32(acc, g.t(), h, beta=2.0, alpha=0.5, mode=mode)
         except (RuntimeError, TypeError, NotImplementedError):
             continue
         if acc.dtype == torch.float32 and _near(acc, expected):
