@@ -13,9 +13,10 @@ reused [chunk, V] buffers without an autograd graph; other divergences use local
 chunk); plus float32 gradient accumulators of the student's hidden states [N, H_S] and weight
 [V, H_S]. On CPU the chunk buffers (~100-220 MiB at the default chunk size) are kept between calls
 so that no step pays page faults for them again (`release_workspace` frees them). Under autocast
-the loss still computes in float32. Optionally a cross-entropy term on the same tokens (targets,
-ce_weight) and each model's post-head logit transform (scale, soft-cap) are applied in the same
-chunk pass. Any divergence of
+the loss still computes in float32; on a CUDA GPU bf16/fp16 inputs keep bf16/fp16 matmuls with
+float32 outputs (see "Half-precision matmuls" below). Optionally a cross-entropy term on the
+same tokens (targets, ce_weight) and each model's post-head logit transform (scale, soft-cap) are
+applied in the same chunk pass. Any divergence of
 `DIVERGENCES` (or any callable with its signature) works.
 """
 
@@ -962,14 +963,18 @@ def fused_linear_divergence(
         none count) or "sum". "none" is not supported: per-token gradients are not kept.
     chunk_size: tokens per chunk; None picks it so one chunk's float32 logits take ~32 MiB on CPU
         (`auto_chunk_size`: 168 tokens at V = 49,152; at least 128 tokens, so 128 at V = 151,936)
-        and ~128 MiB on a GPU.
+        and 1/128 of the device's memory on a CUDA GPU (1,808 tokens at V = 151,936 on an H200).
 
     Vocabulary padding: a teacher with V_T > V (same tokenizer, embedding padded to a multiple
     of 64/128, as Qwen's 151,936 vs 152,064) is cut to the student's first V rows; the padded
     rows are not real tokens. A teacher with V_T < V is an error.
-    Dtypes: each chunk is computed in float32 (float64 stays float64) even for bf16/fp16 inputs
+    Dtypes: each chunk's softmax math is float32 (float64 stays float64) even for bf16/fp16 inputs
     and under autocast; the loss comes back in the student hidden states' dtype, gradients in
-    each input's. Returns a scalar tensor (use `fused_head_losses` for the parts separately).
+    each input's. On a CUDA GPU, bf16/fp16 hidden states with weights of the same dtype keep their
+    matmuls in that dtype with float32 outputs (d loss/d logits is rounded to it for the two
+    gradient products); elsewhere they are upcast. `KDKIT_FUSED_COMPILE=1` compiles the fkl/rkl/jsd
+    chunk math with torch.compile (fewer passes over memory; compiles once per combination).
+    Returns a scalar tensor (use `fused_head_losses` for the parts separately).
     """
     return _fused(
         student_hidden,
