@@ -740,6 +740,8 @@ def _device_case(case: DeviceCase, device: torch.device, args: argparse.Namespac
     """Warm-up and peak memory per method, then `repeats` rounds of every method (order alternating)."""
     import torch
 
+    from kdkit.losses import fused as fused_module
+
     cuda = device.type == "cuda"
     methods = [m for m in args.device_methods if m in DEVICE_METHODS]
     if case.dtype == "float32":  # the float32 cases are the slow ones; these questions are bf16's
@@ -767,6 +769,9 @@ def _device_case(case: DeviceCase, device: torch.device, args: argparse.Namespac
             value = steps[method]()  # warm-up: kernels load / compile (Triton), the allocator grows
             if value is not None:
                 entry["loss"] = float(value.detach())
+            if kind == "fused_compiled" and fused_module._COMPILED.get("fn") is None:
+                # the loss fell back to its eager forms: say so rather than time them under this name
+                entry["status"] = f"error: compile failed: {fused_module._COMPILED.get('error', '?')[:300]}"
         except torch.cuda.OutOfMemoryError:
             entry["status"] = "out of memory"
         except Exception as error:  # noqa: BLE001
