@@ -18,6 +18,18 @@ Peak memory = the subprocess's peak RSS (VmHWM) minus its RSS once the inputs ex
 
     .venv/bin/python benchmarks/loss_memory.py --quick   # one small case -> runs/benchmarks/ (a smoke run)
     .venv/bin/python benchmarks/loss_memory.py           # the full table -> docs/benchmarks/loss_memory.md
+
+On a GPU (or the CPU at a tiny size, to check the code paths) the in-process harness instead: every
+case in one process, CUDA events, `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`,
+one warm-up and one memory step per method, then `--repeats` (5) rounds in alternating order, each
+with a floor step, so "x floor" is a per-round ratio; fused fkl/rkl/jsd, TRL's chunked loss
+(`trl.trainer.distillation_trainer._chunked_divergence_loss`, Triton kernels on CUDA) and unfused
+(skipped when it would not fit), at V in {49,152, 151,936}, H = 1,024 (2,048 at one size),
+N in {4,096, 16,384}, bf16 and float32; JSON + markdown to --out (~60-80 s on an H200):
+
+    PYTHONPATH=src python3 benchmarks/loss_memory.py --device cuda --out runs/loss_gpu
+    PYTHONPATH=src python3 benchmarks/loss_memory.py --device cpu --quick --out /tmp/loss_cpu  # paths check
+    PYTHONPATH=src python3 benchmarks/loss_memory.py --render runs/loss_gpu/loss_memory_device.json
 """
 
 from __future__ import annotations
@@ -33,6 +45,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
 
 GiB = 2**30
 MiB = 2**20
@@ -140,6 +158,7 @@ def _child(spec: dict) -> dict:
 
         ref_spec = importlib.util.spec_from_file_location("fused_ref", spec["reference_fused"])
         ref_module = importlib.util.module_from_spec(ref_spec)
+        sys.modules["fused_ref"] = ref_module  # dataclasses look their module up there
         ref_spec.loader.exec_module(ref_module)
         ref_fused = ref_module.fused_linear_divergence
         ref_chunk = ref_module.auto_chunk_size(case.tokens, case.vocab)
@@ -540,6 +559,392 @@ def _write(results: list[Result], args: argparse.Namespace, command: str, elapse
     return path
 
 
+# ----------------------------------------------------------------------------------------------
+# in-process harness for one device (--device cuda|cpu): CUDA events, torch's peak-memory counters
+
+
+@dataclass(frozen=True)
+class DeviceCase:
+    vocab: int
+    tokens: int
+    hidden: int
+    dtype: str  # "float32" | "bfloat16"
+
+    @property
+    def label(self) -> str:
+        return f"V={self.vocab:,} N={self.tokens:,} H={self.hidden:,} {self.dtype}"
+
+    @property
+    def matmul_flop(self) -> float:
+        """The four large matmuls of one step: 2 projections + 2 gradient products, 2·N·V·H each."""
+        return 8.0 * self.tokens * self.vocab * self.hidden
+
+
+# method name -> (kind, divergence, kwargs); TRL's beta: 0 = forward KL, 1 = reverse KL, as kdkit's jsd
+DEVICE_METHODS: dict[str, tuple[str, str, dict[str, float]]] = {
+    "floor": ("floor", "", {}),
+    "floor_unchunked": ("floor_unchunked", "", {}),
+    "fused_fkl": ("fused", "fkl", {}),
+    "fused_rkl": ("fused", "rkl", {}),
+    "fused_jsd": ("fused", "jsd", {"beta": 0.5}),
+    # jsd at half the automatic chunk: what a smaller memory budget costs (bf16 cases only)
+    "fused_jsd_half_chunk": ("fused_half_chunk", "jsd", {"beta": 0.5}),
+    # the closed forms compiled (KDKIT_FUSED_COMPILE=1; bf16 cases only; compiled in the warm-up)
+    "fused_fkl_compiled": ("fused_compiled", "fkl", {}),
+    "fused_rkl_compiled": ("fused_compiled", "rkl", {}),
+    "fused_jsd_compiled": ("fused_compiled", "jsd", {"beta": 0.5}),
+    "trl_jsd": ("trl", "jsd", {"beta": 0.5}),
+    "unfused_jsd": ("unfused", "jsd", {"beta": 0.5}),
+}
+# fkl/rkl compiled are left out by default: each compiles for ~10 s more of a ~90 s run.
+DEFAULT_DEVICE_METHODS = [m for m in DEVICE_METHODS if m not in ("fused_fkl_compiled", "fused_rkl_compiled")]
+# The kinds of method also run on float32 inputs (the others on bf16 only, to keep the run short).
+BOTH_DTYPES = ("floor", "fused", "trl", "unfused")
+# Peak extra memory of the unfused loss in multiples of one model's float32 [N, V] logits (its
+# autograd graph keeps ~12-16 [N, V] float32 intermediates); a case is skipped up front above it.
+UNFUSED_COPIES = 16.0
+
+
+def _device_cases(quick: bool) -> list[DeviceCase]:
+    if quick:
+        return [DeviceCase(4_096, 192, 64, dtype) for dtype in ("bfloat16", "float32")]
+    shapes = [(v, n, 1_024) for v in (49_152, 151_936) for n in (4_096, 16_384)]
+    # bf16 first (how LMs train; H = 2,048 at one size too), then float32; within each the cheap
+    # cases first, so that what a budget cut leaves out is the largest float32 case.
+    bf16 = [DeviceCase(v, n, h, "bfloat16") for v, n, h in shapes]
+    bf16.insert(3, DeviceCase(151_936, 4_096, 2_048, "bfloat16"))
+    return bf16 + [DeviceCase(v, n, h, "float32") for v, n, h in shapes]
+
+
+class _Timer:
+    """Wall time of a step: CUDA events on a GPU (read after a synchronize), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        import torch
+
+        self.torch, self.cuda = torch, device.type == "cuda"
+
+    def time(self, fn) -> Callable[[], float]:  # type: ignore[no-untyped-def]
+        """Runs fn; returns a callable that gives its seconds (synchronising on first call)."""
+        if self.cuda:
+            start = self.torch.cuda.Event(enable_timing=True)
+            end = self.torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            return lambda: (end.synchronize(), start.elapsed_time(end) / 1000.0)[1]
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+        return lambda: seconds
+
+
+def _device_steps(case: DeviceCase, device: torch.device, methods: list[str]):  # type: ignore[no-untyped-def]
+    """(inputs, {method: step}) for one case; each step does forward + backward (or the floor)."""
+    import torch
+
+    from kdkit.losses import fused as fused_module
+    from kdkit.losses.divergences import DIVERGENCES
+    from kdkit.losses.fused import auto_chunk_size, fused_linear_divergence
+
+    dtype = getattr(torch, case.dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    n, v, h = case.tokens, case.vocab, case.hidden
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+
+    # Scaled like a trained LM head: logits of order 1-10.
+    h_s = randn(n, h).requires_grad_(True)
+    w_s = randn(v, h, scale=h**-0.5).requires_grad_(True)
+    h_t = randn(n, h)
+    w_t = randn(v, h, scale=2.0 * h**-0.5)
+    mask = torch.ones(n, dtype=torch.bool, device=device)  # a training batch's mask: all count here
+    chunk = auto_chunk_size(n, v, device=device)
+    steps = {}
+
+    def clear() -> None:
+        h_s.grad = None
+        w_s.grad = None
+
+    def floor_step(rows_per_call: int):  # type: ignore[no-untyped-def]
+        rows = min(rows_per_call, n)
+        logits_t = torch.empty(rows, v, dtype=dtype, device=device)
+        logits_s = torch.empty(rows, v, dtype=dtype, device=device)
+        grad_h = torch.empty(n, h, dtype=dtype, device=device)
+        grad_w = torch.empty(v, h, dtype=dtype, device=device)
+        hs, ws = h_s.detach(), w_s.detach()
+
+        def run() -> None:
+            for start in range(0, n, rows_per_call):
+                stop = min(start + rows_per_call, n)
+                a, b = logits_t[: stop - start], logits_s[: stop - start]
+                torch.mm(h_t[start:stop], w_t.t(), out=a)
+                torch.mm(hs[start:stop], ws.t(), out=b)
+                torch.mm(b, ws, out=grad_h[start:stop])  # b stands in for d loss / d logits
+                grad_w.addmm_(b.t(), hs[start:stop], beta=0.0 if start == 0 else 1.0)
+
+        return run
+
+    def loss_step(kind: str, divergence: str, kwargs: dict[str, float]):  # type: ignore[no-untyped-def]
+        if kind == "trl":
+            os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+            from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        def run() -> float:
+            clear()
+            if kind.startswith("fused"):
+                size = max(8, chunk // 2) if kind == "fused_half_chunk" else chunk
+                fused_module.COMPILE_CLOSED_FORMS = kind == "fused_compiled"
+                try:
+                    loss = fused_linear_divergence(
+                        h_s, w_s, h_t, w_t, divergence=divergence, mask=mask, chunk_size=size, **kwargs
+                    )
+                finally:
+                    fused_module.COMPILE_CLOSED_FORMS = False
+            elif kind == "trl":
+                loss = _chunked_divergence_loss(h_s, h_t, w_s, w_t, mask, beta=kwargs["beta"])[0]
+            else:
+                logits_s = h_s @ w_s.T
+                with torch.no_grad():
+                    logits_t = h_t @ w_t.T
+                loss = DIVERGENCES.get(divergence)(logits_s, logits_t, mask=mask, **kwargs)
+                del logits_s, logits_t
+            loss.backward()
+            return loss
+
+        return run
+
+    for method in methods:
+        kind, divergence, kwargs = DEVICE_METHODS[method]
+        if kind == "floor":
+            steps[method] = floor_step(chunk)
+        elif kind == "floor_unchunked":
+            steps[method] = floor_step(n)
+        else:
+            try:
+                steps[method] = loss_step(kind, divergence, kwargs)
+            except Exception as error:  # noqa: BLE001 - e.g. TRL not importable: that method only
+                steps[method] = _failing(f"{type(error).__name__}: {str(error)[:300]}")
+    return (h_s, w_s, h_t, w_t), chunk, steps
+
+
+def _failing(message: str):  # type: ignore[no-untyped-def]
+    def run() -> None:
+        raise RuntimeError(message)
+
+    return run
+
+
+def _device_case(case: DeviceCase, device: torch.device, args: argparse.Namespace) -> dict:
+    """Warm-up and peak memory per method, then `repeats` rounds of every method (order alternating)."""
+    import torch
+
+    from kdkit.losses import fused as fused_module
+
+    cuda = device.type == "cuda"
+    methods = [m for m in args.device_methods if m in DEVICE_METHODS]
+    if case.dtype == "float32":  # the float32 cases are the slow ones; these questions are bf16's
+        methods = [m for m in methods if m != "floor_unchunked" and DEVICE_METHODS[m][0] in BOTH_DTYPES]
+    record: dict = {"case": asdict(case), "methods": {}}
+    try:
+        inputs, chunk, steps = _device_steps(case, device, methods)
+    except Exception as error:  # noqa: BLE001 - one case's failure must not end the run
+        record["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        return record
+    record["chunk_size"] = chunk
+    record["input_mb"] = sum(t.numel() * t.element_size() for t in inputs) / MiB
+    timer = _Timer(device)
+    results = {m: {"status": "ok", "times_s": []} for m in methods}
+    free = torch.cuda.mem_get_info(device)[0] if cuda else None
+    for method in methods:
+        entry = results[method]
+        kind = DEVICE_METHODS[method][0]
+        if kind == "unfused" and free is not None:
+            need = case.tokens * case.vocab * 4 * UNFUSED_COPIES
+            if need > 0.9 * free:
+                entry["status"] = f"skipped: needs ~{need / GiB:.0f} GiB > 90% of {free / GiB:.0f} GiB free"
+                continue
+        try:
+            value = steps[method]()  # warm-up: kernels load / compile (Triton), the allocator grows
+            if value is not None:
+                entry["loss"] = float(value.detach())
+            if kind == "fused_compiled" and fused_module._COMPILED.get("fn") is None:
+                # the loss fell back to its eager forms: say so rather than time them under this name
+                entry["status"] = f"error: compile failed: {fused_module._COMPILED.get('error', '?')[:300]}"
+        except torch.cuda.OutOfMemoryError:
+            entry["status"] = "out of memory"
+        except Exception as error:  # noqa: BLE001
+            entry["status"] = f"error: {type(error).__name__}: {str(error)[:300]}"
+        if cuda and entry["status"] != "ok":
+            torch.cuda.empty_cache()
+    live = [m for m in methods if results[m]["status"] == "ok"]
+    for round_index in range(args.repeats):
+        order = live if round_index % 2 == 0 else live[::-1]
+        pending = []
+        for method in order:
+            if round_index == 0 and cuda:  # peak memory of this step alone (allocator stats: host side)
+                for tensor in inputs:
+                    tensor.grad = None  # the previous method's gradients are not this one's memory
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            try:
+                pending.append((method, timer.time(steps[method])))
+            except torch.cuda.OutOfMemoryError:
+                results[method]["status"] = "out of memory (while timing)"
+                torch.cuda.empty_cache()
+                continue
+            except Exception as error:  # noqa: BLE001
+                results[method]["status"] = f"error while timing: {type(error).__name__}: {str(error)[:200]}"
+                continue
+            if round_index == 0 and cuda:
+                results[method]["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / MiB
+        for method, seconds in pending:
+            results[method]["times_s"].append(seconds())
+        live = [m for m in live if results[m]["status"] == "ok"]
+    floor = results.get("floor", {}).get("times_s") or []
+    for entry in results.values():
+        times = entry["times_s"]
+        if times:
+            entry["time_s"] = statistics.median(times)
+            entry["tflops"] = case.matmul_flop / entry["time_s"] / 1e12
+        if times and len(floor) == len(times):  # per-round ratios: both steps ran in the same round
+            entry["x_floor_rounds"] = [t / f for t, f in zip(times, floor)]
+            entry["x_floor"] = statistics.median(entry["x_floor_rounds"])
+    record["methods"] = results
+    del steps, inputs
+    if cuda:
+        torch.cuda.empty_cache()
+    return record
+
+
+def _device_run(args: argparse.Namespace, command: str) -> Path:
+    import torch
+
+    from kdkit.losses.fused import _half_mode
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    out = Path(args.out) if args.out else REPO / "runs" / "benchmarks" / f"loss_memory_{device.type}"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "loss_memory_device.json"
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except Exception as error:  # noqa: BLE001
+        trl_version = f"unavailable ({type(error).__name__})"
+    report: dict = {
+        "command": command,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _machine(),
+        "torch": torch.__version__,
+        "trl": trl_version,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "half_matmul_mode": {d: _half_mode(device, getattr(torch, d)) for d in ("bfloat16", "float16")},
+        "repeats": args.repeats,
+        "cases": [],
+    }
+    started = time.perf_counter()
+    # seconds of timed + warm-up steps per matmul FLOP, per dtype, from the last case run: a case
+    # that would end past the budget is not started (compile and load times are not in the rate)
+    rates: dict[str, float] = {}
+    for case in _device_cases(args.quick) if not args.case else _picked_device_cases(args.case):
+        predicted = rates.get(case.dtype, 0.0) * case.matmul_flop
+        if time.perf_counter() - started + predicted > args.budget_s:
+            cut = f"not run: would end past the {args.budget_s:.0f} s budget (~{predicted:.0f} s)"
+            report["cases"].append({"case": asdict(case), "error": cut})
+            print(f"{case.label:<40} {cut}", flush=True)
+        else:
+            t0 = time.perf_counter()
+            record = _device_case(case, device, args)
+            record["wall_s"] = time.perf_counter() - t0
+            report["cases"].append(record)
+            step_s = sum(r.get("time_s", 0.0) for r in record.get("methods", {}).values())
+            if step_s:
+                rates[case.dtype] = step_s * (args.repeats + 1) / case.matmul_flop
+            summary = "  ".join(
+                f"{m} {r['x_floor']:.2f}x" if "x_floor" in r else f"{m} {r['status'][:40]}"
+                for m, r in record.get("methods", {}).items()
+            )
+            floor_s = record.get("methods", {}).get("floor", {}).get("time_s")
+            print(
+                f"{case.label:<40} floor {_fmt(floor_s and floor_s * 1e3, '.1f')} ms  {summary}"
+                f"  {record.get('error', '')} ({record['wall_s']:.1f} s)",
+                flush=True,
+            )
+        report["elapsed_s"] = time.perf_counter() - started
+        path.write_text(json.dumps(report, indent=1))  # partial results survive a crash
+    (out / "loss_memory_device.md").write_text("\n".join(_render(report)) + "\n")
+    print(f"wrote {path} ({report['elapsed_s']:.0f} s)", flush=True)
+    return path
+
+
+def _picked_device_cases(texts: list[str]) -> list[DeviceCase]:
+    cases = []
+    for text in texts:
+        vocab, tokens, hidden, *dtype = text.split(",")
+        for name in dtype or ["bfloat16", "float32"]:
+            cases.append(DeviceCase(int(vocab), int(tokens), int(hidden), name))
+    return cases
+
+
+def _render(report: dict) -> list[str]:
+    """Markdown tables (summary, then per-round details) from a `--device` run's JSON."""
+    names = [m for m in DEVICE_METHODS if any(m in c.get("methods", {}) for c in report["cases"])]
+    lines = [
+        f"Device: {report['device']}; torch {report['torch']}, TRL {report['trl']}; TF32 matmuls "
+        f"{'on' if report['tf32_matmul'] else 'off'}; half-precision matmul path: "
+        f"{report['half_matmul_mode']}; {report['repeats']} timed rounds per case (median), "
+        f"whole run {report.get('elapsed_s', 0):.0f} s.",
+        "",
+        "Each cell: median over rounds of (step time / floor time in the same round) · peak memory "
+        "allocated above the inputs during one step (forward + backward, gradients included). *floor*: "
+        "the four matmuls (both projections, G·W, Gᵀ·h) in the inputs' dtype at fused's chunk size, "
+        "outputs preallocated; *floor_unchunked*: the same with all N tokens in one call.",
+        "",
+    ]
+    head = ["case", "chunk", "floor ms", "floor TFLOP/s"] + [m for m in names if m != "floor"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for record in report["cases"]:
+        case = DeviceCase(**record["case"])
+        results = record.get("methods", {})
+        if not results:
+            lines.append(f"| {case.label} | {record.get('error', '–')} |" + " |" * (len(head) - 2))
+            continue
+        floor = results.get("floor", {})
+        row = [case.label, str(record.get("chunk_size", "–"))]
+        row += [_fmt(floor.get("time_s") and floor["time_s"] * 1e3, ".1f"), _fmt(floor.get("tflops"), ".0f")]
+        for m in names:
+            r = results.get(m)
+            if m == "floor":
+                continue
+            if r is None:
+                row.append("–")
+            elif r["status"] != "ok":
+                row.append(r["status"][:60])
+            else:
+                cell = f"**{_fmt(r.get('x_floor'), '.2f')}×**"
+                if r.get("peak_mb") is not None and not m.startswith("floor"):
+                    cell += f" · {r['peak_mb']:,.0f} MB"
+                row.append(cell)
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Per-round times (ms) and losses:",
+        "",
+        "| case | method | times ms | × floor per round | loss |",
+    ]
+    lines.append("|---|---|---|---|---|")
+    for record in report["cases"]:
+        for m, r in record.get("methods", {}).items():
+            times = ", ".join(f"{t * 1e3:.1f}" for t in r.get("times_s", [])) or r["status"]
+            ratios = ", ".join(f"{x:.2f}" for x in r.get("x_floor_rounds", [])) or "–"
+            label = DeviceCase(**record["case"]).label
+            lines.append(f"| {label} | {m} | {times} | {ratios} | {_fmt(r.get('loss'), '.6f')} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -568,10 +973,34 @@ def main(argv: list[str] | None = None) -> None:
         help="method fused_ref: another fused.py to compare (git show REV:src/kdkit/losses/fused.py > f.py)",
     )
     parser.add_argument("--out", help="output folder (default docs/benchmarks; runs/benchmarks with --quick)")
+    parser.add_argument(
+        "--device",
+        help="cuda or cpu: the in-process harness on that device (CUDA events, torch's peak-memory "
+        "counters; all cases of one dtype in one process) instead of the CPU subprocess harness",
+    )
+    parser.add_argument(
+        "--device-methods",
+        default=",".join(DEFAULT_DEVICE_METHODS),
+        help="with --device: comma-separated subset of " + ", ".join(DEVICE_METHODS),
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=85.0, help="with --device: start no case that would end later"
+    )
+    parser.add_argument("--render", metavar="JSON", help="print the markdown tables of a --device run's JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
+        return
+    if args.render:
+        print("\n".join(_render(json.loads(Path(args.render).read_text()))))
+        return
+    if args.device:
+        args.device_methods = args.device_methods.split(",")
+        if "--repeats" not in (argv if argv is not None else sys.argv):
+            args.repeats = 5  # the CPU harness's default is 2
+        command = "python benchmarks/loss_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        _device_run(args, command.strip())
         return
 
     command = "python benchmarks/loss_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -13,16 +13,19 @@ reused [chunk, V] buffers without an autograd graph; other divergences use local
 chunk); plus float32 gradient accumulators of the student's hidden states [N, H_S] and weight
 [V, H_S]. On CPU the chunk buffers (~100-220 MiB at the default chunk size) are kept between calls
 so that no step pays page faults for them again (`release_workspace` frees them). Under autocast
-the loss still computes in float32. Optionally a cross-entropy term on the same tokens (targets,
-ce_weight) and each model's post-head logit transform (scale, soft-cap) are applied in the same
-chunk pass. Any divergence of
+the loss still computes in float32; on a CUDA GPU bf16/fp16 inputs keep bf16/fp16 matmuls with
+float32 outputs (see "Half-precision matmuls" below). Optionally a cross-entropy term on the
+same tokens (targets, ce_weight) and each model's post-head logit transform (scale, soft-cap) are
+applied in the same chunk pass. Any divergence of
 `DIVERGENCES` (or any callable with its signature) works.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -39,13 +42,26 @@ from kdkit.losses.divergences import DIVERGENCES, LOGIT_FLOOR, forward_kl, gener
 # the loaded 2-core CPU (jsd, one thread): 160-token chunks 1.11-1.27x the matmul floor vs 1.2-1.4x
 # for 680 at V = 49,152, H = 576. At V = 151,936, H = 1,024 the 48 tokens of 32 MiB were ~10-20%
 # slower than 192-216-token chunks (each BLAS call packs the [V, H] weight): at least 128 tokens.
-# On GPU the caching allocator reuses memory and larger matmuls
-# pay off: 128 MiB (the earlier CPU default; not re-measured on a GPU).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 MIN_CPU_CHUNK_TOKENS = 128
+# On a CUDA GPU the chunk is sized from the device's memory: one [chunk, V] float32 buffer takes
+# 1/128 of it (about 1.1 GB, 1,808 tokens at V = 151,936 on a 141 GB H200; 640 MB on an 80 GB
+# card), so the 5-8 chunk-sized buffers of a step take at most ~6% of the device. Larger chunks
+# matter there: the weight-gradient matmul G^T h of a chunk reads and writes the whole float32
+# [V, H] accumulator, which costs as much as the matmul itself at a few hundred tokens. Other
+# accelerators (or none known): 128 MiB.
+CUDA_CHUNK_FRACTION = 1 / 128
+MIN_CUDA_CHUNK_BYTES = 128 * 2**20
 ACCELERATOR_CHUNK_BYTES = 128 * 2**20
 
 DivergenceFn = Callable[..., Tensor]
+
+
+def _accelerator_chunk_bytes(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(MIN_CUDA_CHUNK_BYTES, int(total * CUDA_CHUNK_FRACTION))
+    return ACCELERATOR_CHUNK_BYTES
 
 
 def auto_chunk_size(
@@ -59,13 +75,14 @@ def auto_chunk_size(
 
     chunk_bytes: None = `DEFAULT_CHUNK_BYTES` on CPU (or no device given) but at least
     `MIN_CPU_CHUNK_TOKENS` tokens (a BLAS matmul packs the [V, H] weight once per call, so very few
-    rows per call waste that work at large V), `ACCELERATOR_CHUNK_BYTES` on any other device.
+    rows per call waste that work at large V); on a CUDA device `CUDA_CHUNK_FRACTION` of its memory
+    (at least `MIN_CUDA_CHUNK_BYTES`); `ACCELERATOR_CHUNK_BYTES` on any other device.
     Returns an int in [1, max(n_tokens, 1)]; a multiple of 8 when above 8.
     """
     minimum = 1
     if chunk_bytes is None:
         on_cpu = device is None or torch.device(device).type == "cpu"
-        chunk_bytes = DEFAULT_CHUNK_BYTES if on_cpu else ACCELERATOR_CHUNK_BYTES
+        chunk_bytes = DEFAULT_CHUNK_BYTES if on_cpu else _accelerator_chunk_bytes(torch.device(device))
         minimum = MIN_CPU_CHUNK_TOKENS if on_cpu else 1
     tokens = max(minimum, chunk_bytes // (4 * max(vocab_size, 1)))
     if tokens > 8:
@@ -81,6 +98,112 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # float32 at least (bf16/fp16 logits lose the small probabilities a divergence depends on);
     # float64 stays float64 so the loss can be gradchecked.
     return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Half-precision matmuls with float32 outputs (bf16/fp16 inputs on a GPU)
+#
+# Upcasting bf16 weights and hidden states to float32 would run the four large matmuls at the
+# GPU's float32 rate (~15x below its bf16 tensor-core rate on an H100/H200). Instead they run on
+# the half-precision inputs with float32 accumulation and float32 outputs (`out_dtype`, CUDA only,
+# torch >= 2.8): the logits are then exactly those of the float32 product of the same bf16 values
+# (the products of two bf16 numbers are exact in float32), and the chunk's softmax math stays
+# float32. Only the gradient products see one more rounding: d loss / d logits (entries in [-1, 1])
+# is cast to the inputs' dtype before G·W and Gᵀ·h, as the returned gradients are in that dtype
+# anyway. The weight gradient accumulates over chunks in float32.
+# Which form works is probed once per (device, dtype) on tiny exact matrices; a device or torch
+# build without it falls back to upcasting (correct, slower).
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Device types where bf16/fp16 inputs take the half-precision matmul path. Tests add "cpu", where
+# the same calls are emulated by upcasting (identical numerics, none of the speed).
+HALF_MATMUL_DEVICE_TYPES = {"cuda"}
+_HALF_MODES: dict[tuple[str, int | None, torch.dtype], str | None] = {}
+
+
+def _mm_f32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """out (float32 or float64) = a @ b, for a, b of out's dtype or of a half dtype (fp32 accumulation)."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    if out.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)
+    return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)  # emulation (tests)
+
+
+def _addmm_f32(acc: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float, mode: str | None) -> None:
+    """acc = beta·acc + alpha·(a @ b) for a float32 `acc`, a and b float32 or half (fp32 accumulation).
+
+    mode (from `_half_mode`): "addmm" = one cuBLAS call with a float32 C and half A, B;
+    "temp" = the product into a temporary float32 [V, H] and an add; None / emulation: upcast.
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b, beta=beta, alpha=alpha)
+    elif mode == "addmm":
+        torch.addmm(acc, a, b, beta=beta, alpha=alpha, out_dtype=acc.dtype, out=acc)
+    elif mode == "temp":
+        product = _mm_f32(a, b, torch.empty_like(acc))
+        if beta == 0.0:
+            acc.copy_(product).mul_(alpha)
+        else:
+            if beta != 1.0:
+                acc.mul_(beta)
+            acc.add_(product, alpha=alpha)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta, alpha=alpha)
+
+
+def _near(got: Tensor, expected: Tensor) -> bool:
+    # Exact values, but a reduced-precision reduction (allowed for bf16 by default) may round them:
+    # the probe only has to tell a working call from a wrong one.
+    return got.dtype == expected.dtype and torch.allclose(got, expected, rtol=1e-2, atol=1e-2)
+
+
+def _probe_half_mode(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The first form of half-input, float32-output matmul that works exactly on this device."""
+
+    def exact(rows: int, cols: int, salt: int) -> Tensor:  # small multiples of 1/8: exact in fp16/bf16
+        grid = torch.arange(rows * cols, device=device).reshape(rows, cols)
+        return (((grid * 37 + salt) % 11) - 5).to(torch.float32) / 8
+
+    # The layouts of the loss's own calls: h [C, H], W [V, H], G [C, V], all contiguous.
+    h32, w32, g32 = exact(24, 40, 1), exact(56, 40, 2), exact(24, 56, 3)
+    h, w, g = h32.to(dtype), w32.to(dtype), g32.to(dtype)
+    try:
+        logits = _mm_f32(h, w.t(), torch.empty(24, 56, device=device))  # h · Wᵀ
+        grad_h = _mm_f32(g, w, torch.empty(24, 40, device=device))  # G · W
+        if not (_near(logits, h32 @ w32.t()) and _near(grad_h, g32 @ w32)):
+            return None
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    expected = 2.0 * w32 + 0.5 * (g32.t() @ h32)  # Gᵀ · h accumulated into a [V, H] float32
+    for mode in ("addmm", "temp"):
+        acc = w32.clone()
+        try:
+            _addmm_f32(acc, g.t(), h, beta=2.0, alpha=0.5, mode=mode)
+        except (RuntimeError, TypeError, NotImplementedError):
+            continue
+        if acc.dtype == torch.float32 and _near(acc, expected):
+            return mode
+    return None
+
+
+def _half_mode(device: torch.device, dtype: torch.dtype) -> str | None:
+    """ "addmm" / "temp" when `dtype` inputs take the half-precision matmul path on `device`, else None."""
+    if dtype not in _HALF_DTYPES or device.type not in HALF_MATMUL_DEVICE_TYPES:
+        return None
+    key = (device.type, device.index, dtype)
+    if key not in _HALF_MODES:
+        _HALF_MODES[key] = _probe_half_mode(device, dtype)
+    return _HALF_MODES[key]
+
+
+def _matmul_dtype(hidden: Tensor, weight: Tensor, compute: torch.dtype) -> tuple[torch.dtype, str | None]:
+    """(dtype its matmuls run in, accumulation mode): its half dtype where supported, else `compute`."""
+    if hidden.dtype == weight.dtype:
+        mode = _half_mode(hidden.device, hidden.dtype)
+        if mode is not None:
+            return hidden.dtype, mode
+    return compute, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,14 +277,9 @@ class LinearHead:
 # CE term on the same tokens costs no extra pass over the chunk.
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """[C, V] · [C, V] -> [C]: per-row dot products without a [C, V] temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Sum of a ⊙ b over all entries of two contiguous [C, V] tensors, without a temporary."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+# Sums over [C, V] are products written into a spent buffer, then `sum` (cascade summation on CPU,
+# a tree on GPU): a BLAS dot or bmm accumulates the C·V (or V) float32 terms in sequence and was
+# 1e-5 to 5e-4 off the float64 value over a 168 x 49,152 chunk.
 
 
 def _log_softmax_(logits: Tensor, floor: bool) -> Tensor:
@@ -173,7 +291,9 @@ def _log_softmax_(logits: Tensor, floor: bool) -> Tensor:
         logits.clamp_min_(LOGIT_FLOOR)
     if logits.device.type == "cpu":  # the CPU kernel reads each row before writing it: in place is safe
         return torch._log_softmax(logits, -1, False, out=logits)
-    return logits.copy_(torch.log_softmax(logits, dim=-1))  # elsewhere not verified in place
+    # Elsewhere not verified in place: a new tensor (the caching allocator reuses its memory from
+    # chunk to chunk; no copy back into `logits`, which would be one more pass over [C, V]).
+    return torch.log_softmax(logits, dim=-1)
 
 
 def _forward_kl_closed(
@@ -181,7 +301,7 @@ def _forward_kl_closed(
 ) -> tuple[Tensor, Tensor | None]:
     """KL(p_T ‖ p_S) summed over the chunk; G = p_S − p_T (c = 1/T). Consumes log_s, log_t."""
     p_t = torch.exp(log_t, out=work[0])
-    value = _dot(p_t, log_t.sub_(log_s))
+    value = log_t.sub_(log_s).mul_(p_t).sum()
     if not need_grad:
         return value, None
     p_s = log_s.exp_()
@@ -196,7 +316,7 @@ def _reverse_kl_closed(
     """KL(p_S ‖ p_T) summed; G = p_S·(log p_S − log p_T − KL per token) (c = 1/T)."""
     p_s = torch.exp(log_s, out=work[0])
     diff = torch.sub(log_s, log_t, out=log_t)
-    per_token = _rowdot(p_s, diff)  # [C]
+    per_token = torch.mul(p_s, diff, out=log_s).sum(-1)  # [C]; log_s's buffer is spent
     value = per_token.sum()
     if not need_grad:
         return value, None
@@ -221,9 +341,9 @@ def _jsd_closed(
     # log M = log(1−β) + log(p_S + p_T·β/(1−β)); exact zeros (both banned) floor to LOGIT_FLOOR.
     log_m = torch.add(p_s, p_t, alpha=beta / (1.0 - beta), out=work[2]).log_()
     log_m.add_(math.log1p(-beta)).clamp_min_(LOGIT_FLOOR)
-    teacher_term = _dot(p_t, log_t.sub_(log_m))
+    teacher_term = log_t.sub_(log_m).mul_(p_t).sum()
     diff = log_s.sub_(log_m)  # log p_S − log M
-    kl_s = _rowdot(p_s, diff)  # KL(p_S ‖ M) per token [C]
+    kl_s = torch.mul(p_s, diff, out=log_t).sum(-1)  # KL(p_S ‖ M) per token [C]; log_t is spent
     value = beta * teacher_term + (1.0 - beta) * kl_s.sum()
     if not need_grad:
         return value, None
@@ -248,6 +368,16 @@ class _Closed:
     buffers: int
     grad_scale: float  # c without the 1/T: (1 − β) for jsd, 1 otherwise
 
+    @property
+    def kind(self) -> tuple[str, float]:
+        """("fkl" | "rkl" | "jsd", β) for `_closed_functional` (jsd at β = 0 / 1 is fkl / rkl)."""
+        if self.form is _forward_kl_closed:
+            return "fkl", 0.0
+        if self.form is _reverse_kl_closed:
+            return "rkl", 1.0
+        beta = self.kwargs["beta"]
+        return ("fkl" if beta == 0.0 else "rkl" if beta == 1.0 else "jsd"), beta
+
 
 def _closed_form(fn: DivergenceFn, divergence_kwargs: dict[str, Any]) -> _Closed | None:
     """The closed form for `fn` with its kwargs, or None when it has none (then local autograd)."""
@@ -262,6 +392,98 @@ def _closed_form(fn: DivergenceFn, divergence_kwargs: dict[str, Any]) -> _Closed
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         return _Closed(form, {"beta": beta}, buffers, 1.0 - beta if beta < 1.0 else 1.0)
     return _Closed(form, {}, buffers, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same closed forms as one functional graph, for torch.compile (opt-in: COMPILE_CLOSED_FORMS)
+#
+# Eager, a chunk's closed form is ~15-20 elementwise kernels, each a full pass over [C, V] float32
+# in memory: on a GPU, whose bf16 matmuls are ~150x faster per byte than its memory, those passes
+# cost more than the four matmuls. Compiled (Inductor/Triton), the same math becomes a few fused
+# reductions that read the two logit buffers ~3 times and write G once in the matmul dtype. It is
+# opt-in because each new (divergence, dtype, CE) combination compiles once (tens of seconds).
+
+
+def _closed_functional(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    ids: Tensor | None,
+    kind: str,
+    beta: float,
+    ce: float,
+    floor_s: bool,
+    floor_t: bool,
+    need_grad: bool,
+    grad_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(divergence summed over the chunk, CE summed or None, G in `grad_dtype` or None), as the closed forms.
+
+    logits_*: [C, V] already divided by T (and transformed); ids [C] target ids of a CE term at T = 1
+    (then `ce` = its weight / c; G gets ce·p_S, and −ce at the target ids); kind: "fkl", "rkl", "jsd".
+    """
+    if floor_s:
+        logits_s = logits_s.clamp_min(LOGIT_FLOOR)
+    if floor_t:
+        logits_t = logits_t.clamp_min(LOGIT_FLOOR)
+    log_s = torch.log_softmax(logits_s, dim=-1)
+    log_t = torch.log_softmax(logits_t, dim=-1)
+    p_s = log_s.exp()
+    if kind == "fkl":
+        p_t = log_t.exp()
+        value = (p_t * (log_t - log_s)).sum()
+        grad = p_s * (1.0 + ce) - p_t if need_grad else None
+    elif kind == "rkl":
+        diff = log_s - log_t
+        per_token = (p_s * diff).sum(-1, keepdim=True)
+        value = per_token.sum()
+        grad = p_s * (diff - per_token + ce) if need_grad else None
+    else:
+        p_t = log_t.exp()
+        log_m = (torch.log(p_s + p_t * (beta / (1.0 - beta))) + math.log1p(-beta)).clamp_min(LOGIT_FLOOR)
+        diff = log_s - log_m
+        kl_s = (p_s * diff).sum(-1, keepdim=True)
+        value = beta * (p_t * (log_t - log_m)).sum() + (1.0 - beta) * kl_s.sum()
+        grad = p_s * (diff - kl_s + ce) if need_grad else None
+    ce_sum = None
+    if ids is not None:
+        hit = torch.arange(logits_s.shape[-1], device=logits_s.device)[None, :] == ids[:, None]
+        ce_sum = -torch.where(hit, log_s, 0.0).sum()
+        if grad is not None and ce:
+            grad = torch.where(hit, grad - ce, grad)
+    return value, ce_sum, None if grad is None else grad.to(grad_dtype)
+
+
+# Opt-in: KDKIT_FUSED_COMPILE=1 in the environment, or set this to True.
+COMPILE_CLOSED_FORMS = os.environ.get("KDKIT_FUSED_COMPILE", "") == "1"
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled_closed() -> Callable[..., tuple[Tensor, Tensor | None, Tensor | None]] | None:
+    """The compiled `_closed_functional` (None after a compile failure, which warns once)."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_closed_functional, dynamic=True, fullgraph=True)
+    return _COMPILED["fn"]
+
+
+def _run_closed_functional(*args: Any) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """The compiled closed form on one chunk, or None when compiling failed (the caller runs eager)."""
+    fn = _compiled_closed()
+    if fn is None:
+        return None
+    try:
+        return fn(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a compiler failure must not fail the training step
+        _COMPILED["fn"] = None
+        _COMPILED["error"] = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"kdkit: torch.compile of the fused loss's closed forms failed ({type(error).__name__}); "
+            "running them eagerly from now on (unset KDKIT_FUSED_COMPILE to silence this)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
 
 
 class _Workspace:
@@ -319,15 +541,18 @@ def _project(
 
     The scale and 1/T ride on the matmul's alpha when there is no soft-cap. With a soft-cap and
     `slope_out`, slope_out = 1 − tanh² (d z'/d z without the scale, which the caller folds in).
+    hidden and weight may be half precision (see `_mm_f32`); out and bias are float32/float64.
     """
     cap = transform.softcap
     alpha = transform.scale / (cap if cap is not None else temperature)
-    if bias is None:
-        torch.mm(hidden, weight.t(), out=out)
+    if bias is not None and hidden.dtype == out.dtype:
+        torch.addmm(bias, hidden, weight.t(), beta=alpha, alpha=alpha, out=out)
+    else:
+        _mm_f32(hidden, weight.t(), out)
+        if bias is not None:
+            out.add_(bias)
         if alpha != 1.0:
             out.mul_(alpha)
-    else:
-        torch.addmm(bias, hidden, weight.t(), beta=alpha, alpha=alpha, out=out)
     if cap is None:
         return None
     tanh = out.tanh_()
@@ -395,20 +620,24 @@ class _FusedLinearDivergence(torch.autograd.Function):
 
         # Only counted tokens are computed: padding and prompt tokens cost nothing. A chunk is
         # then always fully counted, so the divergence gets mask=None.
+        # (The nonzero is this call's one host synchronisation; none happens per chunk.)
         rows = mask.nonzero().squeeze(1) if mask is not None else None
         h_s = student_hidden if rows is None else student_hidden.index_select(0, rows)
         h_t = teacher_hidden if rows is None else teacher_hidden.index_select(0, rows)
         ids = targets if rows is None or targets is None else targets.index_select(0, rows)
         n_counted = h_s.shape[0]
-        if ids is not None and n_counted and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        if ids is not None and n_counted and bool(((ids < 0) | (ids >= vocab)).any()):
             raise ValueError(
                 f"fused cross-entropy: every counted token needs a target id in [0, {vocab}), got "
                 f"ids from {int(ids.min())} to {int(ids.max())} (mask the positions labelled -100)"
             )
 
-        # Weights are cast once, not per chunk (a no-op when they are already float32).
-        w_s = student_weight.to(dtype)
-        w_t = teacher_weight.to(dtype)
+        # The matmuls run in each model's half dtype where the device supports it (float32 outputs),
+        # else in the compute dtype. Weights are cast once, not per chunk (a no-op when they match).
+        mm_s, mode_s = _matmul_dtype(student_hidden, student_weight, dtype)
+        mm_t, _ = _matmul_dtype(teacher_hidden, teacher_weight, dtype)
+        w_s = student_weight.to(mm_s)
+        w_t = teacher_weight.to(mm_t)
         b_s = None if student_bias is None else student_bias.to(dtype)
         b_t = None if teacher_bias is None else teacher_bias.to(dtype)
         # Clamping at LOGIT_FLOOR matters only where a logit can be -inf: a -inf bias entry.
@@ -419,7 +648,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         ce_total = torch.zeros((), dtype=dtype, device=device)
         grad_h = torch.empty((n_counted, h_s.shape[1]), dtype=dtype, device=device) if need_h else None
         # Written (beta = 0) by the first chunk's addmm: no zero-fill pass over [V, H_S].
-        grad_w = torch.empty_like(w_s) if need_w else None
+        grad_w = torch.empty(w_s.shape, dtype=dtype, device=device) if need_w else None
         grad_w_written = False
         grad_b = torch.zeros(vocab, dtype=dtype, device=device) if need_b else None
         mean_scale = 1.0 / max(n_counted, 1) if options.reduction == "mean" else 1.0
@@ -429,24 +658,29 @@ class _FusedLinearDivergence(torch.autograd.Function):
         fold_ce = ids is not None and closed is not None and temperature == 1.0
         own_ce = ids is not None and not fold_ce
         want_slope = need_any and s_transform.softcap is not None
+        # The compiled closed form (opt-in) covers the common case: no soft-cap, CE (if any) at T = 1.
+        functional = COMPILE_CLOSED_FORMS and closed is not None and not (own_ce or s_transform.softcap)
         n_extra = closed.buffers if closed is not None else 0
         n_buffers = 2 + n_extra + int(want_slope) + int(own_ce)
         work = _workspace(max(1, min(chunk_size, n_counted)), vocab, dtype, device)
+        arange = torch.arange(min(chunk_size, max(n_counted, 1)), device=device) if ids is not None else None
 
         for start in range(0, n_counted, chunk_size):
             stop = min(start + chunk_size, n_counted)
-            buffers = work.take(n_buffers, stop - start)
+            # (the compiled form needs only the two logit buffers; `extra` is taken if it falls back)
+            functional = functional and _compiled_closed() is not None
+            buffers = work.take(2 if functional else n_buffers, stop - start)
             logits_s, logits_t, extra = buffers[0], buffers[1], buffers[2 : 2 + n_extra]
             slope_buffer = buffers[2 + n_extra] if want_slope else None
             ce_buffer = buffers[-1] if own_ce else None
-            h_s_chunk = h_s[start:stop].to(dtype)
+            h_s_chunk = h_s[start:stop].to(mm_s)
             chunk_ids = None if ids is None else ids[start:stop]
-            at = torch.arange(stop - start, device=device)
+            at = None if arange is None else arange[: stop - start]
             # Closed forms take logits already divided by T; the generic divergence divides itself.
             t_temp = temperature if closed is not None else 1.0
             s_temp = 1.0 if (own_ce or closed is None) else temperature
             with torch.no_grad():
-                _project(h_t[start:stop].to(dtype), w_t, b_t, t_transform, t_temp, logits_t, None)
+                _project(h_t[start:stop].to(mm_t), w_t, b_t, t_transform, t_temp, logits_t, None)
                 slope = _project(h_s_chunk, w_s, b_s, s_transform, s_temp, logits_s, slope_buffer)
                 ce_grad = None
                 if own_ce:
@@ -457,7 +691,21 @@ class _FusedLinearDivergence(torch.autograd.Function):
                         ce_grad[at, chunk_ids] -= 1.0
                     if closed is not None and temperature != 1.0:
                         logits_s.div_(temperature)
-                if closed is not None:
+                done = None
+                if functional:
+                    c = closed.grad_scale / temperature
+                    ce_term = ce_weight / c if (fold_ce and need_any and ce_weight) else 0.0
+                    kind, beta = closed.kind
+                    done = _run_closed_functional(
+                        logits_s, logits_t, chunk_ids, kind, beta, ce_term, s_floor, t_floor, need_any, mm_s
+                    )
+                if done is not None:
+                    value, ce_chunk, grad_logits = done
+                    if ce_chunk is not None:
+                        ce_total += ce_chunk
+                elif closed is not None:
+                    if functional:  # the compiler failed on this chunk: eager from here on
+                        functional, extra = False, work.take(n_buffers, stop - start)[2 : 2 + n_extra]
                     log_s = _log_softmax_(logits_s, s_floor)
                     if fold_ce:
                         ce_total -= log_s[at, chunk_ids].sum()
@@ -496,17 +744,25 @@ class _FusedLinearDivergence(torch.autograd.Function):
                     grad_logits.mul_(slope)
                 # c, the transform's scale and the mean's 1/n ride on the matmuls' alpha.
                 alpha = c * s_transform.scale * mean_scale
+                if grad_b is not None:
+                    grad_b.add_(grad_logits.sum(0, dtype=dtype), alpha=alpha)
+                # Half-precision matmuls take G in the inputs' dtype (see `_mm_f32`).
+                g_mm = grad_logits if grad_logits.dtype == mm_s else grad_logits.to(mm_s)
                 if grad_h is not None:
-                    torch.mm(grad_logits, w_s, out=grad_h[start:stop])  # [C, H_S]
+                    _mm_f32(g_mm, w_s, grad_h[start:stop])  # [C, H_S]
                     if alpha != 1.0:
                         grad_h[start:stop].mul_(alpha)
                 if grad_w is not None:  # in place: no [V, H_S] temporary
-                    grad_w.addmm_(
-                        grad_logits.t(), h_s_chunk, beta=1.0 if grad_w_written else 0.0, alpha=alpha
+                    _addmm_f32(
+                        grad_w,
+                        g_mm.t(),
+                        h_s_chunk,
+                        beta=1.0 if grad_w_written else 0.0,
+                        alpha=alpha,
+                        mode=mode_s,
                     )
                     grad_w_written = True
-                if grad_b is not None:
-                    grad_b.add_(grad_logits.sum(0), alpha=alpha)
+                del g_mm
             del grad_logits, value
         del work
         if grad_w is not None and not grad_w_written:
@@ -536,12 +792,21 @@ class _FusedLinearDivergence(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("fused_linear_divergence: its gradients were already used by a backward")
         grads, ctx.grads = ctx.grads, None
-        # grad_output is 1.0 in the usual loss.backward(); skip the multiply (and its copy) then.
-        unit = torch.equal(grad_output, torch.ones_like(grad_output))
-        grad_h, grad_w, grad_b = (g if g is None or unit else g * grad_output for g in grads)
+        grad_h, grad_w, grad_b = _scaled(grads, grad_output)
         del grads
         # Teacher tensors, mask, targets and the settings never get a gradient.
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _scaled(grads: list[Tensor | None], grad_output: Tensor) -> list[Tensor | None]:
+    """The stored gradients times the incoming scalar gradient, in place (they are this call's own).
+
+    On CPU, grad_output = 1 (the usual loss.backward()) skips the pass over [V, H]; elsewhere that
+    test would be a host synchronisation, and the multiply costs less than one.
+    """
+    if grad_output.device.type == "cpu" and torch.equal(grad_output, torch.ones_like(grad_output)):
+        return grads
+    return [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
 
 
 @dataclass(frozen=True)
@@ -698,14 +963,18 @@ def fused_linear_divergence(
         none count) or "sum". "none" is not supported: per-token gradients are not kept.
     chunk_size: tokens per chunk; None picks it so one chunk's float32 logits take ~32 MiB on CPU
         (`auto_chunk_size`: 168 tokens at V = 49,152; at least 128 tokens, so 128 at V = 151,936)
-        and ~128 MiB on a GPU.
+        and 1/128 of the device's memory on a CUDA GPU (1,808 tokens at V = 151,936 on an H200).
 
     Vocabulary padding: a teacher with V_T > V (same tokenizer, embedding padded to a multiple
     of 64/128, as Qwen's 151,936 vs 152,064) is cut to the student's first V rows; the padded
     rows are not real tokens. A teacher with V_T < V is an error.
-    Dtypes: each chunk is computed in float32 (float64 stays float64) even for bf16/fp16 inputs
+    Dtypes: each chunk's softmax math is float32 (float64 stays float64) even for bf16/fp16 inputs
     and under autocast; the loss comes back in the student hidden states' dtype, gradients in
-    each input's. Returns a scalar tensor (use `fused_head_losses` for the parts separately).
+    each input's. On a CUDA GPU, bf16/fp16 hidden states with weights of the same dtype keep their
+    matmuls in that dtype with float32 outputs (d loss/d logits is rounded to it for the two
+    gradient products); elsewhere they are upcast. `KDKIT_FUSED_COMPILE=1` compiles the fkl/rkl/jsd
+    chunk math with torch.compile (fewer passes over memory; compiles once per combination).
+    Returns a scalar tensor (use `fused_head_losses` for the parts separately).
     """
     return _fused(
         student_hidden,
@@ -868,6 +1137,7 @@ class FusedLinearDivergence(nn.Module):
 
 __all__ = [
     "ACCELERATOR_CHUNK_BYTES",
+    "COMPILE_CLOSED_FORMS",
     "DEFAULT_CHUNK_BYTES",
     "FusedLinearDivergence",
     "FusedLosses",

@@ -30,9 +30,13 @@ from kdkit.losses.divergences import DIVERGENCES, LOGIT_FLOOR
 from kdkit.losses.fused import (
     LinearHead,
     LogitTransform,
+    _addmm_f32,
     _compute_dtype,
     _log_softmax_,
+    _matmul_dtype,
+    _mm_f32,
     _project,
+    _scaled,
     _workspace,
     auto_chunk_size,
 )
@@ -159,22 +163,24 @@ class _FusedSparse(torch.autograd.Function):
         n, vocab = hidden.shape[0], weight.shape[0]
         temperature, transform = options.temperature, options.transform
         fn = DIVERGENCES.get(options.divergence)
-        w = weight.to(dtype)
+        mm_dtype, mode = _matmul_dtype(hidden, weight, dtype)  # half-precision matmuls on a GPU
+        w = weight.to(mm_dtype)
         b = None if bias is None else bias.to(dtype)
         floor = b is not None and not bool(torch.isfinite(b).all())
         total = torch.zeros((), dtype=dtype, device=device)
         ce_total = torch.zeros((), dtype=dtype, device=device)
         grad_h = torch.empty((n, hidden.shape[1]), dtype=dtype, device=device) if need_h else None
-        grad_w = torch.zeros_like(w) if need_w else None
+        grad_w = torch.zeros(w.shape, dtype=dtype, device=device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=dtype, device=device) if need_b else None
         scale = 1.0 / max(n, 1)  # the mean over counted positions
         want_slope = need_any and transform.softcap is not None
         chunk = max(1, options.chunk_size)
         work = _workspace(max(1, min(chunk, n)), vocab, dtype, device)
+        arange = torch.arange(min(chunk, max(n, 1)), device=device)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             buffers = work.take(2 + int(want_slope), stop - start)
-            h_chunk = hidden[start:stop].to(dtype)
+            h_chunk = hidden[start:stop].to(mm_dtype)
             with torch.no_grad():
                 slope = _project(
                     h_chunk, w, b, transform, temperature, buffers[0], buffers[2] if want_slope else None
@@ -202,7 +208,7 @@ class _FusedSparse(torch.autograd.Function):
                         need_any,
                     )
                 if targets is not None:
-                    at = torch.arange(stop - start, device=device)
+                    at = arange[: stop - start]
                     t_ids = targets[start:stop]
                     ce_total -= log_s[at, t_ids].sum()  # temperature 1 (checked by the caller)
                     if need_any and options.ce_weight:
@@ -215,13 +221,15 @@ class _FusedSparse(torch.autograd.Function):
                 if slope is not None:
                     grad.mul_(slope)
                 alpha = transform.scale * scale / temperature
-                if grad_h is not None:
-                    torch.mm(grad, w, out=grad_h[start:stop])
-                    grad_h[start:stop].mul_(alpha)
-                if grad_w is not None:
-                    grad_w.addmm_(grad.t(), h_chunk, alpha=alpha)
                 if grad_b is not None:
                     grad_b.add_(grad.sum(0), alpha=alpha)
+                g_mm = grad if mm_dtype == dtype else grad.to(mm_dtype)
+                if grad_h is not None:
+                    _mm_f32(g_mm, w, grad_h[start:stop])
+                    grad_h[start:stop].mul_(alpha)
+                if grad_w is not None:
+                    _addmm_f32(grad_w, g_mm.t(), h_chunk, beta=1.0, alpha=alpha, mode=mode)
+                del g_mm
         total *= scale
         ce_total *= scale
         ctx.grads = [
@@ -239,9 +247,7 @@ class _FusedSparse(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("fused_sparse_divergence: its gradients were already used by a backward")
         grads, ctx.grads = ctx.grads, None
-        unit = torch.equal(grad_output, torch.ones_like(grad_output))
-        out = [g if g is None or unit else g * grad_output for g in grads]
-        return (*out, None, None, None, None, None, None, None)
+        return (*_scaled(grads, grad_output), None, None, None, None, None, None, None)
 
 
 def _topk_chunk(
