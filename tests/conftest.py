@@ -13,6 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # on a loaded 2-core machine); subprocesses the tests start inherit this through the environment.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+# The fused loss compiles its chunk math by default on CUDA for 16-bit inputs (tens of seconds per
+# combination): tests run it eagerly unless they test the compiled form (they set it themselves).
+os.environ.setdefault("KDKIT_FUSED_COMPILE", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -293,3 +293,17 @@ def test_cuda_compiled_closed_form_equals_unfused(monkeypatch: pytest.MonkeyPatc
     _close_bf16(got, expected)
     for g_fused, g_ref in zip(_grads(got, x), _grads(expected, ref)):
         _close_bf16(g_fused, g_ref)
+
+
+def test_the_chunk_math_is_compiled_by_default_only_for_16_bit_inputs_on_cuda(monkeypatch) -> None:
+    """Default (KDKIT_FUSED_COMPILE unset): compiled where the eager memory passes dominate
+    (CUDA, bf16/fp16), eager elsewhere; the setting overrides both ways."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(fused_module, "COMPILE_CLOSED_FORMS", None)
+    assert fused_module._compile_wanted(cuda, torch.bfloat16) and fused_module._compile_wanted(cuda, torch.float16)
+    assert not fused_module._compile_wanted(cuda, torch.float32)
+    assert not fused_module._compile_wanted(cpu, torch.bfloat16)
+    monkeypatch.setattr(fused_module, "COMPILE_CLOSED_FORMS", False)
+    assert not fused_module._compile_wanted(cuda, torch.bfloat16)
+    monkeypatch.setattr(fused_module, "COMPILE_CLOSED_FORMS", True)
+    assert fused_module._compile_wanted(cpu, torch.float32)

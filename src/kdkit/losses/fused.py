@@ -395,13 +395,14 @@ def _closed_form(fn: DivergenceFn, divergence_kwargs: dict[str, Any]) -> _Closed
 
 
 # ----------------------------------------------------------------------------------------------
-# The same closed forms as one functional graph, for torch.compile (opt-in: COMPILE_CLOSED_FORMS)
+# The same closed forms as one functional graph, for torch.compile (`_compile_wanted`)
 #
 # Eager, a chunk's closed form is ~15-20 elementwise kernels, each a full pass over [C, V] float32
 # in memory: on a GPU, whose bf16 matmuls are ~150x faster per byte than its memory, those passes
 # cost more than the four matmuls. Compiled (Inductor/Triton), the same math becomes a few fused
-# reductions that read the two logit buffers ~3 times and write G once in the matmul dtype. It is
-# opt-in because each new (divergence, dtype, CE) combination compiles once (tens of seconds).
+# reductions that read the two logit buffers ~3 times and write G once in the matmul dtype. Each
+# new (divergence, dtype, CE) combination compiles once (tens of seconds), so it is the default only
+# where it pays: CUDA with 16-bit inputs. A compiler failure warns once and runs eagerly.
 
 
 def _closed_functional(
@@ -453,8 +454,18 @@ def _closed_functional(
     return value, ce_sum, None if grad is None else grad.to(grad_dtype)
 
 
-# Opt-in: KDKIT_FUSED_COMPILE=1 in the environment, or set this to True.
-COMPILE_CLOSED_FORMS = os.environ.get("KDKIT_FUSED_COMPILE", "") == "1"
+# KDKIT_FUSED_COMPILE=1: always compiled; 0: never; unset (default): compiled on CUDA for 16-bit
+# inputs, where the eager chunk math's memory passes cost several times the matmuls (H200, V =
+# 151,936, H = 1,024, bf16: jsd 4.2x the matmul floor eager, 2.1x compiled, TRL's chunked loss
+# 3.2x; in float32 the eager form is already 1.13-1.26x). Tests and benchmarks set this directly.
+COMPILE_CLOSED_FORMS: bool | None = {"1": True, "0": False}.get(os.environ.get("KDKIT_FUSED_COMPILE", ""))
+
+
+def _compile_wanted(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the chunk math runs compiled for inputs of `dtype` on `device` (see above)."""
+    if COMPILE_CLOSED_FORMS is not None:
+        return COMPILE_CLOSED_FORMS
+    return device.type == "cuda" and dtype in _HALF_DTYPES
 _COMPILED: dict[str, Any] = {}
 
 
@@ -479,7 +490,7 @@ def _run_closed_functional(*args: Any) -> tuple[Tensor, Tensor | None, Tensor | 
         _COMPILED["error"] = f"{type(error).__name__}: {error}"
         warnings.warn(
             f"kdkit: torch.compile of the fused loss's closed forms failed ({type(error).__name__}); "
-            "running them eagerly from now on (unset KDKIT_FUSED_COMPILE to silence this)",
+            "running them eagerly from now on (KDKIT_FUSED_COMPILE=0 silences this)",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -658,8 +669,10 @@ class _FusedLinearDivergence(torch.autograd.Function):
         fold_ce = ids is not None and closed is not None and temperature == 1.0
         own_ce = ids is not None and not fold_ce
         want_slope = need_any and s_transform.softcap is not None
-        # The compiled closed form (opt-in) covers the common case: no soft-cap, CE (if any) at T = 1.
-        functional = COMPILE_CLOSED_FORMS and closed is not None and not (own_ce or s_transform.softcap)
+        # The compiled closed form covers the common case: no soft-cap, CE (if any) at T = 1.
+        functional = (
+            _compile_wanted(device, mm_s) and closed is not None and not (own_ce or s_transform.softcap)
+        )
         n_extra = closed.buffers if closed is not None else 0
         n_buffers = 2 + n_extra + int(want_slope) + int(own_ce)
         work = _workspace(max(1, min(chunk_size, n_counted)), vocab, dtype, device)
@@ -972,8 +985,9 @@ def fused_linear_divergence(
     and under autocast; the loss comes back in the student hidden states' dtype, gradients in
     each input's. On a CUDA GPU, bf16/fp16 hidden states with weights of the same dtype keep their
     matmuls in that dtype with float32 outputs (d loss/d logits is rounded to it for the two
-    gradient products); elsewhere they are upcast. `KDKIT_FUSED_COMPILE=1` compiles the fkl/rkl/jsd
-    chunk math with torch.compile (fewer passes over memory; compiles once per combination).
+    gradient products); elsewhere they are upcast. There the fkl/rkl/jsd chunk math is compiled
+    with torch.compile (fewer passes over memory; once per combination, tens of seconds);
+    `KDKIT_FUSED_COMPILE=1` compiles it everywhere, `=0` never.
     Returns a scalar tensor (use `fused_head_losses` for the parts separately).
     """
     return _fused(
