@@ -57,6 +57,7 @@ from kdkit.models.lm import derive_student
 from kdkit.pipelines.teachers import get_arithmetic_teacher
 from kdkit.samplers import PromptCompletionCollator
 from kdkit.samplers.collate import build_lm_batch
+from kdkit.samplers.fast_decode import decoder_cache_info
 from kdkit.samplers.generation import (
     GenerationSettings,
     completion_lengths,
@@ -203,19 +204,30 @@ def on_policy_step(student, teacher, optimizer, prompts, settings, sampler: str)
     return {"step_s": time.perf_counter() - started, "sampling_s": sampling, "tokens": tokens}
 
 
+CACHE_COUNTS = ("hits", "misses", "rebuilds")
+
+
 def step_rounds(
     student, teacher, prompts, settings, n: int, seed: int, names: tuple[str, ...] = SAMPLERS
 ) -> dict[str, list[dict[str, float]]]:
-    """On-policy steps with each sampler, order alternating per round, after one warm-up step each."""
+    """On-policy steps with each sampler, order alternating per round, after one warm-up step each,
+    all on the same student and AdamW optimizer (as training runs them: the fixed-shape decoder and
+    its graph are kept across steps while the optimizer updates the weights in place). prompts: one
+    batch, or a list of batches taken in turn, round r using batch r (prompt widths vary as in
+    training). Each step records the decoder cache's hits / misses / rebuilds during it."""
+    batches = prompts if isinstance(prompts, list) else [prompts]
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     steps: dict[str, list[dict[str, float]]] = {k: [] for k in names}
     for name in names:
-        on_policy_step(student, teacher, optimizer, prompts, settings, name)
+        on_policy_step(student, teacher, optimizer, batches[0], settings, name)
     for r in range(n):
         order = list(names) if r % 2 == 0 else list(names)[::-1]
         for name in order:
             torch.manual_seed(seed + r)
-            steps[name].append(on_policy_step(student, teacher, optimizer, prompts, settings, name))
+            before = decoder_cache_info()
+            step = on_policy_step(student, teacher, optimizer, batches[r % len(batches)], settings, name)
+            after = decoder_cache_info()
+            steps[name].append({**step, **{k: after[k] - before[k] for k in CACHE_COUNTS}})
     return steps
 
 
@@ -238,6 +250,10 @@ def step_summary(steps: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         "sampling_s": {k: statistics.median(s["sampling_s"] for s in v) for k, v in steps.items()},
         "step_tokens_per_s": {
             k: statistics.median(s["tokens"] / s["step_s"] for s in v) for k, v in steps.items()
+        },
+        # the fixed-shape decoder cache over the measured steps (hits: decoder and graph reused)
+        "decoder_cache": {
+            k: {c: sum(s.get(c, 0) for s in v) for c in CACHE_COUNTS} for k, v in steps.items()
         },
     }
 
@@ -447,6 +463,7 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     errors: dict[str, str] = {}
     quick = args.quick
     n_rounds = 2 if quick else args.rounds or 3
+    step_n = n_rounds if quick else max(n_rounds, 6)  # on-policy steps per sampler (cheap: ~0.1 s each)
     batch, group = (8, 2) if quick else (32, 4)
     n = 8 if quick else args.max_new_tokens
 
@@ -477,9 +494,19 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     train_student = derive_student(teacher, keep_layers=3, intermediate_size=48).to(device).train()
     teacher = teacher.to(device).eval()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompts = PromptCompletionCollator(tokenizer)(arithmetic_dataset(batch, (1, 3), seed=args.seed))
-    prompts = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prompts.items()}
+    collate = PromptCompletionCollator(tokenizer)
+    # a new prompt batch per on-policy step (widths vary a little, as in training); the first also
+    # serves the sampler-only parts
+    step_prompts = [
+        {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in collate(arithmetic_dataset(batch, (1, 3), seed=args.seed + r)).items()
+        }
+        for r in range(step_n)
+    ]
+    prompts = step_prompts[0]
     ids, mask = prompts["prompt_ids"], prompts["prompt_attention_mask"]
+    result["arithmetic_prompt_widths"] = [int(p["prompt_ids"].shape[1]) for p in step_prompts]
     result["arithmetic"] = {"teacher": str(folder), "batch": batch, "group": group, "max_new_tokens": n}
 
     progress("ms per decode step (arithmetic student, the whole batch)")
@@ -509,12 +536,15 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     settings = GenerationSettings(temperature=1.0, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
     steps = guarded(
         "steps",
-        lambda: step_rounds(train_student, teacher, prompts, settings, n_rounds, args.seed, STEP_SAMPLERS),
+        lambda: step_rounds(
+            train_student, teacher, step_prompts, settings, step_n, args.seed, STEP_SAMPLERS
+        ),
         errors,
     )
     if steps is not None:
         result["arithmetic"]["steps"] = {"raw": steps, **step_summary(steps)}
         progress(f"  sampling share {json.dumps(result['arithmetic']['steps']['share'])}")
+        progress(f"  decoder cache {json.dumps(result['arithmetic']['steps']['decoder_cache'])}")
 
     def smollm2() -> dict[str, Any]:
         model, s_eos = smollm2_random(device, quick)
