@@ -536,9 +536,7 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     settings = GenerationSettings(temperature=1.0, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
     steps = guarded(
         "steps",
-        lambda: step_rounds(
-            train_student, teacher, step_prompts, settings, step_n, args.seed, STEP_SAMPLERS
-        ),
+        lambda: step_rounds(train_student, teacher, step_prompts, settings, step_n, args.seed, STEP_SAMPLERS),
         errors,
     )
     if steps is not None:

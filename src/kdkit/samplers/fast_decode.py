@@ -486,6 +486,7 @@ class StaticStepDecoder(LeanDecoder):
         self.groups = self.n_q // self.n_kv
         self.keys: list[Tensor] | None = None  # allocated by the first prefill, then reused
         self.prefills = 0
+        self.storages: tuple[int, ...] = ()  # `_storages(model)` when `static_step_decoder` built it
 
     def _new_cache(self, rows: int, length: int, device: torch.device) -> None:
         if self.keys is None:

@@ -265,8 +265,10 @@ def sample_tokens(
     fast: decode Llama / Mistral / Qwen2 / Qwen3 models with `kdkit.samplers.fast_decode.LeanDecoder`
     (the same logits, several times fewer ops per step, the live weights); other models, or
     fast=False, run the model's own forward. graph_decode: None = its decode steps replay a CUDA
-    graph on CUDA devices (`StaticStepDecoder`, kept across calls of the same shape: `static_step_decoder`), True = the fixed-shape step on
-    any device, False = the dynamic lean step (`GenerationSettings.graph_decode`).
+    graph on CUDA devices (`StaticStepDecoder`, kept with its graph across calls of the same
+    shape: `static_step_decoder`; the prompts are left-padded to its bucketed cache length), True =
+    the fixed-shape step on any device, False = the dynamic lean step
+    (`GenerationSettings.graph_decode`).
     """
     batch, width = prompt_ids.shape
     device = prompt_ids.device
