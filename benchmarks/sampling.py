@@ -27,8 +27,11 @@ the device suite instead, which adds the lean decoder's fixed-shape step capture
 eagerly, no graph) next to the dynamic lean step (`kdkit_lean`: `graph_decode=False`):
 
 5. the arithmetic student (float32): tokens/s of HF generate, kdkit generic, lean and graph with 32
-   prompts x 1 sample and 8 prompts x G = 4 (3 rounds, order alternating, per-round ratios), and
-   sampling's share of the on-policy reverse-KL step with generate, lean and graph;
+   prompts x 1 sample and 8 prompts x G = 4 (3 rounds, order alternating, per-round ratios),
+   one sampling call with its decoder (and graph) built for it vs kept from the previous call
+   (`kept_vs_fresh`), and sampling's share of the on-policy reverse-KL step with generate, lean
+   and graph: 6 steps each on one student and one AdamW optimizer, a new prompt batch per step, with
+   the fixed-shape decoder cache's hits / misses / rebuilds (`steps.decoder_cache`);
 6. SmolLM2-135M's shape (random weights from `$KDKIT_CACHE/models/SmolLM2-135M-Instruct/config.json`,
    bfloat16, 8 random 16-token prompts, 32 new tokens): tokens/s of generate, lean and graph.
 
@@ -57,7 +60,7 @@ from kdkit.models.lm import derive_student
 from kdkit.pipelines.teachers import get_arithmetic_teacher
 from kdkit.samplers import PromptCompletionCollator
 from kdkit.samplers.collate import build_lm_batch
-from kdkit.samplers.fast_decode import decoder_cache_info
+from kdkit.samplers.fast_decode import clear_decoder_cache, decoder_cache_info
 from kdkit.samplers.generation import (
     GenerationSettings,
     completion_lengths,
@@ -453,6 +456,42 @@ def decode_step_ms(
     return out
 
 
+def kept_vs_fresh_ms(model, ids, mask, n: int, eos: int, pad: int, rounds: int = 4) -> dict[str, Any]:
+    """Wall ms of one fixed-shape `sample_tokens` call (greedy, so every call decodes the same
+    tokens) with a decoder built for it (on CUDA: warm-up + capture inside the call) and with the
+    decoder kept from the previous call, alternating, median of `rounds` each."""
+    times: dict[str, list[float]] = {"fresh": [], "kept": []}
+
+    def call() -> float:
+        synchronize(ids.device)
+        start = time.perf_counter()
+        sample_tokens(
+            model,
+            ids,
+            mask,
+            temperature=0.0,
+            max_new_tokens=n,
+            eos_token_ids=(eos,),
+            pad_token_id=pad,
+            graph_decode=True,
+        )
+        synchronize(ids.device)
+        return time.perf_counter() - start
+
+    call()
+    for r in range(rounds):
+        for name in ("fresh", "kept") if r % 2 == 0 else ("kept", "fresh"):
+            if name == "fresh":
+                clear_decoder_cache()
+            else:
+                call()  # (after a fresh call the shape is kept anyway; this keeps the order honest)
+            times[name].append(call())
+    out: dict[str, Any] = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}
+    out["saved_ms"] = out["fresh_ms"] - out["kept_ms"]
+    out["raw_ms"] = {k: [t * 1e3 for t in v] for k, v in times.items()}
+    return out
+
+
 def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The device suite (parts 5 and 6 of the module docstring) on `args.device`."""
     global DEVICE
@@ -514,6 +553,13 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         "decode_step", lambda: decode_step_ms(student, ids, mask, n - 1), errors
     )
     progress(f"  {json.dumps(result['arithmetic']['decode_step'])}")
+    progress("one sampling call, decoder built for it vs kept from the previous call")
+    result["arithmetic"]["kept_vs_fresh"] = guarded(
+        "kept_vs_fresh", lambda: kept_vs_fresh_ms(student, ids, mask, n, eos, pad), errors
+    )
+    if result["arithmetic"]["kept_vs_fresh"] is not None:
+        kept = result["arithmetic"]["kept_vs_fresh"]
+        progress(f"  fresh {kept['fresh_ms']:.1f} ms, kept {kept['kept_ms']:.1f} ms")
     with torch.no_grad():
         progress(f"arithmetic student: {batch} prompts x 1 sample")
         runs = sampler_runs(student, ids, mask, n, eos, pad, names=DEVICE_SAMPLERS)
@@ -585,7 +631,7 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     path.write_text(json.dumps(result, indent=1))
     brief = {
         part: {k: v for k, v in result["arithmetic"][part].items() if k != "raw"}
-        for part in ("one_sample", "group", "steps", "decode_step")
+        for part in ("one_sample", "group", "steps", "decode_step", "kept_vs_fresh")
         if result["arithmetic"].get(part)
     }
     if result["smollm2"] is not None:
