@@ -27,8 +27,11 @@ the device suite instead, which adds the lean decoder's fixed-shape step capture
 eagerly, no graph) next to the dynamic lean step (`kdkit_lean`: `graph_decode=False`):
 
 5. the arithmetic student (float32): tokens/s of HF generate, kdkit generic, lean and graph with 32
-   prompts x 1 sample and 8 prompts x G = 4 (3 rounds, order alternating, per-round ratios), and
-   sampling's share of the on-policy reverse-KL step with generate, lean and graph;
+   prompts x 1 sample and 8 prompts x G = 4 (3 rounds, order alternating, per-round ratios),
+   one sampling call with its decoder (and graph) built for it vs kept from the previous call
+   (`kept_vs_fresh`), and sampling's share of the on-policy reverse-KL step with generate, lean
+   and graph: 6 steps each on one student and one AdamW optimizer, a new prompt batch per step, with
+   the fixed-shape decoder cache's hits / misses / rebuilds (`steps.decoder_cache`);
 6. SmolLM2-135M's shape (random weights from `$KDKIT_CACHE/models/SmolLM2-135M-Instruct/config.json`,
    bfloat16, 8 random 16-token prompts, 32 new tokens): tokens/s of generate, lean and graph.
 
@@ -57,6 +60,7 @@ from kdkit.models.lm import derive_student
 from kdkit.pipelines.teachers import get_arithmetic_teacher
 from kdkit.samplers import PromptCompletionCollator
 from kdkit.samplers.collate import build_lm_batch
+from kdkit.samplers.fast_decode import clear_decoder_cache, decoder_cache_info
 from kdkit.samplers.generation import (
     GenerationSettings,
     completion_lengths,
@@ -203,19 +207,30 @@ def on_policy_step(student, teacher, optimizer, prompts, settings, sampler: str)
     return {"step_s": time.perf_counter() - started, "sampling_s": sampling, "tokens": tokens}
 
 
+CACHE_COUNTS = ("hits", "misses", "rebuilds")
+
+
 def step_rounds(
     student, teacher, prompts, settings, n: int, seed: int, names: tuple[str, ...] = SAMPLERS
 ) -> dict[str, list[dict[str, float]]]:
-    """On-policy steps with each sampler, order alternating per round, after one warm-up step each."""
+    """On-policy steps with each sampler, order alternating per round, after one warm-up step each,
+    all on the same student and AdamW optimizer (as training runs them: the fixed-shape decoder and
+    its graph are kept across steps while the optimizer updates the weights in place). prompts: one
+    batch, or a list of batches taken in turn, round r using batch r (prompt widths vary as in
+    training). Each step records the decoder cache's hits / misses / rebuilds during it."""
+    batches = prompts if isinstance(prompts, list) else [prompts]
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     steps: dict[str, list[dict[str, float]]] = {k: [] for k in names}
     for name in names:
-        on_policy_step(student, teacher, optimizer, prompts, settings, name)
+        on_policy_step(student, teacher, optimizer, batches[0], settings, name)
     for r in range(n):
         order = list(names) if r % 2 == 0 else list(names)[::-1]
         for name in order:
             torch.manual_seed(seed + r)
-            steps[name].append(on_policy_step(student, teacher, optimizer, prompts, settings, name))
+            before = decoder_cache_info()
+            step = on_policy_step(student, teacher, optimizer, batches[r % len(batches)], settings, name)
+            after = decoder_cache_info()
+            steps[name].append({**step, **{k: after[k] - before[k] for k in CACHE_COUNTS}})
     return steps
 
 
@@ -238,6 +253,10 @@ def step_summary(steps: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         "sampling_s": {k: statistics.median(s["sampling_s"] for s in v) for k, v in steps.items()},
         "step_tokens_per_s": {
             k: statistics.median(s["tokens"] / s["step_s"] for s in v) for k, v in steps.items()
+        },
+        # the fixed-shape decoder cache over the measured steps (hits: decoder and graph reused)
+        "decoder_cache": {
+            k: {c: sum(s.get(c, 0) for s in v) for c in CACHE_COUNTS} for k, v in steps.items()
         },
     }
 
@@ -437,6 +456,42 @@ def decode_step_ms(
     return out
 
 
+def kept_vs_fresh_ms(model, ids, mask, n: int, eos: int, pad: int, rounds: int = 4) -> dict[str, Any]:
+    """Wall ms of one fixed-shape `sample_tokens` call (greedy, so every call decodes the same
+    tokens) with a decoder built for it (on CUDA: warm-up + capture inside the call) and with the
+    decoder kept from the previous call, alternating, median of `rounds` each."""
+    times: dict[str, list[float]] = {"fresh": [], "kept": []}
+
+    def call() -> float:
+        synchronize(ids.device)
+        start = time.perf_counter()
+        sample_tokens(
+            model,
+            ids,
+            mask,
+            temperature=0.0,
+            max_new_tokens=n,
+            eos_token_ids=(eos,),
+            pad_token_id=pad,
+            graph_decode=True,
+        )
+        synchronize(ids.device)
+        return time.perf_counter() - start
+
+    call()
+    for r in range(rounds):
+        for name in ("fresh", "kept") if r % 2 == 0 else ("kept", "fresh"):
+            if name == "fresh":
+                clear_decoder_cache()
+            else:
+                call()  # (after a fresh call the shape is kept anyway; this keeps the order honest)
+            times[name].append(call())
+    out: dict[str, Any] = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}
+    out["saved_ms"] = out["fresh_ms"] - out["kept_ms"]
+    out["raw_ms"] = {k: [t * 1e3 for t in v] for k, v in times.items()}
+    return out
+
+
 def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The device suite (parts 5 and 6 of the module docstring) on `args.device`."""
     global DEVICE
@@ -447,6 +502,7 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     errors: dict[str, str] = {}
     quick = args.quick
     n_rounds = 2 if quick else args.rounds or 3
+    step_n = n_rounds if quick else max(n_rounds, 6)  # on-policy steps per sampler (cheap: ~0.1 s each)
     batch, group = (8, 2) if quick else (32, 4)
     n = 8 if quick else args.max_new_tokens
 
@@ -477,9 +533,19 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     train_student = derive_student(teacher, keep_layers=3, intermediate_size=48).to(device).train()
     teacher = teacher.to(device).eval()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompts = PromptCompletionCollator(tokenizer)(arithmetic_dataset(batch, (1, 3), seed=args.seed))
-    prompts = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prompts.items()}
+    collate = PromptCompletionCollator(tokenizer)
+    # a new prompt batch per on-policy step (widths vary a little, as in training); the first also
+    # serves the sampler-only parts
+    step_prompts = [
+        {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in collate(arithmetic_dataset(batch, (1, 3), seed=args.seed + r)).items()
+        }
+        for r in range(step_n)
+    ]
+    prompts = step_prompts[0]
     ids, mask = prompts["prompt_ids"], prompts["prompt_attention_mask"]
+    result["arithmetic_prompt_widths"] = [int(p["prompt_ids"].shape[1]) for p in step_prompts]
     result["arithmetic"] = {"teacher": str(folder), "batch": batch, "group": group, "max_new_tokens": n}
 
     progress("ms per decode step (arithmetic student, the whole batch)")
@@ -487,6 +553,13 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         "decode_step", lambda: decode_step_ms(student, ids, mask, n - 1), errors
     )
     progress(f"  {json.dumps(result['arithmetic']['decode_step'])}")
+    progress("one sampling call, decoder built for it vs kept from the previous call")
+    result["arithmetic"]["kept_vs_fresh"] = guarded(
+        "kept_vs_fresh", lambda: kept_vs_fresh_ms(student, ids, mask, n, eos, pad), errors
+    )
+    if result["arithmetic"]["kept_vs_fresh"] is not None:
+        kept = result["arithmetic"]["kept_vs_fresh"]
+        progress(f"  fresh {kept['fresh_ms']:.1f} ms, kept {kept['kept_ms']:.1f} ms")
     with torch.no_grad():
         progress(f"arithmetic student: {batch} prompts x 1 sample")
         runs = sampler_runs(student, ids, mask, n, eos, pad, names=DEVICE_SAMPLERS)
@@ -509,12 +582,13 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     settings = GenerationSettings(temperature=1.0, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
     steps = guarded(
         "steps",
-        lambda: step_rounds(train_student, teacher, prompts, settings, n_rounds, args.seed, STEP_SAMPLERS),
+        lambda: step_rounds(train_student, teacher, step_prompts, settings, step_n, args.seed, STEP_SAMPLERS),
         errors,
     )
     if steps is not None:
         result["arithmetic"]["steps"] = {"raw": steps, **step_summary(steps)}
         progress(f"  sampling share {json.dumps(result['arithmetic']['steps']['share'])}")
+        progress(f"  decoder cache {json.dumps(result['arithmetic']['steps']['decoder_cache'])}")
 
     def smollm2() -> dict[str, Any]:
         model, s_eos = smollm2_random(device, quick)
@@ -557,7 +631,7 @@ def device_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     path.write_text(json.dumps(result, indent=1))
     brief = {
         part: {k: v for k, v in result["arithmetic"][part].items() if k != "raw"}
-        for part in ("one_sample", "group", "steps", "decode_step")
+        for part in ("one_sample", "group", "steps", "decode_step", "kept_vs_fresh")
         if result["arithmetic"].get(part)
     }
     if result["smollm2"] is not None:

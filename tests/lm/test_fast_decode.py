@@ -5,6 +5,7 @@ weights, and a logged fallback for everything it does not reproduce."""
 
 from __future__ import annotations
 
+import copy as copy_module
 import logging
 
 import pytest
@@ -134,13 +135,12 @@ def test_static_step_logits_equal_the_dynamic_step_and_the_model(name: str, devi
         ids[i, 7 - len(p) :], mask[i, 7 - len(p) :] = p, 1
     ids, mask = ids.to(device), mask.to(device)
     static, dynamic = StaticStepDecoder(model, graph=device == "cuda"), LeanDecoder(model)
-    with torch.no_grad():
-        logits = static.prefill(ids, mask, max_new_tokens=8)
+    with torch.no_grad():  # rows 2i, 2i+1 continue prompt i
+        logits = static.prefill(ids, mask, max_new_tokens=8, repeats=2)
         expected_dynamic = dynamic.prefill(ids, mask, max_new_tokens=8)
-    for decoder in (static, dynamic):
-        decoder.repeat_interleave(2)  # rows 2i, 2i+1 continue prompt i
+    dynamic.repeat_interleave(2)
     rows = [p.to(device) for p in prompts for _ in range(2)]
-    logits, expected_dynamic = logits.repeat_interleave(2, 0), expected_dynamic.repeat_interleave(2, 0)
+    expected_dynamic = expected_dynamic.repeat_interleave(2, 0)
     atol = 1e-5 if device == "cpu" else 1e-4  # GPU kernels sum in another order
     for step in range(7):
         assert bool(torch.isfinite(logits).all())
@@ -223,14 +223,6 @@ def test_graph_is_captured_under_deterministic_algorithms_cuda(monkeypatch) -> N
     graphed step still captures there and draws the dynamic step's tokens."""
     from kdkit.engine.trainer import deterministic_algorithms
 
-    made: list[StaticStepDecoder] = []
-
-    class Recorded(StaticStepDecoder):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(generation, "StaticStepDecoder", Recorded)
     model = tiny("qwen3", num_key_value_heads=2, head_dim=12).to("cuda")
     ids = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(8)).to("cuda")
     mask = torch.ones_like(ids)
@@ -240,6 +232,7 @@ def test_graph_is_captured_under_deterministic_algorithms_cuda(monkeypatch) -> N
     with deterministic_algorithms(True, torch.device("cuda")):
         graphed = sample_tokens(model, ids, mask, graph_decode=None, **kwargs)  # None: graphs on cuda
         dynamic = sample_tokens(model, ids, mask, graph_decode=False, **kwargs)
+    made = list(fast_decode._decoders[model].values())
     assert len(made) == 1 and made[0].graph is not None, made[0].graph_failed if made else "no decoder"
     assert torch.equal(graphed, dynamic)
 
@@ -421,3 +414,160 @@ def test_fixed_shape_step_runs_under_bf16_autocast(device: str) -> None:
     for got, expected in logits:
         assert got.dtype == expected.dtype
         assert torch.allclose(got.float(), expected.float(), atol=0.1, rtol=0.05)
+
+
+# -- decoders (and graphs) kept across sampling calls -------------------------------------------
+
+
+def fixed_shape_tokens(model, ids, mask, seed: int, **kwargs) -> Tensor:
+    torch.manual_seed(seed)
+    return sample_tokens(model, ids, mask, graph_decode=True, **kwargs)
+
+
+def fresh_tokens(model, ids, mask, seed: int, **kwargs) -> Tensor:
+    """The same call on a copy of the model: a decoder (and graph) built for this call alone."""
+    copy = copy_module.deepcopy(model)
+    before = fast_decode.decoder_cache_info()["misses"]
+    tokens = fixed_shape_tokens(copy, ids, mask, seed, **kwargs)
+    assert fast_decode.decoder_cache_info()["misses"] == before + 1
+    return tokens
+
+
+def left_padded(widths: list[int], seed: int, device: str) -> tuple[Tensor, Tensor]:
+    width = max(widths)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(widths), width, dtype=torch.long)
+    mask = torch.zeros(len(widths), width, dtype=torch.long)
+    for i, n in enumerate(widths):
+        ids[i, width - n :], mask[i, width - n :] = torch.randint(3, VOCAB, (n,), generator=g), 1
+    return ids.to(device), mask.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_kept_decoder_draws_a_fresh_decoders_tokens(device: str) -> None:
+    """One decoder (one graph on cuda) serves successive calls whose prompts differ, whose widths
+    differ within one cache bucket, with G = 1 or 2 samples per prompt (the same 4 rows), greedy or
+    sampled, rows ending at different steps: each call draws exactly the tokens a decoder built for
+    it alone draws (and, greedy, the dynamic lean step's)."""
+    fast_decode.clear_decoder_cache()
+    model = tiny("qwen3", num_key_value_heads=2, head_dim=12).to(device)
+    lengths: set[int] = set()
+    cases = [
+        ([5, 3, 5, 4], 1, 0.0),
+        ([7, 7, 2, 6], 1, 1.0),
+        ([6, 4], 2, 1.0),
+        ([3, 6], 2, 0.0),
+        ([5, 5, 5, 5], 1, 1.0),
+    ]
+    for i, (widths, samples, temperature) in enumerate(cases):
+        ids, mask = left_padded(widths, seed=10 + i, device=device)
+        kwargs = {
+            "temperature": temperature,
+            "max_new_tokens": 12,
+            "eos_token_ids": (2, 5),
+            "pad_token_id": 0,
+            "num_samples": samples,
+        }
+        reused = fixed_shape_tokens(model, ids, mask, seed=i, **kwargs)
+        assert torch.equal(reused, fresh_tokens(model, ids, mask, seed=i, **kwargs))
+        if temperature == 0:
+            assert torch.equal(reused, sample_tokens(model, ids, mask, graph_decode=False, **kwargs))
+        lengths.update(generation.completion_lengths(reused, (2, 5)).tolist())
+        assert fast_decode.decoder_cache_info(model) == {
+            "hits": i,
+            "misses": i + 2,
+            "rebuilds": 0,
+            "kept": 1,
+        }  # (the counts are global: the misses are the first call and each fresh copy)
+    assert len(lengths) > 2  # rows ended at different steps
+    (decoder,) = fast_decode._decoders[model].values()
+    assert decoder.prefills == len(cases) and decoder.visible.shape == (4, 32)
+    if device == "cuda":
+        assert decoder.graph is not None, decoder.graph_failed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "model-matrices"])
+def test_a_kept_decoder_reads_in_place_weight_updates(device: str, fuse: bool, monkeypatch) -> None:
+    """In-place updates between calls (`p.data.mul_` on a norm folded into a fused matrix, a q/k norm,
+    an embedding; an AdamW step) keep the decoder (a hit, no rebuild) and the next call draws the
+    new weights' tokens: those of a decoder built after the update."""
+    if not fuse:
+        monkeypatch.setattr(fast_decode, "FUSE_MAX_WIDTH", 0)
+    fast_decode.clear_decoder_cache()
+    model = tiny("qwen3", num_key_value_heads=2, head_dim=12).to(device)
+    ids, mask = left_padded([6, 4, 5], seed=3, device=device)
+    kwargs = {"temperature": 0.0, "max_new_tokens": 10, "eos_token_ids": (2,), "pad_token_id": 0}
+    first = fixed_shape_tokens(model, ids, mask, seed=0, **kwargs)
+    decoder = next(iter(fast_decode._decoders[model].values()))
+    assert (decoder.layers[0].qkv.sources is not None) == fuse
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        layer.input_layernorm.weight.data.mul_(-2.0)
+        layer.post_attention_layernorm.weight.data.mul_(3.0)
+        layer.self_attn.q_norm.weight.data.mul_(0.5)
+        model.model.embed_tokens.weight.data.mul_(1.5)
+    second = fixed_shape_tokens(model, ids, mask, seed=0, **kwargs)
+    assert torch.equal(second, fresh_tokens(model, ids, mask, seed=0, **kwargs))
+    assert not torch.equal(second, first)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.3)
+    model.train()
+    model(input_ids=ids, attention_mask=mask).logits.logsumexp(-1).sum().backward()
+    optimizer.step()
+    model.eval()
+    third = fixed_shape_tokens(model, ids, mask, seed=0, **kwargs)
+    assert torch.equal(third, fresh_tokens(model, ids, mask, seed=0, **kwargs))
+    assert not torch.equal(third, second)
+    assert torch.equal(third, sample_tokens(model, ids, mask, graph_decode=False, **kwargs))
+    info = fast_decode.decoder_cache_info(model)
+    assert (info["hits"], info["rebuilds"], info["kept"]) == (2, 0, 1)
+    assert next(iter(fast_decode._decoders[model].values())) is decoder
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["load_state_dict-assign", "param.data"])
+def test_a_replaced_parameter_storage_rebuilds_the_decoder(device: str, how: str) -> None:
+    """`load_state_dict(assign=True)` or `param.data = new tensor` gives the model storages the kept
+    decoder does not read: it is rebuilt, and the next call draws the new weights' tokens."""
+    fast_decode.clear_decoder_cache()
+    model = tiny("llama", num_key_value_heads=2).to(device)
+    ids, mask = left_padded([5, 3], seed=4, device=device)
+    kwargs = {"temperature": 0.0, "max_new_tokens": 8, "num_samples": 2}
+    first = fixed_shape_tokens(model, ids, mask, seed=0, **kwargs)
+    other = tiny("llama", seed=1, num_key_value_heads=2).to(device)
+    if how == "param.data":
+        for p, q in zip(model.parameters(), other.parameters()):
+            p.data = q.detach().clone()
+    else:
+        model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+    second = fixed_shape_tokens(model, ids, mask, seed=0, **kwargs)
+    assert torch.equal(second, fixed_shape_tokens(other, ids, mask, seed=0, **kwargs))
+    assert not torch.equal(second, first)
+    assert fast_decode.decoder_cache_info(model) == {"hits": 0, "misses": 2, "rebuilds": 1, "kept": 1}
+
+
+def test_the_decoder_cache_is_bounded_and_freed_with_its_model() -> None:
+    """At most GRAPH_CACHE_SIZE decoders per model (the least recently used dropped); none kept
+    once the model is deleted (the cache holds it weakly, the decoders only views of its tensors);
+    a kept decoder refuses another shape with a clear error."""
+    import gc
+    import weakref
+
+    fast_decode.clear_decoder_cache()
+    model = tiny("llama", num_key_value_heads=2)
+    ids, mask = left_padded([5, 4], seed=5, device="cpu")
+    for new in (20, 40, 70, 100, 20):  # cache lengths 32, 64, 96, 128 (+5 prompt tokens), then 32
+        sample_tokens(model, ids, mask, temperature=0.0, max_new_tokens=new, graph_decode=True)
+    kept = fast_decode._decoders[model]
+    assert len(kept) == fast_decode.GRAPH_CACHE_SIZE == 3
+    assert sorted(key[1] for key in kept) == [32, 96, 128]  # 64, the least recently used, dropped
+    assert fast_decode.decoder_cache_info(model)["misses"] == 5  # (32 was dropped before its reuse)
+    decoder = next(iter(kept.values()))
+    with pytest.raises(ValueError, match="built for 2 rows"):
+        decoder.prefill(ids[:1], mask[:1], max_new_tokens=20)
+    assert fast_decode.cache_length(5, 27) == 32 and fast_decode.cache_length(5, 28) == 64
+    alive = weakref.ref(model)
+    del model, kept, decoder
+    gc.collect()
+    assert alive() is None
+    assert len(fast_decode._decoders) == 0 and fast_decode.decoder_cache_info()["kept"] == 0

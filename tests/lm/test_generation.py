@@ -133,23 +133,15 @@ DECODE_PATHS = [
 @pytest.mark.parametrize(("device", "graph_decode"), DECODE_PATHS)
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (1.3, 0.9)])
 def test_samples_follow_the_model_not_its_generation_config(
-    tokenizer, temperature: float, top_p: float, device: str, graph_decode: bool | None, monkeypatch
+    tokenizer, temperature: float, top_p: float, device: str, graph_decode: bool | None
 ) -> None:
     """An instruct model's generation_config (repetition penalty, min_p, top_k, no-repeat n-grams)
     must not change on-policy samples: token frequencies at steps 1 and 2 match the model's own
     softmax(logits / T) (top-p nucleus when set), computed exactly. Through the dynamic lean step,
-    the fixed-shape step, and (on cuda, by default) its CUDA graph."""
-    from kdkit.samplers import generation
-    from kdkit.samplers.fast_decode import StaticStepDecoder
+    the fixed-shape step, and (on cuda, by default) its CUDA graph, there sampled by a decoder (and
+    graph) kept from an earlier call whose weights have changed since (the reused path)."""
+    from kdkit.samplers import fast_decode
 
-    made: list[StaticStepDecoder] = []
-
-    class Recorded(StaticStepDecoder):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(generation, "StaticStepDecoder", Recorded)
     model = peaked_lm(tokenizer, seed=1).to(device)
     gc = model.generation_config
     gc.repetition_penalty, gc.min_p, gc.top_k, gc.no_repeat_ngram_size = 10.0, 0.2, 3, 1
@@ -158,21 +150,39 @@ def test_samples_follow_the_model_not_its_generation_config(
     prompt = data["prompt_ids"][0]
     assert lean_decoder_support(model, prompt.shape[0] + 2) is None  # sampled through the lean path
     prompt = prompt.to(device)
-    p1, p2 = (p.cpu() for p in two_step_probs(model, prompt, temperature, top_p))
     n = 3000
+
+    def sample() -> Tensor:
+        return sample_tokens(
+            model,
+            prompt.repeat(n, 1),
+            torch.ones(n, prompt.shape[0], dtype=torch.long, device=device),
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=2,
+            eos_token_ids=(),
+            graph_decode=graph_decode,
+        ).cpu()
+
+    fixed_shape = not (device == "cpu" and graph_decode is None)
+    if fixed_shape:  # an earlier call builds (and on cuda captures) the decoder, with other weights
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)
+        sample()
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(saved[k])
+    p1, p2 = (p.cpu() for p in two_step_probs(model, prompt, temperature, top_p))
+    before = fast_decode.decoder_cache_info(model)
     torch.manual_seed(0)
-    tokens = sample_tokens(
-        model,
-        prompt.repeat(n, 1),
-        torch.ones(n, prompt.shape[0], dtype=torch.long, device=device),
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=2,
-        eos_token_ids=(),
-        graph_decode=graph_decode,
-    ).cpu()
-    assert len(made) == (0 if device == "cpu" and graph_decode is None else 1)
+    tokens = sample()
+    after = fast_decode.decoder_cache_info(model)
+    assert after["hits"] - before["hits"] == (1 if fixed_shape else 0)
+    assert after["kept"] == (1 if fixed_shape else 0)
     if device == "cuda":  # sampled through a replayed CUDA graph, not an eager fallback
+        made = list(fast_decode._decoders[model].values())
         assert made[0].graph is not None, made[0].graph_failed
     vocab = p1.shape[0]
     assert_matches(torch.bincount(tokens[:, 0], minlength=vocab), p1)

@@ -156,3 +156,18 @@ def test_padded_student_vocabulary_is_accepted(tiny_teacher, tmp_path):
     )
     student, _ = build_student(cfg, *load_teacher(cfg))
     assert student.get_output_embeddings().weight.shape[0] == 32  # teacher has 16: padding only
+
+
+def test_on_policy_training_keeps_one_fixed_shape_decoder_across_steps(tiny_teacher, tmp_path, kdkit_cache):
+    """Through the engine (graph_decode: true, so the fixed-shape path runs here eagerly, as a GPU
+    would replay it): every step samples from the live student with the decoder of the first step
+    (a hit per later step), never rebuilt, since the engine's optimizer updates weights in place."""
+    from kdkit.samplers import fast_decode
+
+    student = {"name": "gkd", "method": "gkd", "lmbda": 1.0, "max_new_tokens": 8, "graph_decode": True}
+    cfg = tiny_config(str(tiny_teacher), tmp_path, students=[student])
+    cfg.train.steps = 4  # (a checkpoint at step 2: saving must not replace storages either)
+    fast_decode.clear_decoder_cache()
+    run_lm(cfg, log=lambda _: None)
+    info = fast_decode.decoder_cache_info()
+    assert info["rebuilds"] == 0 and info["misses"] == 1 and info["hits"] == 3, info

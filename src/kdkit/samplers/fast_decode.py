@@ -18,12 +18,18 @@ then falls back to its generic loop over `model(...)` and logs the reason once a
 
 `StaticStepDecoder` (below) is the same decoder with a fixed-shape decode step (whole static batch,
 attention over the whole cache, slot and positions in device tensors) that a CUDA device runs as
-one CUDA graph replay per token; `sample_tokens` picks it on CUDA (`GenerationSettings.graph_decode`).
+one CUDA graph replay per token; `sample_tokens` picks it on CUDA (`GenerationSettings.graph_decode`)
+and keeps it, buffers and graph, across calls of the same shape (`static_step_decoder`: per model,
+weakly, the last `GRAPH_CACHE_SIZE` shapes, cache lengths bucketed to `CACHE_BUCKET`), reading the
+live weights at every call: views of the parameters, fused copies remade in place, a replaced
+parameter storage detected (the decoder is rebuilt).
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -162,7 +168,8 @@ def _linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, residual: Tensor |
 
 
 # Up to this model width the q/k/v and gate/up weights are concatenated into one matmul each (a
-# copy per sampling call, with the preceding norm's weight folded in, in float32): at small widths a
+# copy per decoder, remade in place at each later sampling call, with the preceding norm's weight
+# folded in, in float32): at small widths a
 # decode step is dispatch overhead and one matmul beats three. Above it the copy costs more than the
 # dispatches it saves (SmolLM2's 576: ~0.1 s of copies per call), so the model's own matrices are used.
 FUSE_MAX_WIDTH = 256
@@ -170,10 +177,14 @@ FUSE_MAX_WIDTH = 256
 
 @dataclass
 class _Proj:
-    """x -> the concatenated outputs of one or more linear maps (weights transposed: [in, out])."""
+    """x -> the concatenated outputs of one or more linear maps (weights transposed: [in, out]).
+
+    `sources`: for a fused copy, the linears and the folded norm weight it was made from (`refresh`
+    remakes it in place from the live weights); None for views of the live weights."""
 
     weights: list[Tensor]
     biases: list[Tensor | None]
+    sources: tuple[list[nn.Linear], Tensor | None] | None = None
 
     @classmethod
     def of(cls, linears: list[nn.Linear], fuse: bool, scale: Tensor | None = None) -> _Proj:
@@ -190,7 +201,27 @@ class _Proj:
             bias = torch.cat(
                 [b if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, linears)]
             )
-        return cls([weight.t()], [bias])
+        return cls([weight.t()], [bias], (linears, scale))
+
+    def refresh(self) -> None:
+        """Remake a fused copy in place from the live weights (its storage, which a captured graph
+        reads, is kept); views of the live weights need nothing."""
+        if self.sources is None:
+            return
+        linears, scale = self.sources
+        weight = self.weights[0].t()
+        torch.cat([m.weight.detach() for m in linears], 0, out=weight)
+        if scale is not None:
+            weight.mul_(scale)
+        bias = self.biases[0]
+        if bias is not None:
+            torch.cat(
+                [
+                    m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                    for m in linears
+                ],
+                out=bias,
+            )
 
     def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if len(self.weights) == 1:
@@ -205,6 +236,7 @@ class _Layer:
     qkv: _Proj
     qk_norm: Tensor | None  # [Hq + Hkv, D]: q_norm's weight per query head, k_norm's per key head
     qk_norm_eps: float
+    qk_norm_sources: tuple[Tensor, Tensor] | None  # (q_norm.weight, k_norm.weight), live
     o: _Proj
     ln2: Tensor | None  # None: folded into gate_up
     ln2_eps: float
@@ -225,7 +257,7 @@ class LeanDecoder:
     def __init__(self, model: nn.Module) -> None:
         config = model.config
         base = model.model
-        self.model = model
+        # (no reference to `model` itself: a cached decoder must not keep its model alive)
         layers = list(base.layers)[: config.num_hidden_layers]
         attn0 = layers[0].self_attn
         self.head_dim = int(attn0.head_dim)
@@ -246,14 +278,10 @@ class LeanDecoder:
             ln1, ln2 = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
             qkv = _Proj.of([attn.q_proj, attn.k_proj, attn.v_proj], fuse, ln1 if fold else None)
             gate_up = _Proj.of([mlp.gate_proj, mlp.up_proj], fuse, ln2 if fold else None)
-            qk_norm, qk_eps = None, 0.0
+            qk_norm, qk_eps, qk_sources = None, 0.0, None
             if getattr(attn, "q_norm", None) is not None:
-                qk_norm = torch.cat(
-                    [
-                        attn.q_norm.weight.detach().expand(self.n_q, -1),
-                        attn.k_norm.weight.detach().expand(self.n_kv, -1),
-                    ]
-                )
+                qk_sources = (attn.q_norm.weight.detach(), attn.k_norm.weight.detach())
+                qk_norm = self._qk_norm(qk_sources)
                 qk_eps = attn.q_norm.variance_epsilon
             self.layers.append(
                 _Layer(
@@ -262,6 +290,7 @@ class LeanDecoder:
                     qkv,
                     qk_norm,
                     qk_eps,
+                    qk_sources,
                     _Proj.of([attn.o_proj], fuse=False),
                     None if fold else ln2,
                     layer.post_attention_layernorm.variance_epsilon,
@@ -270,6 +299,21 @@ class LeanDecoder:
                 )
             )
         self.gqa = self.n_q != self.n_kv
+
+    def _qk_norm(self, sources: tuple[Tensor, Tensor], out: Tensor | None = None) -> Tensor:
+        q_norm, k_norm = sources
+        return torch.cat([q_norm.expand(self.n_q, -1), k_norm.expand(self.n_kv, -1)], out=out)
+
+    def refresh_copies(self) -> None:
+        """Remake, in place, every copy of the weights made when the decoder was built (the fused
+        q/k/v and gate/up matrices with their folded norms, the per-head q/k norms) from the live
+        weights; everything else is a view of them. In place: their storage, which a captured graph
+        reads, is kept. Cheap at the widths that fuse (`FUSE_MAX_WIDTH`)."""
+        for layer in self.layers:
+            layer.qkv.refresh()
+            layer.gate_up.refresh()
+            if layer.qk_norm_sources is not None:
+                self._qk_norm(layer.qk_norm_sources, out=layer.qk_norm)
 
     # -- pieces ---------------------------------------------------------------------------------
     def _rope_tables(self, length: int) -> None:
@@ -302,23 +346,30 @@ class LeanDecoder:
         return self.head(_rms(x, self.norm, self.norm_eps))
 
     # -- the decode API -------------------------------------------------------------------------
-    def prefill(self, ids: Tensor, mask: Tensor, max_new_tokens: int) -> Tensor:
-        """Run the prompts [B, P] (mask [B, P], 1 = token) into a fresh cache: logits [B, V]."""
-        batch, width = ids.shape
-        mask = mask.to(device=ids.device, dtype=torch.bool)
-        self.width, self.step_index = width, 0
-        length = width + max_new_tokens
-        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        self._rope_tables(int(positions.max()) + max_new_tokens + 1)
-        dtype, device = self.embed.dtype, ids.device
-        shape = (batch, self.n_kv, length, self.head_dim)
+    def _new_cache(self, rows: int, length: int, device: torch.device) -> None:
+        """A zeroed KV cache [rows, Hkv, length, D] per layer, the attention mask `visible` [rows,
+        length] all -inf, and the rope tables for positions < length."""
+        self._rope_tables(length)
+        dtype = self.embed.dtype
+        shape = (rows, self.n_kv, length, self.head_dim)
         # zeros, not empty: `StaticStepDecoder` attends over the whole cache (masked), and uninitialised
         # memory could hold NaN / inf, which a -inf mask does not cancel (NaN + -inf = NaN, 0 · inf = NaN)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         # additive attention mask over the cache: 0 = a token to attend to, -inf = padding / not yet
-        self.visible = torch.full((batch, length), float("-inf"), dtype=dtype, device=device)
-        self.visible[:, :width].masked_fill_(mask, 0.0)
+        self.visible = torch.full((rows, length), float("-inf"), dtype=dtype, device=device)
+
+    def prefill(self, ids: Tensor, mask: Tensor, max_new_tokens: int, repeats: int = 1) -> Tensor:
+        """Run the prompts [B, P] (mask [B, P], 1 = token) into a fresh cache of B·repeats rows
+        (rows i·repeats .. i·repeats + repeats - 1 continue prompt i: the G samples of a prompt share
+        its prefill): last-position logits [B·repeats, V]."""
+        batch, width = ids.shape
+        mask = mask.to(device=ids.device, dtype=torch.bool)
+        self.width, self.step_index = width, 0
+        dtype, device = self.embed.dtype, ids.device
+        self._new_cache(batch * repeats, width + max_new_tokens, device)
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        self.visible.unflatten(0, (batch, repeats))[:, :, :width].masked_fill_(mask[:, None], 0.0)
         # causal ∧ key is a token; a query always sees itself (padding rows stay finite)
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         allowed = (causal & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
@@ -330,8 +381,8 @@ class LeanDecoder:
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             q, k, v = self._qkv(layer, _rms(x, layer.ln1, layer.ln1_eps), cos, sin)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, P, D]
-            keys[:, :, :width] = k
-            values[:, :, :width] = v
+            keys.unflatten(0, (batch, repeats))[:, :, :, :width] = k[:, None]  # (in place, each sample)
+            values.unflatten(0, (batch, repeats))[:, :, :, :width] = v[:, None]
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=allowed, scale=self.scaling, enable_gqa=self.gqa
             )
@@ -340,7 +391,11 @@ class LeanDecoder:
         last = (mask.long() * torch.arange(width, device=device)).argmax(-1)  # last token of each row
         rows = torch.arange(batch, device=device)
         self.next_pos = positions[rows, last] + 1
-        return self._logits(x[rows, last])
+        logits = self._logits(x[rows, last])
+        if repeats > 1:
+            self.next_pos = self.next_pos.repeat_interleave(repeats, 0)
+            logits = logits.repeat_interleave(repeats, 0)
+        return logits
 
     def repeat_interleave(self, repeats: int) -> None:
         """Each row repeated `repeats` times consecutively (G samples share one prefill)."""
@@ -403,8 +458,16 @@ class StaticStepDecoder(LeanDecoder):
       the current slot unmasked in place;
     - the cache slot and each row's position live in device tensors advanced in place.
 
-    The graph is captured at the first `step` of each decoder (decoders, and so graphs, are built
-    once per `sample_tokens` call from the live weights): warm-up on a side stream, capture, then a
+    Its buffers are persistent: the first `prefill` fixes the shape (rows = prompts × repeats, cache
+    length) and allocates the cache, `visible`, the rope tables and the step's inputs; every later
+    `prefill` (same shape, else ValueError) writes into the same storage, which is what lets
+    `static_step_decoder` keep one decoder, and its captured graph, across sampling calls. The weights
+    it reads are views of the live parameters (updated in place by an optimizer step) or copies
+    remade in place at each later `prefill` (`refresh_copies`: the fused matrices), so a replay always
+    computes with the current weights; a replaced parameter storage is `static_step_decoder`'s to
+    detect (it builds a new decoder).
+
+    The graph is captured at the decoder's first `step`: warm-up on a side stream, capture, then a
     replay per step with the tokens copied into the static input buffer. A capture that fails falls
     back to running the same step eagerly, the reason logged once at debug level. graph=False runs
     the fixed-shape step eagerly (what CPUs do: they have no graphs).
@@ -421,24 +484,41 @@ class StaticStepDecoder(LeanDecoder):
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_failed: str | None = None
         self.groups = self.n_q // self.n_kv
+        self.keys: list[Tensor] | None = None  # allocated by the first prefill, then reused
+        self.prefills = 0
+        self.storages: tuple[int, ...] = ()  # `_storages(model)` when `static_step_decoder` built it
 
-    def prefill(self, ids: Tensor, mask: Tensor, max_new_tokens: int) -> Tensor:
-        logits = super().prefill(ids, mask, max_new_tokens)
-        self._static_inputs()
+    def _new_cache(self, rows: int, length: int, device: torch.device) -> None:
+        if self.keys is None:
+            super()._new_cache(rows, length, device)
+            self.every_row = torch.arange(rows, device=device)
+            self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+            self.slot = torch.zeros(1, dtype=torch.long, device=device)
+            self.static_next_pos = torch.zeros(rows, dtype=torch.long, device=device)
+            self.cache_index = torch.arange(length, device=device)
+            return
+        if (rows, length) != tuple(self.visible.shape) or device != self.visible.device:
+            raise ValueError(
+                f"StaticStepDecoder: built for {self.visible.shape[0]} rows x cache length "
+                f"{self.visible.shape[1]} on {self.visible.device}, asked for {rows} x {length} on {device}"
+            )
+        for cache in (*self.keys, *self.values):
+            cache.zero_()
+        self.visible.fill_(float("-inf"))
+
+    def prefill(self, ids: Tensor, mask: Tensor, max_new_tokens: int, repeats: int = 1) -> Tensor:
+        if self.prefills:  # built from the weights as they were then: refresh the copies
+            self.refresh_copies()
+        self.prefills += 1
+        logits = super().prefill(ids, mask, max_new_tokens, repeats)
+        self.next_pos = self.static_next_pos.copy_(self.next_pos)
+        self.slot.fill_(self.width)
+        self.rows = self.every_row  # the full-batch rows still wanted
+        self.all_rows = True
         return logits
 
     def repeat_interleave(self, repeats: int) -> None:
-        super().repeat_interleave(repeats)
-        self._static_inputs()
-
-    def _static_inputs(self) -> None:
-        device = self.visible.device
-        batch, length = self.visible.shape
-        self.rows = torch.arange(batch, device=device)  # the full-batch rows still wanted
-        self.all_rows = True
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.slot = torch.full((1,), self.width + self.step_index, dtype=torch.long, device=device)
-        self.cache_index = torch.arange(length, device=device)
+        raise NotImplementedError("StaticStepDecoder: pass repeats to prefill (its batch shape is fixed)")
 
     def select(self, rows: Tensor) -> None:
         """Keep only `rows` (indices into the rows still wanted) in the output; the batch keeps them all."""
@@ -534,7 +614,7 @@ class StaticStepDecoder(LeanDecoder):
         graph = torch.cuda.CUDAGraph()
         try:
             # capture_begin/end rather than `torch.cuda.graph`, whose entry runs gc.collect() and
-            # empties torch's CUDA cache: at one capture per sampling call that would cost the
+            # empties torch's CUDA cache: at one capture per new decoder shape that would cost the
             # training step its cached blocks (and tens of ms of garbage collection) every step
             with torch.cuda.stream(stream):  # restores the caller's stream even if capture_end raises
                 graph.capture_begin()
@@ -563,6 +643,95 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return _capture_streams[index]
 
 
+# Decoders kept per model by `static_step_decoder`, the least recently used dropped first. Each holds
+# its KV cache (rows x cache length x layers) and, on CUDA, its graph's memory pool.
+GRAPH_CACHE_SIZE = 3
+# Cache lengths are rounded up to a multiple of this (by extra left padding, which the mask hides), so
+# batches whose prompt widths differ a little share a decoder. Each decode step attends over the whole
+# cache, so the rounding costs at most CACHE_BUCKET - 1 masked slots per token: nothing at the widths
+# where graphs pay (launch-bound steps), a few % of the attention at long caches.
+CACHE_BUCKET = 32
+
+_decoders: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, StaticStepDecoder]] = (
+    weakref.WeakKeyDictionary()
+)
+_cache_counts = {"hits": 0, "misses": 0, "rebuilds": 0}
+
+
+def cache_length(width: int, max_new_tokens: int) -> int:
+    """The fixed-shape cache length for prompts of `width` and `max_new_tokens`: their sum rounded up
+    to a multiple of `CACHE_BUCKET`."""
+    return -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+
+
+def _storages(model: nn.Module) -> tuple[int, ...]:
+    """Where every parameter (and the rotary buffers) lives: any change means a storage the decoder
+    reads was replaced (`load_state_dict(assign=True)`, `param.data = ...`, `model.to(...)`). (A
+    decoder holds views of the old storages, so a new one can never reuse their addresses.)"""
+    rotary = model.model.rotary_emb
+    return tuple(t.data_ptr() for t in (*model.parameters(), *rotary.buffers()))
+
+
+def static_step_decoder(
+    model: nn.Module, rows: int, length: int, device: torch.device, graph: bool
+) -> StaticStepDecoder:
+    """A `StaticStepDecoder` of `model` for `rows` rows (prompts × samples) and cache `length`
+    (`cache_length`), reused across calls: its buffers and captured CUDA graph are kept, per model
+    (weakly: a deleted model frees its decoders), for the last `GRAPH_CACHE_SIZE` distinct keys. The
+    key holds everything the captured kernels depend on: rows, length, device, the model's dtype,
+    autocast's state and dtype, inference mode, deterministic algorithms, graph or eager. A decoder
+    whose model had a parameter storage replaced since it was built is rebuilt (with every other
+    decoder of that model); in-place updates (optimizer steps) are read live (see `StaticStepDecoder`).
+    Counts of hits / misses / rebuilds: `decoder_cache_info`."""
+    kind = device.type
+    key = (
+        rows,
+        length,
+        str(device),
+        model.model.embed_tokens.weight.dtype,
+        torch.is_autocast_enabled(kind),
+        torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None,
+        torch.is_inference_mode_enabled(),
+        torch.are_deterministic_algorithms_enabled(),
+        graph,
+    )
+    storages = _storages(model)
+    kept = _decoders.get(model)
+    if kept is None:
+        kept = _decoders[model] = OrderedDict()
+    decoder = kept.get(key)
+    if decoder is not None and decoder.storages == storages:
+        _cache_counts["hits"] += 1
+        kept.move_to_end(key)
+        return decoder
+    if any(d.storages != storages for d in kept.values()):  # stale weights: drop them all, free memory
+        _cache_counts["rebuilds"] += 1
+        kept.clear()
+    else:
+        _cache_counts["misses"] += 1
+    decoder = StaticStepDecoder(model, graph=graph)
+    decoder.storages = storages
+    kept[key] = decoder
+    while len(kept) > GRAPH_CACHE_SIZE:
+        kept.popitem(last=False)
+    return decoder
+
+
+def decoder_cache_info(model: nn.Module | None = None) -> dict[str, int]:
+    """Counts since the process started (or `clear_decoder_cache`): hits (a kept decoder reused),
+    misses (a new key), rebuilds (a parameter storage replaced); `kept`: decoders held now, for
+    `model` or all models."""
+    held = [_decoders.get(model) or {}] if model is not None else list(_decoders.values())
+    return {**_cache_counts, "kept": sum(len(k) for k in held)}
+
+
+def clear_decoder_cache() -> None:
+    """Drop every kept decoder (and its graph) and reset the counts."""
+    _decoders.clear()
+    for name in _cache_counts:
+        _cache_counts[name] = 0
+
+
 _logged: set[str] = set()
 
 
@@ -572,4 +741,15 @@ def _log_once(message: str) -> None:
         logger.debug("kdkit sampling: %s", message)
 
 
-__all__ = ["SUPPORTED", "LeanDecoder", "StaticStepDecoder", "lean_decoder_support"]
+__all__ = [
+    "CACHE_BUCKET",
+    "GRAPH_CACHE_SIZE",
+    "SUPPORTED",
+    "LeanDecoder",
+    "StaticStepDecoder",
+    "cache_length",
+    "clear_decoder_cache",
+    "decoder_cache_info",
+    "lean_decoder_support",
+    "static_step_decoder",
+]

@@ -30,7 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.samplers.collate import build_lm_batch
-from kdkit.samplers.fast_decode import LeanDecoder, StaticStepDecoder, lean_decoder_support
+from kdkit.samplers.fast_decode import (
+    LeanDecoder,
+    StaticStepDecoder,
+    cache_length,
+    lean_decoder_support,
+    static_step_decoder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +56,8 @@ class GenerationSettings:
         (`kdkit.samplers.fast_decode`: the same logits from the live weights, several times fewer
         ops per token); False = always the model's own forward. Unsupported models fall back anyway.
     graph_decode: how the lean decoder steps. None (default) = on a CUDA device, one CUDA graph
-        replay per token (`StaticStepDecoder`: a fixed-shape step captured once per sampling call,
+        replay per token (`StaticStepDecoder`: a fixed-shape step captured once and kept across sampling
+        calls of the same shape (`kdkit.samplers.fast_decode.static_step_decoder`), live weights,
         finished rows kept in the static batch and ignored; removes the per-kernel launch overhead
         that dominates small models on a GPU), elsewhere the dynamic lean step (finished rows
         dropped, attention over the filled prefix only). True = the fixed-shape step on any device
@@ -168,13 +175,16 @@ class _ModelDecoder:
         # transformers >= 5.x names the KV cache `cache` (`past_key_values` before, deprecated now).
         self.cache_key = "cache" if _accepts(model, "cache") else "past_key_values"
 
-    def prefill(self, ids: Tensor, mask: Tensor, max_new_tokens: int) -> Tensor:
+    def prefill(self, ids: Tensor, mask: Tensor, max_new_tokens: int, repeats: int = 1) -> Tensor:
         self.mask = mask.to(device=ids.device, dtype=torch.long)
         positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(
             input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True, **self.extra
         )
         self.cache, self.next_pos = _cache_of(out), positions[:, -1] + 1
+        if repeats > 1:
+            self.repeat_interleave(repeats)
+            return out.logits[:, -1].repeat_interleave(repeats, 0)
         return out.logits[:, -1]
 
     def repeat_interleave(self, repeats: int) -> None:
@@ -203,18 +213,25 @@ _logged_fallbacks: set[tuple[str, str]] = set()
 
 
 def _decoder(
-    model: nn.Module, total_length: int, fast: bool, graph_decode: bool | None, device: torch.device
+    model: nn.Module,
+    rows: int,
+    width: int,
+    max_new_tokens: int,
+    fast: bool,
+    graph_decode: bool | None,
+    device: torch.device,
 ) -> _ModelDecoder | LeanDecoder:
     """The lean decoder when it reproduces `model` exactly (and `fast`), else the generic one; the
     reason for a fallback is logged once per (model class, reason) at debug level. The lean decoder
-    steps with a CUDA graph when `graph_decode` is True, or None on a CUDA device (see
-    `GenerationSettings.graph_decode`)."""
+    steps with a fixed shape (a CUDA graph on CUDA), kept across calls by `static_step_decoder`,
+    when `graph_decode` is True, or None on a CUDA device (see `GenerationSettings.graph_decode`)."""
     if not fast:
         return _ModelDecoder(model)
-    reason = lean_decoder_support(model, total_length)
+    reason = lean_decoder_support(model, width + max_new_tokens)
     if reason is None:
         if graph_decode or (graph_decode is None and device.type == "cuda"):
-            return StaticStepDecoder(model, graph=device.type == "cuda")
+            length = cache_length(width, max_new_tokens)
+            return static_step_decoder(model, rows, length, device, graph=device.type == "cuda")
         return LeanDecoder(model)
     key = (type(model).__name__, reason)
     if key not in _logged_fallbacks:
@@ -248,8 +265,10 @@ def sample_tokens(
     fast: decode Llama / Mistral / Qwen2 / Qwen3 models with `kdkit.samplers.fast_decode.LeanDecoder`
     (the same logits, several times fewer ops per step, the live weights); other models, or
     fast=False, run the model's own forward. graph_decode: None = its decode steps replay a CUDA
-    graph on CUDA devices (`StaticStepDecoder`, captured per call), True = the fixed-shape step on
-    any device, False = the dynamic lean step (`GenerationSettings.graph_decode`).
+    graph on CUDA devices (`StaticStepDecoder`, kept with its graph across calls of the same
+    shape: `static_step_decoder`; the prompts are left-padded to its bucketed cache length), True =
+    the fixed-shape step on any device, False = the dynamic lean step
+    (`GenerationSettings.graph_decode`).
     """
     batch, width = prompt_ids.shape
     device = prompt_ids.device
@@ -258,12 +277,14 @@ def sample_tokens(
             "sample_tokens: prompts must be left-padded (every row's last prompt_attention_mask "
             "column is 1); collate prompts with kdkit.samplers.PromptCompletionCollator"
         )
-    decoder = _decoder(model, width + max_new_tokens, fast, graph_decode, device)
-    logits = decoder.prefill(prompt_ids, prompt_attention_mask, max_new_tokens)
-    if num_samples > 1:  # one prefill shared by the G samples of each prompt
-        decoder.repeat_interleave(num_samples)
-        logits = logits.repeat_interleave(num_samples, 0)
     rows = batch * num_samples
+    decoder = _decoder(model, rows, width, max_new_tokens, fast, graph_decode, device)
+    if isinstance(decoder, StaticStepDecoder):  # its cache length is bucketed: left-pad the prompts to it
+        extra = cache_length(width, max_new_tokens) - width - max_new_tokens
+        prompt_ids = torch.nn.functional.pad(prompt_ids, (extra, 0), value=pad_token_id)
+        prompt_attention_mask = torch.nn.functional.pad(prompt_attention_mask, (extra, 0), value=0)
+    # one prefill shared by the G samples of each prompt
+    logits = decoder.prefill(prompt_ids, prompt_attention_mask, max_new_tokens, repeats=num_samples)
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     if isinstance(decoder, StaticStepDecoder):
