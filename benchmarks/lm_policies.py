@@ -6,8 +6,8 @@ optimizer steps, over several seeds: exact match by operand length (mean ± std)
 The students train on shorter problems than they are tested on, so exposure bias shows.
 
 Part 2 (throughput): kdkit's `LMDistiller` and TRL 1.16's stable `DistillationTrainer` on identical
-models, token ids, batch size, max_new_tokens, sampling temperature, JSD β=0.5, optimizer (AdamW,
-lr 1e-4 constant, no weight decay, gradient norm 1) and precision (float32, CPU), off-policy (λ=0:
+models, token ids, batch size, max_new_tokens, sampling temperature, JSD β=0.5, optimizer (fused AdamW,
+lr 1e-4 constant, no weight decay, gradient norm 1) and precision (float32, CPU or GPU), off-policy (λ=0:
 the dataset's completions) and on-policy (λ=1: the student samples every batch), run in one
 process in an order that rotates every round: completion tokens per second after untimed warm-up
 steps, per-round ratios, and generation's share of the step. kdkit runs as `kdkit` (the gkd recipe,
@@ -437,7 +437,7 @@ def trl_throughput(
         per_device_train_batch_size=batch_size,
         learning_rate=1e-4,
         lr_scheduler_type="constant",
-        optim="adamw_torch",  # torch.optim.AdamW with its defaults, as kdkit's engine builds it
+        optim="adamw_torch_fused",  # TRL's default here: torch.optim.AdamW(fused=True), as kdkit's engine
         weight_decay=0.0,
         max_grad_norm=1.0,
         max_steps=warmup + steps,
@@ -897,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sampling_temperature": 1.0,
                     "jsd_beta": 0.5,
                     "lr": 1e-4,
-                    "optimizer": "torch.optim.AdamW (defaults), weight decay 0, max grad norm 1, constant lr",
+                    "optimizer": "AdamW(fused=True), weight decay 0, max grad norm 1, constant lr",
                     "device": device,
                     "precision": {"fp32": "float32", "bf16": "bf16 autocast, float32 weights"}[precision],
                     "random_weights": args.random_weights and smollm2,

@@ -290,7 +290,11 @@ def train(
             dataset, sampler, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
             collate_fn=collate_fn, pin_memory=accelerator.device.type == "cuda",
         )
-        optimizer = build_optimizer(distiller, cfg)
+        # the fused AdamW step where torch has it for the device the model will train on, and no
+        # fp16 loss scaler (a fused step skips inf/NaN steps inside the kernel, where Accelerate
+        # cannot see the skip that must hold the lr schedule back)
+        fused = accelerator.device.type in ("cpu", "cuda") and accelerator.scaler is None
+        optimizer = build_optimizer(distiller, cfg, fused=fused)
         scheduler = build_scheduler(optimizer, cfg)  # not prepared: Accelerate would step it once per process
         model, optimizer, loader = accelerator.prepare(distiller, optimizer, loader)
         distiller.move_teacher(accelerator.device)
