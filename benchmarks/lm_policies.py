@@ -193,9 +193,22 @@ def random_smollm2() -> tuple[Any, Any]:
 
 def benchmark_teacher(cfg: LMRunConfig, *, random_weights: bool, device: str) -> tuple[Any, Any]:
     """The recipe's teacher on `device` (float32): loaded, or for SmolLM2 with `random_weights`
-    built from its config. (The arithmetic teacher is always the cached trained one.)"""
+    built from its config. (The arithmetic teacher is always the trained one; with
+    `random_weights`, only from the cache: training it would not fit a timed run.)"""
     if random_weights and cfg.teacher.source == "smollm2":
         teacher, tokenizer = random_smollm2()
+    elif random_weights and cfg.teacher.source == "arithmetic":
+        # a machine without the weights must not train the teacher inside a timed run either
+        from kdkit.config.lm import ArithmeticTeacherConfig
+        from kdkit.paths import cache_dir
+        from kdkit.pipelines.teachers import arithmetic_teacher_key
+
+        key = arithmetic_teacher_key(cfg.teacher.arithmetic or ArithmeticTeacherConfig())
+        folder = cache_dir("teachers", f"arithmetic-{key}")
+        if not (folder / "kdkit_teacher.json").is_file():
+            raise RuntimeError(f"the arithmetic teacher is not cached in {folder} (KDKIT_CACHE); "
+                               "run once without --random-weights to train it")
+        teacher, tokenizer = load_teacher(cfg, log=lambda _: None)
     else:
         teacher, tokenizer = load_teacher(cfg, log=lambda _: None)
     return teacher.to(device), tokenizer
