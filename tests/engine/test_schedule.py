@@ -1,5 +1,6 @@
 """Learning-rate schedule and optimizer construction."""
 
+import copy
 import math
 
 import pytest
@@ -69,3 +70,20 @@ def test_no_trainable_parameters_is_a_clear_error():
     model = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable parameters"):
         build_optimizer(model, tiny_config())
+
+
+def test_the_fused_adamw_step_is_adamw():
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    models = {fused: copy.deepcopy(reference) for fused in (False, True)}
+    cfg = tiny_config(lr=0.05, weight_decay=0.1)
+    optimizers = {fused: build_optimizer(model, cfg, fused=fused) for fused, model in models.items()}
+    assert optimizers[True].defaults["fused"] and not optimizers[False].defaults["fused"]
+    x = torch.randn(16, 4)
+    for _ in range(5):
+        for fused, model in models.items():
+            optimizers[fused].zero_grad()
+            model(x).square().mean().backward()
+            optimizers[fused].step()
+    for (name, a), b in zip(models[False].named_parameters(), models[True].parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)

@@ -51,8 +51,11 @@ def build_loader(
     seed: int,
     num_workers: int = 0,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader over `sampler` that drops the last incomplete batch.
+
+    pin_memory: collate into page-locked memory, so the copy to a GPU need not wait for it.
 
     Dropping it keeps every optimizer step on a full batch and makes the data position a plain
     sample count. The loader gets its own generator because creating an iterator draws a worker
@@ -65,6 +68,7 @@ def build_loader(
         drop_last=True,
         num_workers=num_workers,
         collate_fn=collate_fn,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
     )
 

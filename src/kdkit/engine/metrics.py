@@ -35,6 +35,41 @@ def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(terms[1:], terms[0])
 
 
+#: A window sum: a float, or a 0-dim tensor on the accelerator until the window is read.
+Number = float | torch.Tensor
+
+
+def _host_or_device(value: Number) -> Number:
+    """A CPU tensor's value as a float (free: nothing to wait for); other devices' tensors as they are."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        return float(value) if value.device.type == "cpu" else value
+    return float(value)
+
+
+def _weighted(value: Number, weight: Number) -> Number:
+    """value × weight, or 0 when weight is 0 (a mean over no tokens is meaningless, even NaN)."""
+    if not isinstance(value, torch.Tensor) and not isinstance(weight, torch.Tensor):
+        return value * weight if weight else 0.0
+    product = value * weight
+    if not isinstance(weight, torch.Tensor):
+        return product if weight else torch.zeros_like(product)
+    return torch.where(weight != 0, product, torch.zeros_like(product))
+
+
+def _floats(values: dict[Any, Number]) -> dict[Any, float]:
+    """Every value as a float: the device tensors copied to the host together (one wait for the GPU)."""
+    out = {key: value for key, value in values.items() if not isinstance(value, torch.Tensor)}
+    tensors = {key: value for key, value in values.items() if isinstance(value, torch.Tensor)}
+    by_device: dict[torch.device, list[Any]] = {}
+    for key, value in tensors.items():
+        by_device.setdefault(value.device, []).append(key)
+    for keys in by_device.values():
+        host = torch.stack([tensors[key].float().reshape(()) for key in keys]).cpu().tolist()
+        out.update(zip(keys, host))
+    return {key: float(out[key]) for key in values}
+
+
 @dataclass
 class LossWindow:
     """Running sums of each term over the micro-batches since the last log line (one process).
@@ -42,30 +77,45 @@ class LossWindow:
     Each micro-batch's loss terms (and "loss") count with a weight: 1, or its token count when the
     distiller reports `_tokens`, so a window's mean is then a mean over tokens, like the gradient.
     Diagnostics always count once per micro-batch.
+
+    Values on a GPU are summed there (0-dim tensors) and copied to the host only when the window
+    is read (`to_dict`, at a log line or checkpoint), so recording a micro-batch never makes the
+    training loop wait for the GPU; CPU values are summed as floats.
     """
 
-    sums: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, float] = field(default_factory=dict)
+    sums: dict[str, Number] = field(default_factory=dict)
+    counts: dict[str, Number] = field(default_factory=dict)
     examples: int = 0
 
     def add(
-        self, losses: dict[str, torch.Tensor], total: torch.Tensor, examples: int, weight: float | None = None
-    ) -> dict[str, float]:
+        self,
+        losses: dict[str, torch.Tensor],
+        total: torch.Tensor,
+        examples: int,
+        weight: Number | None = None,
+    ) -> dict[str, Number]:
         """Record one micro-batch (loss terms weighted by `weight`, default 1); returns its values
-        (for the progress bar)."""
-        values = {"loss": float(total.detach())}
-        values.update({log_name(k): float(v.detach()) for k, v in losses.items()})
+        (floats, or device tensors: `float()` them only when they must be shown)."""
+        values = {"loss": _host_or_device(total)}
+        values.update({log_name(k): _host_or_device(v) for k, v in losses.items()})
         loss_keys = {"loss", *(k for k in losses if not is_diagnostic(k))}
+        token_weight = None if weight is None else _host_or_device(weight)
         for key, value in values.items():
-            w = 1.0 if weight is None or key not in loss_keys else weight
-            # a micro-batch without tokens adds nothing (its means over no tokens are meaningless)
-            self.sums[key] = self.sums.get(key, 0.0) + (value * w if w else 0.0)
+            w = 1.0 if token_weight is None or key not in loss_keys else token_weight
+            self.sums[key] = self.sums.get(key, 0.0) + _weighted(value, w)
             self.counts[key] = self.counts.get(key, 0.0) + w
         self.examples += examples
         return values
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "counts": dict(self.counts), "examples": self.examples}
+        """The window as plain numbers (waits for the GPU once, when values are still there)."""
+        both = _floats({("sums", k): v for k, v in self.sums.items()}
+                       | {("counts", k): v for k, v in self.counts.items()})
+        return {
+            "sums": {k: both[("sums", k)] for k in self.sums},
+            "counts": {k: both[("counts", k)] for k in self.counts},
+            "examples": self.examples,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LossWindow:

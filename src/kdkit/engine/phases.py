@@ -45,6 +45,16 @@ def phase(name: str) -> Iterator[None]:
             timer.add(name, started, time.perf_counter())
 
 
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for the work queued on `device` (a CUDA or MPS device; None: whichever is in use), so
+    that a wall-clock stamp taken next covers it. A CPU runs every op synchronously: nothing to do."""
+    kind = torch.device(device).type if device is not None else None
+    if kind in (None, "cuda") and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize(device if kind == "cuda" else None)
+    elif kind in (None, "mps") and hasattr(torch, "mps") and torch.backends.mps.is_available():
+        torch.mps.synchronize()
+
+
 @dataclass
 class PhaseTimer:
     """Collect (phase, start, end) wall times of every `phase` entered while active (not nestable).
@@ -57,12 +67,8 @@ class PhaseTimer:
     spans: list[tuple[str, float, float]] = field(default_factory=list)
 
     def sync(self) -> None:
-        if not self.synchronize:
-            return
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        elif hasattr(torch, "mps") and torch.backends.mps.is_available():
-            torch.mps.synchronize()
+        if self.synchronize:
+            synchronize()
 
     def add(self, name: str, start: float, end: float) -> None:
         self.spans.append((name, start, end))
@@ -93,4 +99,4 @@ class PhaseTimer:
         _active = None
 
 
-__all__ = ["STEP_PHASES", "PhaseTimer", "phase"]
+__all__ = ["STEP_PHASES", "PhaseTimer", "phase", "synchronize"]

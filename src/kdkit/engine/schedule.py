@@ -30,13 +30,21 @@ def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: s
                       f"{schedule!r} is not a schedule (known: cosine, constant)")
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD with momentum over the parameters of `model` that require grad."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, *, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum over the parameters of `model` that require grad.
+
+    fused: AdamW's fused step (`torch.optim.AdamW(fused=True)`: the same update in one kernel per
+    parameter instead of a dozen ops; TRL's Trainer default, `adamw_torch_fused`), when every
+    parameter is a floating-point tensor. Callers pass it for devices whose torch has the kernel
+    (CPU, CUDA) and runs without an fp16 loss scaler; the DP engine keeps the plain step that
+    Opacus wraps.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the distiller has no trainable parameters (is the student frozen?)")
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        fused = fused and all(p.is_floating_point() for p in params)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 

@@ -15,7 +15,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    GradientAccumulationPlugin,
+    gather_object,
+    set_seed,
+)
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -24,7 +30,7 @@ from kdkit.engine import checkpoint
 from kdkit.engine.data import DataPosition, EpochSampler, build_loader, endless_batches
 from kdkit.engine.distiller import Distiller
 from kdkit.engine.metrics import LossWindow, MetricsWriter, merge_windows, total_loss, truncate_history
-from kdkit.engine.phases import phase
+from kdkit.engine.phases import phase, synchronize
 from kdkit.engine.schedule import build_optimizer, build_scheduler
 from kdkit.engine.settings import TrainConfig
 from kdkit.settings import ConfigError
@@ -87,9 +93,12 @@ class TokenWeighting:
         # DeepSpeed keeps gradients in its own partitions, where they cannot be rescaled here
         self.enabled = accelerator.distributed_type != DistributedType.DEEPSPEED
         self._warned = False
+        self._invalid: torch.Tensor | None = None  # GPU counts not yet checked (see `verify`)
 
-    def count(self, losses: dict[str, torch.Tensor]) -> float | None:
-        """The micro-batch's token count, or None when the distiller reports none (or under DeepSpeed)."""
+    def count(self, losses: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The micro-batch's token count (a 0-dim tensor), or None when the distiller reports none
+        (or under DeepSpeed). A count on a CPU is checked at once; one on a GPU stays there (reading
+        it would make the loop wait for the forward pass) and is checked by the next `verify`."""
         if TOKENS not in losses:
             return None
         if not self.enabled:
@@ -97,13 +106,27 @@ class TokenWeighting:
                 logger.warning("under DeepSpeed micro-batches weigh alike, not by their `_tokens`")
                 self._warned = True
             return None
-        tokens = float(losses[TOKENS])
-        if not tokens >= 0:
-            raise ValueError(f"the distiller's `_tokens` must be a count ≥ 0, got {tokens}")
+        tokens = torch.as_tensor(losses[TOKENS]).detach()
+        if tokens.device.type == "cpu":
+            self._refuse(float(tokens))
+        else:
+            invalid = ~(tokens >= 0)  # negative or NaN
+            self._invalid = invalid if self._invalid is None else self._invalid | invalid
         return tokens
 
+    def verify(self) -> None:
+        """Raise if a count handed to `count` on a GPU since the last call was not a count ≥ 0."""
+        invalid, self._invalid = self._invalid, None
+        if invalid is not None and bool(invalid):
+            self._refuse(float("nan"))
+
     @staticmethod
-    def check(counts: list[float | None]) -> None:
+    def _refuse(tokens: float) -> None:
+        if not tokens >= 0:
+            raise ValueError(f"the distiller's `_tokens` must be a count ≥ 0, got {tokens}")
+
+    @staticmethod
+    def check(counts: list[torch.Tensor | None]) -> None:
         """Refuse a distiller that reports `_tokens` for some micro-batches of a step but not others."""
         if (counts[0] is None) != (counts[-1] is None):
             raise ValueError(
@@ -111,29 +134,35 @@ class TokenWeighting:
                 "always (token-weighted accumulation) or never (micro-batches weigh alike)"
             )
 
-    def weight(self, state: _Progress, tokens: float) -> float:
+    def weight(self, state: _Progress, tokens: torch.Tensor) -> torch.Tensor:
         """n_i / c for this micro-batch; c is fixed on the run's first token-reporting micro-batch as
-        the mean of that micro-batch's counts over the processes (every process reaches it together)."""
+        the mean of that micro-batch's counts over the processes (every process reaches it together;
+        the one point where the loop waits for a count on a GPU)."""
         if state.token_scale is None:
-            state.token_scale = max(self._sum_over_processes(tokens) / self.accelerator.num_processes, 1.0)
+            first = float(self._sum_over_processes(tokens))
+            state.token_scale = max(first / self.accelerator.num_processes, 1.0)
         return tokens / state.token_scale
 
-    def normalise(self, model: nn.Module, state: _Progress, step_tokens: float) -> None:
-        """Multiply the synchronised gradients by c·A·W/N (N: tokens of the step, all processes)."""
+    def normalise(self, model: nn.Module, state: _Progress, step_tokens: torch.Tensor) -> None:
+        """Multiply the synchronised gradients by c·A·W/N (N: tokens of the step, all processes),
+        without reading N on the host."""
         total = self._sum_over_processes(step_tokens)
         assert state.token_scale is not None
         # N = 0: no token anywhere, every micro-batch contributed n_i·L_i = 0; leave the zeros
         scale = state.token_scale * self.grad_accum_steps * self.accelerator.num_processes
-        factor = scale / total if total else 0.0
+        factor = torch.where(total > 0, scale / total.clamp(min=1e-30), torch.zeros_like(total))
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if grads:
-            torch._foreach_mul_(grads, factor)
+            torch._foreach_mul_(grads, factor.to(grads[0].device))
 
-    def _sum_over_processes(self, value: float) -> float:
+    def _sum_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        """Σ of `value` over the processes (one all-reduce; with one process, `value` itself)."""
+        if self.accelerator.num_processes == 1:
+            return value
         device = self.accelerator.device
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        count = torch.tensor([value], dtype=dtype, device=device)
-        return float(self.accelerator.reduce(count, reduction="sum"))
+        count = value.detach().to(device=device, dtype=dtype).reshape(1)
+        return self.accelerator.reduce(count, reduction="sum").reshape(())
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -173,6 +202,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         cpu=not _has_accelerator_device(),
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_plugin=plugin,
+        # batches from pinned memory are copied to a GPU without waiting for it (no-op on a CPU)
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
         logger.warning("fp16 on %s: Accelerate neither autocasts nor scales the loss there, so "
@@ -257,9 +288,13 @@ def train(
         sampler = EpochSampler(len(dataset), cfg.seed)
         loader = build_loader(
             dataset, sampler, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
-            collate_fn=collate_fn,
+            collate_fn=collate_fn, pin_memory=accelerator.device.type == "cuda",
         )
-        optimizer = build_optimizer(distiller, cfg)
+        # the fused AdamW step where torch has it for the device the model will train on, and no
+        # fp16 loss scaler (a fused step skips inf/NaN steps inside the kernel, where Accelerate
+        # cannot see the skip that must hold the lr schedule back)
+        fused = accelerator.device.type in ("cpu", "cuda") and accelerator.scaler is None
+        optimizer = build_optimizer(distiller, cfg, fused=fused)
         scheduler = build_scheduler(optimizer, cfg)  # not prepared: Accelerate would step it once per process
         model, optimizer, loader = accelerator.prepare(distiller, optimizer, loader)
         distiller.move_teacher(accelerator.device)
@@ -282,11 +317,11 @@ def train(
             model.train()
             if rng is not None:  # last, so nothing above shifts the restored random streams
                 checkpoint.restore_rng(rng)
-            session_start = window_start = time.perf_counter()
+            session_start = window_start = shown_at = time.perf_counter()
             while state.step < cfg.steps:
                 lr = optimizer.param_groups[0]["lr"]
                 distiller.on_step(state.step)  # before its micro-batches: schedules count optimizer steps
-                counts: list[float | None] = []
+                counts: list[torch.Tensor | None] = []
                 for _ in range(cfg.grad_accum_steps):
                     with phase("data"):
                         batch = next(batches)
@@ -313,10 +348,18 @@ def train(
                 state.step += 1
 
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if not k.startswith("diag/")},
-                                refresh=False)
+                # Nothing above waits for the GPU (values stay there until read); the loop does at a
+                # log line, and for the progress bar's loss at most once a second.
+                logs = state.step % cfg.log_every == 0 or state.step == cfg.steps
+                if logs:
+                    weighting.verify()
+                    synchronize(accelerator.device)  # the time stamp then covers the GPU's work
                 now = time.perf_counter()
-                if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                if not bar.disable and (logs or now - shown_at >= 1.0):
+                    terms = {k: f"{float(v):.4g}" for k, v in shown.items() if not k.startswith("diag/")}
+                    bar.set_postfix(terms, refresh=False)
+                    shown_at = now
+                if logs:
                     last_record = _log(accelerator, metrics, state, lr,
                                        state.elapsed_s + now - session_start, now - window_start)
                     window_start = now

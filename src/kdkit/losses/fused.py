@@ -637,7 +637,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         h_t = teacher_hidden if rows is None else teacher_hidden.index_select(0, rows)
         ids = targets if rows is None or targets is None else targets.index_select(0, rows)
         n_counted = h_s.shape[0]
-        if ids is not None and n_counted and bool(((ids < 0) | (ids >= vocab)).any()):
+        if ids is not None and n_counted and bool(((ids < 0) | (ids >= vocab)).any()):  # one read
             raise ValueError(
                 f"fused cross-entropy: every counted token needs a target id in [0, {vocab}), got "
                 f"ids from {int(ids.min())} to {int(ids.max())} (mask the positions labelled -100)"

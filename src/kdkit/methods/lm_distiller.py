@@ -104,6 +104,7 @@ class LMDistiller(Distiller):
         self.signal = signal
         self.kd_weight, self.ce_weight = kd_weight, ce_weight
         self._warned_magnitude = False
+        self._magnitude_calls = 0
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         with phase("sample"):  # a dataset batch passes through; on-policy ones are generated here
@@ -138,7 +139,10 @@ class LMDistiller(Distiller):
         self, raw: dict[str, Tensor], batch: dict[str, Any], labels: Tensor, source: str
     ) -> dict[str, Tensor]:
         def value(x: float | Tensor) -> Tensor:
-            return torch.as_tensor(x, dtype=torch.float32, device=labels.device).detach().reshape(())
+            # a number known on the host stays there: moving it to a GPU would wait for the GPU
+            if not isinstance(x, Tensor):
+                return torch.tensor(float(x), dtype=torch.float32)
+            return x.detach().to(torch.float32).reshape(())
 
         info = batch.get("sampler_info", {})
         out = {f"_{name}_raw": value(v) for name, v in raw.items() if name in ("kd", "ce")}
@@ -151,7 +155,9 @@ class LMDistiller(Distiller):
         return out
 
     def _check_magnitudes(self, terms: dict[str, Tensor]) -> None:
-        if self._warned_magnitude or len(terms) < 2:
+        # reading the terms waits for the GPU: look at the first call and then every 100th only
+        self._magnitude_calls += 1
+        if self._warned_magnitude or len(terms) < 2 or (self._magnitude_calls - 1) % 100:
             return
         kd, ce = float(terms["kd"].detach().abs()), float(terms["ce"].detach().abs())
         small, large = sorted((kd, ce))

@@ -23,6 +23,10 @@ and keeps it, buffers and graph, across calls of the same shape (`static_step_de
 weakly, the last `GRAPH_CACHE_SIZE` shapes, cache lengths bucketed to `CACHE_BUCKET`), reading the
 live weights at every call: views of the parameters, fused copies remade in place, a replaced
 parameter storage detected (the decoder is rebuilt).
+
+`LeanDecoder.hidden` runs the same layers over whole sequences (no cache, no gradient): the live
+teacher signals use it for a frozen teacher (`frozen_teacher_decoder`), whose weights it reads
+once and keeps while the teacher's parameters stay the same, unmodified tensors.
 """
 
 from __future__ import annotations
@@ -299,6 +303,8 @@ class LeanDecoder:
                 )
             )
         self.gqa = self.n_q != self.n_kv
+        self.cos: Tensor | None = None
+        self.sin: Tensor | None = None
 
     def _qk_norm(self, sources: tuple[Tensor, Tensor], out: Tensor | None = None) -> Tensor:
         q_norm, k_norm = sources
@@ -344,6 +350,45 @@ class LeanDecoder:
 
     def _logits(self, x: Tensor) -> Tensor:
         return self.head(_rms(x, self.norm, self.norm_eps))
+
+    def hidden(self, ids: Tensor, mask: Tensor | None = None, start: int = 0) -> Tensor:
+        """Final-normed hidden states [B, T - start, H] of whole sequences ids [B, T] (mask: 1 =
+        token, any padding side), as the model's forward without a cache or position ids computes
+        them at the tokens: positions 0..T-1, causal attention over the tokens. Rows are computed
+        from position 0 (the context), only positions start.. are normed and returned."""
+        width = ids.shape[1]
+        if self.cos is None or self.cos.shape[0] < width:
+            self._rope_tables(width)
+        assert self.cos is not None and self.sin is not None
+        cos, sin = self.cos[:width, None], self.sin[:width, None]  # [T, 1, D], broadcast over rows
+        dtype, device = self.embed.dtype, ids.device
+        allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        if mask is not None:  # keys that are tokens; a query that sees none sees itself (stays finite)
+            allowed = allowed & mask.to(torch.bool)[:, None, :]
+            alone = torch.eye(width, dtype=torch.bool, device=device) & ~allowed.any(-1, keepdim=True)
+            allowed = allowed | alone
+        # additive float mask: SDPA on CPU runs about twice as fast with it as with a boolean one
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        additive.masked_fill_(~allowed, float("-inf"))
+        additive = additive[:, None] if mask is not None else additive
+        x = F.embedding(ids, self.embed)
+        for layer in self.layers:
+            q, k, v = self._qkv(layer, _rms(x, layer.ln1, layer.ln1_eps), cos, sin)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=additive,
+                scale=self.scaling,
+                enable_gqa=self.gqa,
+            )
+            x = layer.o(out.transpose(1, 2).flatten(2), residual=x)
+            x = self._mlp(layer, x)
+        return _rms(x[:, start:], self.norm, self.norm_eps)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The LM head's logits of final-normed hidden states (`hidden`): [..., V]."""
+        return self.head(hidden)
 
     # -- the decode API -------------------------------------------------------------------------
     def _new_cache(self, rows: int, length: int, device: torch.device) -> None:
@@ -741,6 +786,30 @@ def _log_once(message: str) -> None:
         logger.debug("kdkit sampling: %s", message)
 
 
+_FROZEN: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, LeanDecoder | None]] = weakref.WeakKeyDictionary()
+
+
+def frozen_teacher_decoder(model: nn.Module, device_type: str) -> LeanDecoder | None:
+    """A `LeanDecoder` of a frozen (eval-mode) `model` for `LeanDecoder.hidden`, or None where the
+    model's own forward must run: an unsupported model (`lean_decoder_support`), training mode,
+    or autocast on `device_type` (Hugging Face's layers keep a float32 residual stream under
+    autocast; these would not).
+
+    Built once and kept while the parameters are the same tensors, unmodified (their storage and
+    version counters are compared on each call), so a teacher moved to another device or
+    changed in place is read again.
+    """
+    if model.training or torch.is_autocast_enabled(device_type):
+        return None
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+    cached = _FROZEN.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    decoder = LeanDecoder(model) if lean_decoder_support(model) is None else None
+    _FROZEN[model] = (key, decoder)
+    return decoder
+
+
 __all__ = [
     "CACHE_BUCKET",
     "GRAPH_CACHE_SIZE",
@@ -750,6 +819,7 @@ __all__ = [
     "cache_length",
     "clear_decoder_cache",
     "decoder_cache_info",
+    "frozen_teacher_decoder",
     "lean_decoder_support",
     "static_step_decoder",
 ]

@@ -403,14 +403,21 @@ def generate_batch(
     g = settings.num_samples
     prompt_ids = prompt_ids.repeat_interleave(g, 0) if g > 1 else prompt_ids
     prompt_attention_mask = prompt_attention_mask.repeat_interleave(g, 0) if g > 1 else prompt_attention_mask
-    lengths = completion_lengths(new_tokens, eos)
-    prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_attention_mask)]
-    completions = [row[: int(n)].tolist() for row, n in zip(new_tokens, lengths)]
+    # The batch is laid out on the host from one copy of each tensor (on a GPU, row-by-row reads
+    # would each wait for it), then copied back in one go.
+    device = prompt_ids.device
+    host_tokens = new_tokens.cpu()
+    lengths = completion_lengths(host_tokens, eos)
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids.cpu(), prompt_attention_mask.cpu())]
+    completions = [row[:n].tolist() for row, n in zip(host_tokens, lengths.tolist())]
     batch = build_lm_batch(prompts, completions, pad)
-    batch = {k: v.to(prompt_ids.device) for k, v in batch.items()}
+    if device.type == "cuda":
+        batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    else:
+        batch = {k: v.to(device) for k, v in batch.items()}
     batch["prompt_ids"], batch["prompt_attention_mask"] = prompt_ids, prompt_attention_mask
     if eos:
-        has_eos = torch.isin(new_tokens, torch.tensor(eos, device=new_tokens.device)).any(1)
+        has_eos = torch.isin(host_tokens, torch.tensor(eos)).any(1)
     else:
         has_eos = torch.zeros(len(lengths), dtype=torch.bool)
     info = {"generation_s": seconds, "new_tokens": int(lengths.sum()), "truncated": int((~has_eos).sum())}

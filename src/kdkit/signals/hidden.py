@@ -10,6 +10,7 @@ from torch import nn
 
 from kdkit.models.heads import backbone_and_head
 from kdkit.registry import TEACHER_SIGNALS
+from kdkit.samplers.fast_decode import frozen_teacher_decoder
 from kdkit.signals.base import TeacherSignal, TeacherTarget, model_inputs, require_teacher
 
 
@@ -19,5 +20,11 @@ class HiddenSignal(TeacherSignal):
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], *, teacher: nn.Module | None) -> TeacherTarget:
-        backbone, head = backbone_and_head(require_teacher(teacher, "hidden"))
-        return TeacherTarget(hidden=backbone(**model_inputs(batch)).last_hidden_state, head=head)
+        model = require_teacher(teacher, "hidden")
+        backbone, head = backbone_and_head(model)
+        inputs = model_inputs(batch)
+        lean = frozen_teacher_decoder(model, inputs["input_ids"].device.type)  # see signals/logits.py
+        if lean is not None:
+            hidden = lean.hidden(inputs["input_ids"], inputs.get("attention_mask"))
+            return TeacherTarget(hidden=hidden, head=head)
+        return TeacherTarget(hidden=backbone(**inputs).last_hidden_state, head=head)
