@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # kdkit's GPU checks and benchmarks in one short run (CI has no GPU; this is what a lent GPU runs).
 #
-#   bash benchmarks/gpu_suite.sh OUT_DIR [PART ...]     # parts: env tests e2e sampling loss
-#                                                      #        policies profile suite (default: all)
+#   bash benchmarks/gpu_suite.sh OUT_DIR [PART ...]     # parts: env tests sampling loss
+#                                                      #        policies profile e2e suite (default: all)
 #
 # Each part runs under its own time limit; one failing part never stops the others. Logs and
 # result JSON go to a work folder that is packed into OUT_DIR/results.tar.gz after every part, so a
@@ -13,7 +13,7 @@
 set -u
 OUT_DIR=${1:?usage: gpu_suite.sh OUT_DIR [PART ...]}
 shift
-PARTS=${*:-env tests e2e sampling loss policies profile suite}
+PARTS=${*:-env tests sampling loss policies profile e2e suite}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 WORK=${WORK:-/tmp/kdkit_gpu}
@@ -48,16 +48,19 @@ part env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clo
   torch.version.cuda, transformers.__version__, accelerate.__version__, pydantic.__version__, torch.cuda.get_device_name(0))";
   python3 -c "import trl, datasets; print(\"trl\", trl.__version__, \"datasets\", datasets.__version__)"'
 # kdkit's tests that name a CUDA case (parametrised over devices; skipped on CPU-only machines)
-part tests 120 python3 -m pytest -q -p no:cacheprovider -k cuda -rs tests/lm tests/losses tests/engine tests/methods
+part tests 80 python3 -m pytest -q -p no:cacheprovider -k cuda -rs tests/lm tests/losses tests/engine tests/methods tests/signals
+part sampling 70 python3 benchmarks/sampling.py --device cuda --out "$WORK/sampling"
+part loss 100 python3 benchmarks/loss_memory.py --device cuda --budget-s 80 --out "$WORK/loss"
+# kdkit against TRL's DistillationTrainer, arithmetic and SmolLM2-size (random weights), off- and
+# on-policy, alternating rounds; runs that would start after --budget-s are recorded as skipped
+part policies 175 python3 benchmarks/lm_policies.py --device cuda --random-weights --skip-policies \
+  --throughput-models arithmetic smollm2 --budget-s 150 --out "$WORK/policies"
+part profile 55 python3 benchmarks/step_profile.py --device cuda --random-weights --out "$WORK/profile"
 # a real run end to end on the GPU (accelerate picks CUDA; bf16 autocast): two students, a report
-part e2e 120 python3 -m kdkit.cli run recipes/arithmetic-policies.yaml \
+part e2e 60 python3 -m kdkit.cli run recipes/arithmetic-policies.yaml \
   train.steps=30 train.mixed_precision=bf16 eval.exact_match_problems=64 \
   'students=[{name: offpolicy_fkl, method: supervised_kd}, {name: onpolicy_jsd, method: gkd, lmbda: 1.0, max_new_tokens: 48}]' \
   --output-dir "$WORK/e2e"
-part sampling 120 python3 benchmarks/sampling.py --device cuda --out "$WORK/sampling"
-part loss 100 python3 benchmarks/loss_memory.py --device cuda --budget-s 80 --out "$WORK/loss"
-part policies 200 python3 benchmarks/lm_policies.py --device cuda --random-weights --out "$WORK/policies"
-part profile 90 python3 benchmarks/step_profile.py --device cuda --random-weights --out "$WORK/profile"
 # the whole suite with a GPU present (engine paths pick CUDA): differences from CI show here
 # (-v: one line per finished test, so a run cut at its limit still says what failed)
 part suite 240 python3 -m pytest -v -p no:cacheprovider -n 12 --maxfail=25 -m "not slow" tests

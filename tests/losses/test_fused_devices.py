@@ -300,7 +300,8 @@ def test_the_chunk_math_is_compiled_by_default_only_for_16_bit_inputs_on_cuda(mo
     (CUDA, bf16/fp16), eager elsewhere; the setting overrides both ways."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(fused_module, "COMPILE_CLOSED_FORMS", None)
-    assert fused_module._compile_wanted(cuda, torch.bfloat16) and fused_module._compile_wanted(cuda, torch.float16)
+    assert fused_module._compile_wanted(cuda, torch.bfloat16)
+    assert fused_module._compile_wanted(cuda, torch.float16)
     assert not fused_module._compile_wanted(cuda, torch.float32)
     assert not fused_module._compile_wanted(cpu, torch.bfloat16)
     monkeypatch.setattr(fused_module, "COMPILE_CLOSED_FORMS", False)
