@@ -571,3 +571,27 @@ def test_the_decoder_cache_is_bounded_and_freed_with_its_model() -> None:
     gc.collect()
     assert alive() is None
     assert len(fast_decode._decoders) == 0 and fast_decode.decoder_cache_info()["kept"] == 0
+
+
+def test_residual_stream_stays_float32_under_autocast(monkeypatch) -> None:
+    """Hugging Face's layers add each block's bf16 output to a float32 residual under autocast; the
+    lean step once fused that add into an autocast `addmm`, making the residual stream bf16 (a
+    slightly different function to sample from). Every residual add must stay float32."""
+    model = tiny("llama", num_key_value_heads=2)
+    ids = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    seen: list[torch.dtype] = []
+    linear = fast_decode._linear
+
+    def spy(x, weight_t, bias, residual=None):
+        out = linear(x, weight_t, bias, residual)
+        if residual is not None:
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(fast_decode, "_linear", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder = LeanDecoder(model)
+        token = decoder.prefill(ids, mask, 3).argmax(-1)
+        decoder.step(token)
+    assert seen and set(seen) == {torch.float32}, seen

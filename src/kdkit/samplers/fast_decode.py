@@ -159,12 +159,17 @@ def _rms(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
 
 
 def _linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
-    """residual + x·Wᵀ + b with W given transposed ([in, out]): one `addmm` per step for 2-D x."""
+    """residual + x·Wᵀ + b with W given transposed ([in, out]): one `addmm` per step for 2-D x.
+
+    Under autocast the residual is added outside the matmul, as Hugging Face's layers do: autocast
+    runs `addmm` in its 16-bit dtype, which would make the residual stream 16-bit where the
+    model's stays float32 (samples would then come from a slightly different function)."""
     if x.dim() == 2:
-        if residual is not None:
+        if residual is not None and not torch.is_autocast_enabled(x.device.type):
             out = torch.addmm(residual, x, weight_t)
             return out if bias is None else out.add_(bias)
-        return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+        if residual is None:
+            return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
     out = torch.matmul(x, weight_t)
     if bias is not None:
         out = out + bias
@@ -274,8 +279,11 @@ class LeanDecoder:
         self.rotary = base.rotary_emb
         fuse = config.hidden_size <= FUSE_MAX_WIDTH
         # Fused copies of float32/64 models get the norms' weights folded in (W·diag(w), one op less
-        # per norm, equal up to rounding); 16-bit models keep the model's own order of roundings.
-        fold = fuse and self.embed.dtype in (torch.float32, torch.float64)
+        # per norm, equal up to rounding); 16-bit models, and any model under autocast (whose
+        # matmuls round their inputs to 16 bits: x·w then W, not x then W·w), keep the model's own
+        # order of roundings. (Decoders are built under the autocast state they run in.)
+        autocast = torch.is_autocast_enabled(self.embed.device.type)
+        fold = fuse and self.embed.dtype in (torch.float32, torch.float64) and not autocast
         self.layers: list[_Layer] = []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
