@@ -264,13 +264,15 @@ def _child(spec: dict) -> dict:
 
 
 def _floor_step(h_s, w_s, h_t, w_t, chunk: int):  # type: ignore[no-untyped-def]
-    """The four matmuls of a fused step, same shapes and chunks, outputs preallocated once."""
+    """The four matmuls of a fused step, same shapes and chunks, outputs preallocated once (in the
+    inputs' dtype, on their device)."""
     import torch
 
     n, v, h = h_s.shape[0], w_s.shape[0], h_s.shape[1]
     rows = min(chunk, n)
-    logits_t, logits_s = torch.empty(rows, v), torch.empty(rows, v)
-    grad_h, grad_w = torch.empty(n, h), torch.empty(v, h)
+    like = {"dtype": h_s.dtype, "device": h_s.device}
+    logits_t, logits_s = torch.empty(rows, v, **like), torch.empty(rows, v, **like)
+    grad_h, grad_w = torch.empty(n, h, **like), torch.empty(v, h, **like)
     hs, ws = h_s.detach(), w_s.detach()
 
     def run() -> None:
@@ -668,23 +670,7 @@ def _device_steps(case: DeviceCase, device: torch.device, methods: list[str]):  
         w_s.grad = None
 
     def floor_step(rows_per_call: int):  # type: ignore[no-untyped-def]
-        rows = min(rows_per_call, n)
-        logits_t = torch.empty(rows, v, dtype=dtype, device=device)
-        logits_s = torch.empty(rows, v, dtype=dtype, device=device)
-        grad_h = torch.empty(n, h, dtype=dtype, device=device)
-        grad_w = torch.empty(v, h, dtype=dtype, device=device)
-        hs, ws = h_s.detach(), w_s.detach()
-
-        def run() -> None:
-            for start in range(0, n, rows_per_call):
-                stop = min(start + rows_per_call, n)
-                a, b = logits_t[: stop - start], logits_s[: stop - start]
-                torch.mm(h_t[start:stop], w_t.t(), out=a)
-                torch.mm(hs[start:stop], ws.t(), out=b)
-                torch.mm(b, ws, out=grad_h[start:stop])  # b stands in for d loss / d logits
-                grad_w.addmm_(b.t(), hs[start:stop], beta=0.0 if start == 0 else 1.0)
-
-        return run
+        return _floor_step(h_s, w_s, h_t, w_t, rows_per_call)
 
     def loss_step(kind: str, divergence: str, kwargs: dict[str, float]):  # type: ignore[no-untyped-def]
         if kind == "trl":
