@@ -25,6 +25,7 @@ from kdkit.losses import fused as fused_module
 from kdkit.losses.fused import LinearHead, auto_chunk_size, fused_linear_divergence
 from kdkit.losses.sparse import sparse_divergence, topk_target
 from kdkit.losses.sparse_fused import fused_sparse_divergence
+from tests.losses.test_fused import _fused
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -196,21 +197,8 @@ def test_cuda_host_synchronisations_do_not_grow_with_the_chunks() -> None:
 
 
 def _fused_ce(x: dict[str, Tensor], labels: Tensor, name: str, temperature: float, **kwargs: Any) -> Tensor:
-    return fused_linear_divergence(
-        x["student_hidden"],
-        x["student_weight"],
-        x["teacher_hidden"],
-        x["teacher_weight"],
-        student_bias=x["student_bias"],
-        teacher_bias=x["teacher_bias"],
-        divergence=name,
-        temperature=temperature,
-        mask=labels != -100,
-        targets=labels.clamp_min(0),
-        ce_weight=CE_WEIGHT,
-        chunk_size=12,
-        **kwargs,
-    )
+    mask, targets = labels != -100, labels.clamp_min(0)
+    return _fused(x, name, mask, temperature, targets=targets, ce_weight=CE_WEIGHT, chunk_size=12, **kwargs)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
