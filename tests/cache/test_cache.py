@@ -348,3 +348,37 @@ def test_a_shard_another_writer_holds_is_waited_for_not_computed_twice(tmp_path)
     summary = result["summary"]
     assert summary.shards_written == 7 and summary.shards_reused == 1 and summary.complete
     assert _files(tmp_path / "busy") == _files(tmp_path / "reference")
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+        ),
+        "cpu",
+    ],
+)
+def test_positions_encode_the_same_from_the_teachers_device(device):
+    """The writer keeps the teacher's log-probs on its device and encode_positions moves only what
+    it keeps to the host: every mode encodes as from host log-probs (top-k ids and values exactly;
+    sampled draws from the same CPU generator)."""
+    from kdkit.cache.format import encode_positions
+    from kdkit.losses.sparse import temperature_log_probs
+
+    torch.manual_seed(0)
+    log_p = temperature_log_probs(torch.randn(20, 300) * 3, 1.0)
+    for settings in (
+        CacheSettings(mode="topk", k=8),
+        CacheSettings(mode="topk", k=8, values="uint8"),
+        CacheSettings(mode="sampled", draws=12),
+        CacheSettings(mode="dense"),
+    ):
+        host = encode_positions(log_p, settings, 300, torch.Generator().manual_seed(1))
+        moved = encode_positions(log_p.to(device), settings, 300, torch.Generator().manual_seed(1))
+        assert host.keys() == moved.keys()
+        for key in host:
+            if key == "entropy":  # summed on the device: the same number to float16 rounding
+                np.testing.assert_allclose(host[key], moved[key], rtol=1e-3)
+            else:
+                np.testing.assert_array_equal(host[key], moved[key], err_msg=f"{settings.mode}: {key}")

@@ -168,7 +168,7 @@ def bytes_per_token_formula(settings: CacheSettings, vocab_size: int, unique: fl
 
 
 def _f16(x: torch.Tensor) -> np.ndarray:
-    return x.float().clamp_min(VALUE_FLOOR).numpy().astype(np.float16)
+    return x.float().clamp_min(VALUE_FLOOR).cpu().numpy().astype(np.float16)
 
 
 def encode_positions(
@@ -180,8 +180,12 @@ def encode_positions(
 ) -> dict[str, np.ndarray]:
     """The stored arrays for n positions from the teacher's log-probs [n, V] (already at temperature).
 
+    log_p may live on the teacher's device: the entropy and the top-k selection run there and only
+    the kept entries cross to the host ([n, k] instead of [n, V], which on a GPU would otherwise
+    bound the writer by the copy and a host-side top-k). "sampled" draws on the host (its
+    generator is a CPU one, so a shard's draws do not depend on the device); "dense" copies all.
     generator: the random source of "sampled" (ignored otherwise). memo: a dict shared by the
-    encodings of one `log_p` in several modes (the entropy is computed once into it).
+    encodings of one `log_p` in several modes (the entropy and the host copy are made once into it).
     """
     w = id_width(vocab_size)
     if settings.mode == "dense":
@@ -191,7 +195,7 @@ def encode_positions(
         memo["entropy"] = distribution_entropy(log_p)
     shared = {"log_probs": True, "entropy": memo["entropy"]}
     if settings.mode == "topk":
-        target = topk_target(log_p, settings.k, **shared)
+        target = {key: value.cpu() for key, value in topk_target(log_p, settings.k, **shared).items()}
         out = {"ids": pack_ids(target["ids"].numpy(), w)}
         if settings.values == "uint8":
             top = torch.from_numpy(_f16(target["logprobs"][:, 0]).astype(np.float32))  # as it will be read
@@ -205,12 +209,15 @@ def encode_positions(
         if settings.tail:
             out["tail_logprob"] = _f16(target["tail_logprob"])
         return out
+    if "host" not in memo:
+        memo["host"] = log_p.cpu()
     target = sampled_target(
-        log_p,
+        memo["host"],
         settings.draws,
         proposal_temperature=settings.proposal_temperature,
         generator=generator,
-        **shared,
+        log_probs=True,
+        entropy=memo["entropy"].cpu(),
     )
     valid = target["counts"] > 0  # [n, N], unique ids left-aligned
     out = {

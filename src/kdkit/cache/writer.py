@@ -341,11 +341,12 @@ def _compute_shard(
         rows = logits[:, :-1][mask]  # [n, V]: sample by sample, positions in order
         tokens.extend(mask.sum(1).tolist())
         if rows.shape[0]:
-            # one log-softmax (and one entropy, in the memo) per distinct temperature
+            # one log-softmax (and one entropy, in the memo) per distinct temperature, on the
+            # teacher's device: encode_positions moves only what it keeps to the host
             log_p: dict[float, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
             for i, setting in enumerate(settings):
                 if setting.temperature not in log_p:
-                    log_p[setting.temperature] = (temperature_log_probs(rows, setting.temperature).cpu(), {})
+                    log_p[setting.temperature] = (temperature_log_probs(rows, setting.temperature), {})
                 values, memo = log_p[setting.temperature]
                 blocks[i].append(encode_positions(values, setting, vocab, generators[i], memo))
         bar.update(stop - start)
