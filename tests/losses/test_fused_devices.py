@@ -282,3 +282,55 @@ def test_the_chunk_math_is_compiled_by_default_only_for_16_bit_inputs_on_cuda(mo
     assert not fused_module._compile_wanted(cuda, torch.bfloat16)
     monkeypatch.setattr(fused_module, "COMPILE_CLOSED_FORMS", True)
     assert fused_module._compile_wanted(cpu, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_under_autocast_the_matmuls_take_its_half_dtype(device: torch.device) -> None:
+    """Mixed-precision training calls the fused loss with float32 weights under autocast. Where the
+    device has the half-precision matmul path (CUDA; `cpu-halfmm` emulates it) the four matmuls
+    take autocast's bf16, as the model's own lm_head would (a defect: they ran at the float32 rate),
+    while the loss and the gradients stay float32: the loss equals the float32 loss of the
+    bf16-rounded inputs. Elsewhere (plain CPU) nothing changes."""
+    x, ref, labels = _inputs(device, torch.float32)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = _fused_ce(x, labels, "jsd", 1.0, beta=0.3)
+    grads = _grads(got, x)
+    assert got.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    half_path = fused_module._half_mode(device, torch.bfloat16) is not None
+    if half_path:  # the reference: the same inputs rounded to bf16, in float32, no autocast
+        rounded = {
+            k: (v.detach().to(torch.bfloat16).float() if "bias" not in k else v.detach()).requires_grad_(
+                v.requires_grad
+            )
+            for k, v in x.items()
+        }
+        expected = _fused_ce(rounded, labels, "jsd", 1.0, beta=0.3)
+        _close_fp32(got, expected)
+        for g, e in zip(grads, _grads(expected, rounded)):  # G is rounded to bf16 before G·W, Gᵀ·h
+            torch.testing.assert_close(g, e, atol=1e-2 * e.abs().max().item(), rtol=1e-2)
+        assert not torch.allclose(got, _fused_ce(x, labels, "jsd", 1.0, beta=0.3), atol=1e-7, rtol=0)
+    else:
+        _close_fp32(got, _fused_ce(x, labels, "jsd", 1.0, beta=0.3))
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_sparse_fused_under_autocast_takes_its_half_dtype(device: torch.device) -> None:
+    """The sparse fused loss (a logit cache's targets) under autocast: float32 loss and gradients,
+    matmuls in bf16 where the device has that path (= the float32 loss of bf16-rounded inputs)."""
+    x, ref, labels = _inputs(device, torch.float32)
+    teacher = (ref["teacher_hidden"] @ ref["teacher_weight"].T).detach()
+    t = topk_target(teacher, 6)
+    target = {"ids": t["ids"], "logprobs": t["logprobs"], "tail_logprob": t["tail_logprob"]}
+
+    def loss(hidden: Tensor, weight: Tensor) -> Tensor:
+        head = LinearHead(weight, x["student_bias"])
+        return fused_sparse_divergence(hidden, head, **target, mask=labels != -100, chunk_size=12).loss
+
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = loss(x["student_hidden"], x["student_weight"])
+    assert got.dtype == torch.float32
+    if fused_module._half_mode(device, torch.bfloat16) is not None:
+        rounded = [x[k].detach().to(torch.bfloat16).float() for k in ("student_hidden", "student_weight")]
+        _close_fp32(got, loss(*rounded))
+    else:
+        _close_fp32(got, loss(x["student_hidden"], x["student_weight"]))

@@ -14,7 +14,8 @@ chunk); plus float32 gradient accumulators of the student's hidden states [N, H_
 [V, H_S]. On CPU the chunk buffers (~100-220 MiB at the default chunk size) are kept between calls
 so that no step pays page faults for them again (`release_workspace` frees them). Under autocast
 the loss still computes in float32; on a CUDA GPU bf16/fp16 inputs keep bf16/fp16 matmuls with
-float32 outputs (see "Half-precision matmuls" below). Optionally a cross-entropy term on the
+float32 outputs (see "Half-precision matmuls" below), and so do float32 inputs under a bf16/fp16
+autocast (mixed-precision training), as the model's own lm_head would. Optionally a cross-entropy term on the
 same tokens (targets, ce_weight) and each model's post-head logit transform (scale, soft-cap) are
 applied in the same chunk pass. Any divergence of
 `DIVERGENCES` (or any callable with its signature) works.
@@ -27,7 +28,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -197,8 +198,19 @@ def _half_mode(device: torch.device, dtype: torch.dtype) -> str | None:
     return _HALF_MODES[key]
 
 
-def _matmul_dtype(hidden: Tensor, weight: Tensor, compute: torch.dtype) -> tuple[torch.dtype, str | None]:
-    """(dtype its matmuls run in, accumulation mode): its half dtype where supported, else `compute`."""
+def _matmul_dtype(
+    hidden: Tensor, weight: Tensor, compute: torch.dtype, autocast: torch.dtype | None = None
+) -> tuple[torch.dtype, str | None]:
+    """(dtype its matmuls run in, accumulation mode): its half dtype where supported, else `compute`.
+
+    autocast: the half dtype autocast was running at the call (mixed-precision training). Where
+    the device has the half-precision path, the matmuls take it, as the model's own `lm_head` would
+    under autocast (float32 outputs here, and the chunk math stays float32): otherwise float32
+    weights would run the four large matmuls at the float32 rate (~15x slower on an H100/H200)."""
+    if autocast is not None and autocast in _HALF_DTYPES:
+        mode = _half_mode(hidden.device, autocast)
+        if mode is not None:
+            return autocast, mode
     if hidden.dtype == weight.dtype:
         mode = _half_mode(hidden.device, hidden.dtype)
         if mode is not None:
@@ -598,9 +610,11 @@ class _FusedLinearDivergence(torch.autograd.Function):
         options: _Options,
     ) -> tuple[Tensor, Tensor, Tensor]:
         # Autocast (mixed_precision bf16/fp16) would run the chunk matmuls in half precision and
-        # then refuse the float32 `out=` buffers: the loss is computed in float32 regardless.
+        # then refuse the float32 `out=` buffers: the loss is computed in float32 regardless, its
+        # matmuls in autocast's dtype where the device has the half-precision path (`_matmul_dtype`).
         device_type = student_hidden.device.type
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            options = replace(options, autocast=torch.get_autocast_dtype(device_type))
             with torch.autocast(device_type, enabled=False):
                 return _FusedLinearDivergence.forward(
                     ctx,
@@ -645,8 +659,8 @@ class _FusedLinearDivergence(torch.autograd.Function):
 
         # The matmuls run in each model's half dtype where the device supports it (float32 outputs),
         # else in the compute dtype. Weights are cast once, not per chunk (a no-op when they match).
-        mm_s, mode_s = _matmul_dtype(student_hidden, student_weight, dtype)
-        mm_t, _ = _matmul_dtype(teacher_hidden, teacher_weight, dtype)
+        mm_s, mode_s = _matmul_dtype(student_hidden, student_weight, dtype, options.autocast)
+        mm_t, _ = _matmul_dtype(teacher_hidden, teacher_weight, dtype, options.autocast)
         w_s = student_weight.to(mm_s)
         w_t = teacher_weight.to(mm_t)
         b_s = None if student_bias is None else student_bias.to(dtype)
@@ -832,6 +846,7 @@ class _Options:
     student_transform: LogitTransform
     teacher_transform: LogitTransform
     ce_weight: float
+    autocast: torch.dtype | None = None  # autocast's half dtype at the call (set by forward)
 
 
 class FusedLosses(NamedTuple):

@@ -20,7 +20,7 @@ scales them. An optional cross-entropy term on the same tokens (temperature 1 on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -52,6 +52,7 @@ class _Options:
     transform: LogitTransform
     ce_weight: float
     renormalise: bool  # top-k without its tail: the teacher renormalised over the kept ids
+    autocast: torch.dtype | None = None  # autocast's half dtype at the call (set by forward)
 
 
 class SparseLosses(NamedTuple):
@@ -152,6 +153,8 @@ class _FusedSparse(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         device_type = hidden.device.type
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            # float32 loss; the matmuls in autocast's dtype where the device has that path
+            options = replace(options, autocast=torch.get_autocast_dtype(device_type))
             with torch.autocast(device_type, enabled=False):
                 return _FusedSparse.forward(
                     ctx, hidden, weight, bias, ids, values, tail, entropy, targets, sampled, options
@@ -163,7 +166,7 @@ class _FusedSparse(torch.autograd.Function):
         n, vocab = hidden.shape[0], weight.shape[0]
         temperature, transform = options.temperature, options.transform
         fn = DIVERGENCES.get(options.divergence)
-        mm_dtype, mode = _matmul_dtype(hidden, weight, dtype)  # half-precision matmuls on a GPU
+        mm_dtype, mode = _matmul_dtype(hidden, weight, dtype, options.autocast)  # half on a GPU
         w = weight.to(mm_dtype)
         b = None if bias is None else bias.to(dtype)
         floor = b is not None and not bool(torch.isfinite(b).all())
