@@ -32,6 +32,7 @@ once and keeps while the teacher's parameters stay the same, unmodified tensors.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -182,6 +183,9 @@ def _linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, residual: Tensor |
 # decode step is dispatch overhead and one matmul beats three. Above it the copy costs more than the
 # dispatches it saves (SmolLM2's 576: ~0.1 s of copies per call), so the model's own matrices are used.
 FUSE_MAX_WIDTH = 256
+# The same for a trainable decoder (the student's forward), whose fused matrices are differentiable
+# `torch.cat`s made at every forward, their backward a split of the gradient.
+TRAINABLE_FUSE_MAX_WIDTH = 256
 
 
 @dataclass
@@ -196,13 +200,20 @@ class _Proj:
     sources: tuple[list[nn.Linear], Tensor | None] | None = None
 
     @classmethod
-    def of(cls, linears: list[nn.Linear], fuse: bool, scale: Tensor | None = None) -> _Proj:
+    def of(
+        cls, linears: list[nn.Linear], fuse: bool, scale: Tensor | None = None, trainable: bool = False
+    ) -> _Proj:
         """The maps of `linears`: one concatenated copy when `fuse` (input columns times `scale`,
-        the folded norm weight), else views of the live weights."""
-        biases = [m.bias.detach() if m.bias is not None else None for m in linears]
+        the folded norm weight), else views of the live weights. trainable: the parameters
+        themselves, not detached (a fused copy is then a differentiable `torch.cat`, made at each
+        build, so gradients reach every linear's own weight; no `scale`, no `refresh`)."""
+        if trainable and scale is not None:
+            raise ValueError("_Proj.of: a trainable projection folds no norm weight (it would be an in-place copy)")
+        keep = (lambda t: t) if trainable else Tensor.detach
+        biases = [keep(m.bias) if m.bias is not None else None for m in linears]
         if not fuse:
-            return cls([m.weight.detach().t() for m in linears], biases)
-        weight = torch.cat([m.weight.detach() for m in linears], 0)
+            return cls([keep(m.weight).t() for m in linears], biases)
+        weight = torch.cat([keep(m.weight) for m in linears], 0)
         if scale is not None:
             weight.mul_(scale)  # a fresh copy: the model is untouched
         bias = None
@@ -210,7 +221,7 @@ class _Proj:
             bias = torch.cat(
                 [b if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, linears)]
             )
-        return cls([weight.t()], [bias], (linears, scale))
+        return cls([weight.t()], [bias], None if trainable else (linears, scale))
 
     def refresh(self) -> None:
         """Remake a fused copy in place from the live weights (its storage, which a captured graph
@@ -263,36 +274,41 @@ class LeanDecoder:
     the completion continues at each row's next position).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, trainable: bool = False) -> None:
+        """trainable: read the parameters themselves, not detached copies or views, so `hidden`
+        is differentiable in them (the student's forward, `trainable_student_decoder`); fused
+        matrices are then `torch.cat`s made here (build one per forward) and no norm is folded."""
         config = model.config
         base = model.model
         # (no reference to `model` itself: a cached decoder must not keep its model alive)
         layers = list(base.layers)[: config.num_hidden_layers]
         attn0 = layers[0].self_attn
+        keep = (lambda t: t) if trainable else Tensor.detach
         self.head_dim = int(attn0.head_dim)
         self.n_q = attn0.q_proj.out_features // self.head_dim
         self.n_kv = attn0.k_proj.out_features // self.head_dim
         self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
-        self.embed = base.embed_tokens.weight.detach()
-        self.norm, self.norm_eps = base.norm.weight.detach(), base.norm.variance_epsilon
-        self.head = _Proj.of([model.lm_head], fuse=False)
+        self.embed = keep(base.embed_tokens.weight)
+        self.padding_idx = base.embed_tokens.padding_idx  # (no gradient to that row, as nn.Embedding)
+        self.norm, self.norm_eps = keep(base.norm.weight), base.norm.variance_epsilon
+        self.head = _Proj.of([model.lm_head], fuse=False, trainable=trainable)
         self.rotary = base.rotary_emb
-        fuse = config.hidden_size <= FUSE_MAX_WIDTH
+        fuse = config.hidden_size <= (TRAINABLE_FUSE_MAX_WIDTH if trainable else FUSE_MAX_WIDTH)
         # Fused copies of float32/64 models get the norms' weights folded in (W·diag(w), one op less
         # per norm, equal up to rounding); 16-bit models, and any model under autocast (whose
         # matmuls round their inputs to 16 bits: x·w then W, not x then W·w), keep the model's own
         # order of roundings. (Decoders are built under the autocast state they run in.)
         autocast = torch.is_autocast_enabled(self.embed.device.type)
-        fold = fuse and self.embed.dtype in (torch.float32, torch.float64) and not autocast
+        fold = fuse and self.embed.dtype in (torch.float32, torch.float64) and not autocast and not trainable
         self.layers: list[_Layer] = []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
-            ln1, ln2 = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
-            qkv = _Proj.of([attn.q_proj, attn.k_proj, attn.v_proj], fuse, ln1 if fold else None)
-            gate_up = _Proj.of([mlp.gate_proj, mlp.up_proj], fuse, ln2 if fold else None)
+            ln1, ln2 = keep(layer.input_layernorm.weight), keep(layer.post_attention_layernorm.weight)
+            qkv = _Proj.of([attn.q_proj, attn.k_proj, attn.v_proj], fuse, ln1 if fold else None, trainable)
+            gate_up = _Proj.of([mlp.gate_proj, mlp.up_proj], fuse, ln2 if fold else None, trainable)
             qk_norm, qk_eps, qk_sources = None, 0.0, None
             if getattr(attn, "q_norm", None) is not None:
-                qk_sources = (attn.q_norm.weight.detach(), attn.k_norm.weight.detach())
+                qk_sources = (keep(attn.q_norm.weight), keep(attn.k_norm.weight))
                 qk_norm = self._qk_norm(qk_sources)
                 qk_eps = attn.q_norm.variance_epsilon
             self.layers.append(
@@ -303,11 +319,11 @@ class LeanDecoder:
                     qk_norm,
                     qk_eps,
                     qk_sources,
-                    _Proj.of([attn.o_proj], fuse=False),
+                    _Proj.of([attn.o_proj], fuse=False, trainable=trainable),
                     None if fold else ln2,
                     layer.post_attention_layernorm.variance_epsilon,
                     gate_up,
-                    _Proj.of([mlp.down_proj], fuse=False),
+                    _Proj.of([mlp.down_proj], fuse=False, trainable=trainable),
                 )
             )
         self.gqa = self.n_q != self.n_kv
@@ -379,20 +395,23 @@ class LeanDecoder:
         additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
         additive.masked_fill_(~allowed, float("-inf"))
         additive = additive[:, None] if mask is not None else additive
-        x = F.embedding(ids, self.embed)
+        # the residual stream as [B·T, H]: every linear one `mm` / `addmm` (with its residual)
+        batch = ids.shape[0]
+        cos, sin = cos.repeat(batch, 1, 1), sin.repeat(batch, 1, 1)  # [B·T, 1, D]
+        x = F.embedding(ids.flatten(), self.embed, self.padding_idx)
         for layer in self.layers:
             q, k, v = self._qkv(layer, _rms(x, layer.ln1, layer.ln1_eps), cos, sin)
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                k.transpose(1, 2),
-                v.transpose(1, 2),
+                q.unflatten(0, (batch, width)).transpose(1, 2),
+                k.unflatten(0, (batch, width)).transpose(1, 2),
+                v.unflatten(0, (batch, width)).transpose(1, 2),
                 attn_mask=additive,
                 scale=self.scaling,
                 enable_gqa=self.gqa,
             )
-            x = layer.o(out.transpose(1, 2).flatten(2), residual=x)
+            x = layer.o(out.transpose(1, 2).reshape(batch * width, -1), residual=x)
             x = self._mlp(layer, x)
-        return _rms(x[:, start:], self.norm, self.norm_eps)
+        return _rms(x.unflatten(0, (batch, width))[:, start:], self.norm, self.norm_eps)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """The LM head's logits of final-normed hidden states (`hidden`): [..., V]."""
@@ -818,8 +837,38 @@ def frozen_teacher_decoder(model: nn.Module, device_type: str) -> LeanDecoder | 
     return decoder
 
 
+#: Set to 0 / false / off to run the student's own forward in training (`trainable_student_decoder`).
+LEAN_STUDENT_ENV = "KDKIT_LEAN_STUDENT"
+
+
+def trainable_student_decoder(model: nn.Module, device_type: str) -> LeanDecoder | None:
+    """A trainable `LeanDecoder` of `model` (built per call: it reads the live parameters, and
+    `hidden` / `logits` are differentiable in them) when it computes exactly the model's forward,
+    else None (the reason logged once at debug level) where the model's own forward must run:
+    `KDKIT_LEAN_STUDENT=0`, anything `lean_decoder_support` refuses (other families, subclasses,
+    hooks: PEFT, Opacus, accelerate; dynamic RoPE; sliding windows; attention dropout in training
+    mode, the only dropout these families have), gradient checkpointing, or autocast on
+    `device_type` (the model keeps a float32 residual stream and float32 norms under autocast)."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # (transformers >= 5)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if os.environ.get(LEAN_STUDENT_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+        reason = f"{LEAN_STUDENT_ENV} is off"
+    elif torch.is_autocast_enabled(device_type):
+        reason = "autocast is on"
+    elif checkpointing:
+        reason = "gradient checkpointing is on"
+    else:
+        reason = lean_decoder_support(model)
+    if reason is not None:
+        _log_once(f"the student runs its own forward: {reason}")
+        return None
+    return LeanDecoder(model, trainable=True)
+
+
 __all__ = [
     "CACHE_BUCKET",
+    "LEAN_STUDENT_ENV",
     "GRAPH_CACHE_SIZE",
     "SUPPORTED",
     "LeanDecoder",
@@ -830,4 +879,5 @@ __all__ = [
     "frozen_teacher_decoder",
     "lean_decoder_support",
     "static_step_decoder",
+    "trainable_student_decoder",
 ]

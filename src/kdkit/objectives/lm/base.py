@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from kdkit.engine.phases import phase
 from kdkit.losses.tokens import first_trained_position
 from kdkit.models.heads import backbone_and_head, logits_from
+from kdkit.samplers.fast_decode import LeanDecoder, trainable_student_decoder
 from kdkit.settings import LMContext, NoParams
 from kdkit.signals.base import LinearHead, TeacherTarget, model_inputs
 
@@ -29,14 +30,29 @@ class StudentView:
         never projected to the vocabulary, which is most of the head's and the loss's work when
         prompts are long; a loss over them equals the loss over the full logits;
     hidden: ([B, T, H] final hidden states, `LinearHead`) for fused losses.
+
+    A Llama / Mistral / Qwen2 / Qwen3 student runs through a trainable `LeanDecoder` (the same
+    function as its forward, gradients to its own parameters, in about half the tensor ops) where
+    `trainable_student_decoder` finds it exact, else through its own forward; `KDKIT_LEAN_STUDENT=0`
+    turns the lean path off.
     """
 
     def __init__(self, model: nn.Module, batch: dict[str, Any]) -> None:
         self.model, self.batch = model, batch
 
     @cached_property
+    def lean(self) -> LeanDecoder | None:
+        return trainable_student_decoder(self.model, self.batch["input_ids"].device.type)
+
+    def _lean_hidden(self, start: int) -> Tensor:
+        assert self.lean is not None
+        return self.lean.hidden(self.batch["input_ids"], self.batch.get("attention_mask"), start)
+
+    @cached_property
     def logits(self) -> Tensor:
         with phase("student_forward"):
+            if self.lean is not None:
+                return self.lean.logits(self._lean_hidden(0))
             return self.model(**model_inputs(self.batch)).logits
 
     @cached_property
@@ -50,12 +66,16 @@ class StudentView:
         if self.has_logits:  # the full logits exist already: a view, no second forward pass
             return self.logits[:, self.start :], labels
         with phase("student_forward"):
+            if self.lean is not None:
+                return self.lean.logits(self._lean_hidden(self.start)), labels
             return logits_from(self.model, model_inputs(self.batch), self.start), labels
 
     @cached_property
     def hidden(self) -> tuple[Tensor, LinearHead]:
         backbone, head = backbone_and_head(self.model)
         with phase("student_forward"):
+            if self.lean is not None:
+                return self._lean_hidden(0), head
             return backbone(**model_inputs(self.batch)).last_hidden_state, head
 
     @property
