@@ -807,10 +807,10 @@ def clear_decoder_cache() -> None:
 _logged: set[str] = set()
 
 
-def _log_once(message: str) -> None:
+def _log_once(message: str, topic: str = "sampling") -> None:
     if message not in _logged:
         _logged.add(message)
-        logger.debug("kdkit sampling: %s", message)
+        logger.debug("kdkit %s: %s", topic, message)
 
 
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, LeanDecoder | None]] = weakref.WeakKeyDictionary()
@@ -849,19 +849,19 @@ def trainable_student_decoder(model: nn.Module, device_type: str) -> LeanDecoder
     hooks: PEFT, Opacus, accelerate; dynamic RoPE; sliding windows; attention dropout in training
     mode, the only dropout these families have), gradient checkpointing, or autocast on
     `device_type` (the model keeps a float32 residual stream and float32 norms under autocast)."""
-    checkpointing = getattr(model, "is_activation_checkpointing", None)  # (transformers >= 5)
-    if checkpointing is None:
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
     if os.environ.get(LEAN_STUDENT_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
-        reason = f"{LEAN_STUDENT_ENV} is off"
+        reason: str | None = f"{LEAN_STUDENT_ENV} is off"
     elif torch.is_autocast_enabled(device_type):
         reason = "autocast is on"
-    elif checkpointing:
-        reason = "gradient checkpointing is on"
     else:
         reason = lean_decoder_support(model)
+    if reason is None:  # (a supported transformers model: `is_gradient_checkpointing` before 5.x)
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        reason = "gradient checkpointing is on" if checkpointing else None
     if reason is not None:
-        _log_once(f"the student runs its own forward: {reason}")
+        _log_once(f"the model's own forward runs: {reason}", "student forward")
         return None
     return LeanDecoder(model, trainable=True)
 
