@@ -144,7 +144,8 @@ def test_the_model_forward_runs_where_the_lean_one_would_differ(monkeypatch, cap
 
 def test_a_peft_adapter_runs_through_the_model_forward_and_trains() -> None:
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny("llama").train(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    model = peft.get_peft_model(tiny("llama").train(), lora)
     batch = padded_batch("right")
     view = StudentView(model, batch)
     assert view.lean is None

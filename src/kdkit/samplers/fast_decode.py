@@ -208,7 +208,7 @@ class _Proj:
         themselves, not detached (a fused copy is then a differentiable `torch.cat`, made at each
         build, so gradients reach every linear's own weight; no `scale`, no `refresh`)."""
         if trainable and scale is not None:
-            raise ValueError("_Proj.of: a trainable projection folds no norm weight (it would be an in-place copy)")
+            raise ValueError("_Proj.of: a trainable projection folds no norm weight (an in-place copy)")
         keep = (lambda t: t) if trainable else Tensor.detach
         biases = [keep(m.bias) if m.bias is not None else None for m in linears]
         if not fuse:
