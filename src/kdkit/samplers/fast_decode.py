@@ -27,6 +27,11 @@ parameter storage detected (the decoder is rebuilt).
 `LeanDecoder.hidden` runs the same layers over whole sequences (no cache, no gradient): the live
 teacher signals use it for a frozen teacher (`frozen_teacher_decoder`), whose weights it reads
 once and keeps while the teacher's parameters stay the same, unmodified tensors.
+
+The student's forward in training runs `hidden` too (`StudentView`, through
+`trainable_student_decoder`): a `LeanDecoder(model, trainable=True)` built at every forward reads the
+parameters themselves (fused q/k/v and gate/up matrices are differentiable `torch.cat`s, no norm
+folded), so gradients reach the model's own parameters; `KDKIT_LEAN_STUDENT=0` turns it off.
 """
 
 from __future__ import annotations
