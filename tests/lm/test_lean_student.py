@@ -45,7 +45,7 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shifted = labels[:, 1:] if logits.shape[1] == labels.shape[1] else labels
     logits = logits[:, :-1] if logits.shape[1] == labels.shape[1] else logits
     keep = shifted != -100
-    weights = torch.linspace(0.5, 1.5, logits.shape[-1])
+    weights = torch.linspace(0.5, 1.5, logits.shape[-1], device=logits.device)
     return (logits.log_softmax(-1)[keep] * weights).mean() + torch.nn.functional.cross_entropy(
         logits[keep], shifted[keep]
     )
@@ -151,3 +151,17 @@ def test_a_peft_adapter_runs_through_the_model_forward_and_trains() -> None:
     assert view.lean is None
     view.logits.sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen3-qk-norm"])
+def test_lean_student_gradients_on_cuda(name, monkeypatch):
+    """The same check on a GPU (float32, TF32 off: torch's default), right padding."""
+    model_type, extra = CONFIGS[name]
+    model = tiny(model_type, **extra).train().cuda()
+    batch = padded_batch("right", "cuda")
+    lean, own = _views(model, batch, monkeypatch)
+    tokens = batch["attention_mask"].bool()
+    torch.testing.assert_close(lean.logits[tokens], own.logits[tokens], rtol=0, atol=1e-5)
+    labels = batch["labels"]
+    _assert_same_grads(model, _loss(lean.logits, labels), _loss(own.logits, labels))
