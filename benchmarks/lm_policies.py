@@ -125,8 +125,11 @@ def _history_sum(path: Path, key: str, log_every: int) -> float:
 
 #: The tools of a throughput round: kdkit's default (full logits), kdkit with the fused chunked loss
 #: (`fused: true`, hidden states projected in token chunks, like TRL's tiled loss), kdkit reading a
-#: top-8+tail logit cache (off-policy only: the teacher does not run), and TRL's DistillationTrainer.
-KDKIT_VARIANTS = ("kdkit", "kdkit_fused", "kdkit_cache")
+#: top-8+tail logit cache (off-policy only: the teacher does not run), kdkit sampling through the
+#: compiled decode step (`compile_decode: true`, on-policy only: it changes nothing else), and TRL's
+#: DistillationTrainer.
+KDKIT_VARIANTS = ("kdkit", "kdkit_fused", "kdkit_cache", "kdkit_compiled")
+OFF_POLICY_ONLY, ON_POLICY_ONLY = ("kdkit_cache",), ("kdkit_compiled",)
 TRL = "trl_distillation"
 #: lm_policies.json keys of the throughput results (suffixed with the models, batch and threads)
 THROUGHPUT_KEY = "vs_distillation_trainer"
@@ -335,8 +338,9 @@ def kdkit_throughput(
     """Completion tokens/s of kdkit over `steps` timed steps after `warmup` untimed ones.
 
     variant: "kdkit" (the gkd recipe: λ-mixture, JSD β=0.5 on full logits), "kdkit_fused" (the
-    same with `fused: true`) or "kdkit_cache" (supervised_kd, JSD β=0.5, teacher read from the
-    top-8+tail logit cache at `cache`; λ must be 0). samples: `chat_ids` records.
+    same with `fused: true`), "kdkit_compiled" (the same as "kdkit" with `compile_decode: true`) or
+    "kdkit_cache" (supervised_kd, JSD β=0.5, teacher read from the top-8+tail logit cache at
+    `cache`; λ must be 0). samples: `chat_ids` records.
     """
     from kdkit.cache.batch import IndexedCollate, IndexedSamples
     from kdkit.config.lm import LMStudentRun
@@ -353,6 +357,8 @@ def kdkit_throughput(
         spec = LMStudentRun(name="tp", method="supervised_kd", divergence="jsd", beta=0.5, cache=str(cache))
         data, collate = IndexedSamples(samples), IndexedCollate(collate)
     else:
+        if variant == "kdkit_compiled":
+            generation["compile_decode"] = True
         spec = LMStudentRun(
             name="tp", method="gkd", lmbda=lmbda, beta=0.5, fused=variant == "kdkit_fused", **generation
         )
@@ -610,7 +616,7 @@ def throughput(
     # TensorBoard's on the engine's first log, kernel warm-up) would otherwise land in round 0.
     first_use = {"steps": 1, "warmup": 1, "batch_size": batch_size, "max_new_tokens": 8}
     results["first_use"] = {}
-    for tool in (*[v for v in variants if v != "kdkit_cache"], TRL):
+    for tool in (*[v for v in variants if v not in OFF_POLICY_ONLY], TRL):
         results["first_use"][tool] = run(tool, 1.0, work / f"first-use-{tool}", 0, **first_use)
     for label, lmbda in (("off_policy", 0.0), ("on_policy", 1.0)):
         if label not in modes:
@@ -622,7 +628,8 @@ def throughput(
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
         }
-        tools = [v for v in variants if lmbda == 0 or v != "kdkit_cache"] + [TRL]
+        excluded = ON_POLICY_ONLY if lmbda == 0 else OFF_POLICY_ONLY
+        tools = [v for v in variants if v not in excluded] + [TRL]
         runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in tools}
         orders = []
         for round_ in range(repeats):
@@ -810,7 +817,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=KDKIT_VARIANTS,
         default=list(KDKIT_VARIANTS),
-        help="kdkit variants run against TRL's DistillationTrainer (kdkit_cache: off-policy only)",
+        help="kdkit variants run against TRL's DistillationTrainer (kdkit_cache: off-policy only, "
+        "kdkit_compiled: on-policy only)",
     )
     parser.add_argument(
         "--modes",

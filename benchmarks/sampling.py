@@ -20,6 +20,11 @@ process, rounds alternating the order of the methods (seed r for every method of
     .venv/bin/python benchmarks/sampling.py --rounds 4 --smollm2   # -> docs/benchmarks/sampling.json
     .venv/bin/python benchmarks/sampling.py --quick                # smoke run -> runs/benchmarks/
     .venv/bin/python benchmarks/sampling.py --ops-only             # ops and ms of one decode step
+    .venv/bin/python benchmarks/sampling.py --rounds 4 --compiled  # + kdkit_compiled (compile_decode)
+
+`--compiled` adds `kdkit_compiled` to parts 1-3: `sample_tokens(compile_decode=True)`, the
+fixed-shape step and the token draw through torch.compile; its compile runs once before the timed
+rounds and is reported apart (`compile_s`).
 
 `--device cuda` (or `--device cpu` to check the same code paths here; `--quick` shrinks it) runs
 the device suite instead, which adds the lean decoder's fixed-shape step captured in a CUDA graph
@@ -126,18 +131,29 @@ def rounds(
 
 
 SAMPLERS = ("hf_generate", "kdkit_generic", "kdkit_lean")
-# kdkit's decoders: name -> (fast_decode, graph_decode). The CPU suite's "kdkit_lean" is the default
-# path there (graph_decode None = the dynamic step off CUDA); the device suite names both explicitly.
-KDKIT_DECODERS: dict[str, tuple[bool, bool | None]] = {
-    "kdkit_generic": (False, None),
-    "kdkit_lean": (True, None),
-    "kdkit_lean_eager": (True, False),
-    "kdkit_graph": (True, True),
+# kdkit's decoders: name -> (fast_decode, graph_decode, compile_decode). The CPU suite's "kdkit_lean"
+# is the default path there (graph_decode None = the dynamic step off CUDA); the device suite names
+# both explicitly. "kdkit_compiled": the fixed-shape step through torch.compile (`--compiled`).
+KDKIT_DECODERS: dict[str, tuple[bool, bool | None, bool]] = {
+    "kdkit_generic": (False, None, False),
+    "kdkit_lean": (True, None, False),
+    "kdkit_lean_eager": (True, False, False),
+    "kdkit_graph": (True, True, False),
+    "kdkit_compiled": (True, True, True),
 }
 
 
 def kdkit_sample(
-    model, ids, mask, n: int, eos: int, pad: int, fast: bool, g: int = 1, graph_decode: bool | None = None
+    model,
+    ids,
+    mask,
+    n: int,
+    eos: int,
+    pad: int,
+    fast: bool,
+    g: int = 1,
+    graph_decode: bool | None = None,
+    compile_decode: bool = False,
 ) -> torch.Tensor:
     return sample_tokens(
         model,
@@ -149,6 +165,7 @@ def kdkit_sample(
         num_samples=g,
         fast=fast,
         graph_decode=graph_decode,
+        compile_decode=compile_decode,
     )
 
 
@@ -160,8 +177,10 @@ def sampler_runs(
     def run(name: str) -> Callable[[], tuple[float, int]]:
         if name == "hf_generate":
             return lambda: timed(lambda: hf_generate(model, ids, mask, n, eos, pad, g), eos)
-        fast, graph = KDKIT_DECODERS[name]
-        return lambda: timed(lambda: kdkit_sample(model, ids, mask, n, eos, pad, fast, g, graph), eos)
+        fast, graph, compiled = KDKIT_DECODERS[name]
+        return lambda: timed(
+            lambda: kdkit_sample(model, ids, mask, n, eos, pad, fast, g, graph, compiled), eos
+        )
 
     return {name: run(name) for name in names}
 
@@ -172,8 +191,8 @@ def on_policy_step(student, teacher, optimizer, prompts, settings, sampler: str)
     started = time.perf_counter()
     ids, mask = prompts["prompt_ids"], prompts["prompt_attention_mask"]
     if sampler != "hf_generate":
-        fast, graph = KDKIT_DECODERS[sampler]
-        choice = replace(settings, fast_decode=fast, graph_decode=graph)
+        fast, graph, compiled = KDKIT_DECODERS[sampler]
+        choice = replace(settings, fast_decode=fast, graph_decode=graph, compile_decode=compiled)
         batch, info = generate_batch(student, ids, mask, choice)
         sampling = info["generation_s"]
     else:  # the same batch layout, sampled by HF generate
@@ -267,6 +286,9 @@ def part_summary(part: dict[str, dict[str, list]]) -> dict[str, Any]:
         "lean_over_hf_per_round": ratios(part, "kdkit_lean"),
         "generic_over_hf_per_round": ratios(part, "kdkit_generic"),
         "lean_over_generic_per_round": ratios(part, "kdkit_lean", "kdkit_generic"),
+        **(
+            {"compiled_over_hf_per_round": ratios(part, "kdkit_compiled")} if "kdkit_compiled" in part else {}
+        ),
     }
 
 
@@ -654,6 +676,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     parser.add_argument("--ops-only", action="store_true", help="only count the ops of one decode step")
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="add kdkit_compiled: the fixed-shape step through torch.compile (compile_decode=True)",
+    )
     parser.add_argument("--smollm2", action="store_true", help="part 4: SmolLM2-135M -> 11-layer student")
     parser.add_argument("--smollm2-batch", type=int, default=8)
     parser.add_argument("--smollm2-new-tokens", type=int, default=32)
@@ -689,18 +716,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.ops_only:
         return 0
 
+    names = SAMPLERS + (("kdkit_compiled",) if args.compiled else ())
+    compile_s = {}
+    if args.compiled:  # compile each shape once before timing (reported separately)
+        g = args.group
+        for key, (c_ids, c_mask, c_g) in {
+            "g1": (ids, mask, 1),
+            f"g{g}": (ids[: args.batch // g], mask[: args.batch // g], g),
+        }.items():
+            t0 = time.perf_counter()
+            kdkit_sample(student, c_ids, c_mask, n, eos, pad, True, c_g, True, True)
+            compile_s[key] = time.perf_counter() - t0
+        print(json.dumps({"compile_s": compile_s}), flush=True)
     # 1. tokens/s, one sample per prompt
     with torch.no_grad():
-        part1 = rounds(sampler_runs(student, ids, mask, n, eos, pad), args.rounds, args.seed)
+        part1 = rounds(sampler_runs(student, ids, mask, n, eos, pad, names=names), args.rounds, args.seed)
         # 2. G samples per prompt from batch/G prompts
         g = args.group
         gids, gmask = ids[: args.batch // g], mask[: args.batch // g]
-        part2 = rounds(sampler_runs(student, gids, gmask, n, eos, pad, g), args.rounds, args.seed)
+        part2 = rounds(
+            sampler_runs(student, gids, gmask, n, eos, pad, g, names=names), args.rounds, args.seed
+        )
 
     # 3. generation's share of an on-policy step
     settings = GenerationSettings(temperature=1.0, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
     train_student = derive_student(teacher, keep_layers=3, intermediate_size=48).train()
-    steps = step_rounds(train_student, teacher, prompts, settings, args.rounds, args.seed)
+    steps = step_rounds(train_student, teacher, prompts, settings, args.rounds, args.seed, names)
     load_mid = os.getloadavg()[0]
     smollm2 = smollm2_part(args) if args.smollm2 else None
 
@@ -720,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         "part1": part1,
         "part2": part2,
         "steps": steps,
+        "compile_s": compile_s,
         "smollm2": smollm2,
         "ops_per_decode_step": ops,
     }

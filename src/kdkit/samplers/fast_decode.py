@@ -40,6 +40,7 @@ import logging
 import os
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -548,6 +549,16 @@ class StaticStepDecoder(LeanDecoder):
     replay per step with the tokens copied into the static input buffer. A capture that fails falls
     back to running the same step eagerly, the reason logged once at debug level. graph=False runs
     the fixed-shape step eagerly (what CPUs do: they have no graphs).
+
+    compile=True: wherever the step runs eagerly (no graph: CPUs), it runs through `torch.compile`
+    (`run_compiled`: inductor, `fullgraph`, static shapes; `sample_tokens` compiles the token draw
+    with it): the ~400 small ops of a step fused into a few dozen kernels. Compiling costs seconds
+    to a minute per new decoder shape at the first step (torch's on-disk cache shortens it in
+    later processes; decoders of the same shape share the compiled code, as its guards are on tensor
+    shapes, not identities), so it pays on long runs of small models. Without a graph the cache is
+    written at the slot only (`index_copy_`) and attention is one SDPA call. A compile that fails
+    (no C++ compiler, an unsupported op) falls back to the eager step, the reason logged once at
+    debug level.
     """
 
     # eager runs on the capture stream before each capture (cuBLAS handles and workspaces, lazily
@@ -555,9 +566,11 @@ class StaticStepDecoder(LeanDecoder):
     # stream being one per device for the process
     WARMUP_STEPS = 1
 
-    def __init__(self, model: nn.Module, graph: bool = True) -> None:
+    def __init__(self, model: nn.Module, graph: bool = True, compile: bool = False) -> None:
         super().__init__(model)
         self.graph_wanted = graph
+        self.compile_wanted = compile
+        self.compile_failed: str | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_failed: str | None = None
         self.groups = self.n_q // self.n_kv
@@ -602,13 +615,17 @@ class StaticStepDecoder(LeanDecoder):
         self.rows = self.rows[rows]
         self.all_rows = False
 
-    def step(self, tokens: Tensor) -> Tensor:
-        """Feed one token per wanted row [B'] (at its next position): logits [B', V] for the next."""
+    def begin_step(self) -> None:
+        """Count one decode step, refusing more than the cache was prepared for."""
         if self.width + self.step_index >= self.visible.shape[1]:
             raise RuntimeError(
                 f"StaticStepDecoder: more decode steps than the {self.visible.shape[1] - self.width} prepared"
             )
         self.step_index += 1
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed one token per wanted row [B'] (at its next position): logits [B', V] for the next."""
+        self.begin_step()
         if self.all_rows:
             self.tokens.copy_(tokens)
         else:  # finished rows keep their last token (their logits are not returned)
@@ -619,8 +636,37 @@ class StaticStepDecoder(LeanDecoder):
             self.graph.replay()
             logits = self.graph_logits
         else:
-            logits = self._fixed_step()
+            logits = self.run_compiled(StaticStepDecoder._fixed_step, self)
         return logits.index_select(0, self.rows)  # a copy: the next replay overwrites graph_logits
+
+    @property
+    def compiles(self) -> bool:
+        """Whether `run_compiled` compiles: asked for, no CUDA graph wanted (a graph replays the step
+        on CUDA devices), no compile failed."""
+        return self.compile_wanted and not self.graph_wanted and self.compile_failed is None
+
+    def run_compiled(self, fn: Callable[..., Tensor], *args: object) -> Tensor:
+        """`fn(*args)` (a function that runs `_fixed_step`, e.g. with the sampling around it) through
+        `torch.compile` when `compiles`, else eagerly. Compiled at its first call (fullgraph, static
+        shapes) and kept per function: its guards are on tensor shapes, so decoders of one shape
+        share the compiled code. A compile that fails (raised while tracing or compiling, before
+        anything ran) logs its reason once and `fn` runs eagerly from then on."""
+        if not self.compiles:
+            return fn(*args)
+        compiled = _compiled_functions.get(fn)
+        if compiled is None:
+            # the C++ wrapper calls the kernels without the Python one's per-call costs (~20% of
+            # a small model's step on a CPU); size asserts re-check what the guards have checked
+            options = {"cpp_wrapper": True, "size_asserts": False}
+            compiled = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+            _compiled_functions[fn] = compiled
+        try:
+            return compiled(*args)
+        except Exception as error:  # noqa: BLE001 - any compile failure: run the step eagerly
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            self.compile_failed = f"{type(error).__name__}: {first_line}"
+            _log_once(f"torch.compile of the decode step failed, decoding eagerly: {self.compile_failed}")
+            return fn(*args)
 
     def _fixed_step(self) -> Tensor:
         """One decode step of the whole static batch: reads `tokens`, writes the cache at `slot`,
@@ -640,20 +686,30 @@ class StaticStepDecoder(LeanDecoder):
         batch = x.shape[0]
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             q, k, v = self._qkv(layer, _rms(x, layer.ln1, layer.ln1_eps), cos, sin)
-            # cache + write·(new − cache): exactly the new k / v at the slot (lerp's weight-1 branch
-            # returns `end`), the cache untouched elsewhere (finite values: the cache starts at 0)
-            # (under autocast k / v come out in the autocast dtype; the cache keeps the model's)
-            keys.lerp_(k.unsqueeze(2).to(keys.dtype), write)
-            values.lerp_(v.unsqueeze(2).to(values.dtype), write)
-            # grouped-query attention written out (query head h reads key/value head h // groups):
-            # plain matmul / softmax kernels, with no SDPA backend choice to depend on under capture
+            # grouped-query attention as [B, Hkv, groups, D] queries (query head h reads key/value
+            # head h // groups); under autocast k / v come out in the autocast dtype, the cache
+            # keeps the model's
             q = q.reshape(batch, self.n_kv, self.groups, self.head_dim)
-            scores = torch.add(visible, torch.matmul(q, keys.transpose(-1, -2)), alpha=self.scaling)
-            if scores.dtype in (torch.float32, torch.float64):
-                probs = torch.softmax(scores, -1)
-            else:  # 16-bit: softmax in float32, as the models' eager attention does
-                probs = torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
-            out = torch.matmul(probs, values)  # [B, Hkv, groups, D]
+            if self.graph_wanted:
+                # cache + write·(new − cache): exactly the new k / v at the slot (lerp's weight-1
+                # branch returns `end`), the cache untouched elsewhere (finite: the cache starts at 0)
+                keys.lerp_(k.unsqueeze(2).to(keys.dtype), write)
+                values.lerp_(v.unsqueeze(2).to(values.dtype), write)
+                # plain matmul / softmax kernels, with no SDPA backend choice to depend on under capture
+                scores = torch.add(visible, torch.matmul(q, keys.transpose(-1, -2)), alpha=self.scaling)
+                if scores.dtype in (torch.float32, torch.float64):
+                    probs = torch.softmax(scores, -1)
+                else:  # 16-bit: softmax in float32, as the models' eager attention does
+                    probs = torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
+                out = torch.matmul(probs, values)  # [B, Hkv, groups, D]
+            else:
+                # no graph to break: write only the slot, and one SDPA kernel (which torch.compile
+                # keeps as one; its decomposed matmul-softmax-matmul recomputes scores per output)
+                keys.index_copy_(2, self.slot, k.unsqueeze(2).to(keys.dtype))
+                values.index_copy_(2, self.slot, v.unsqueeze(2).to(values.dtype))
+                out = F.scaled_dot_product_attention(
+                    q.to(keys.dtype), keys, values, attn_mask=visible.to(keys.dtype), scale=self.scaling
+                )
             x = layer.o(out.view(batch, -1), residual=x)
             x = self._mlp(layer, x)
         self.next_pos.add_(1)
@@ -709,6 +765,8 @@ class StaticStepDecoder(LeanDecoder):
 
 
 _capture_streams: dict[int, torch.cuda.Stream] = {}
+# `StaticStepDecoder.run_compiled`'s compiled functions, one per function
+_compiled_functions: dict[Callable[..., Tensor], Callable[..., Tensor]] = {}
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -750,13 +808,14 @@ def _storages(model: nn.Module) -> tuple[int, ...]:
 
 
 def static_step_decoder(
-    model: nn.Module, rows: int, length: int, device: torch.device, graph: bool
+    model: nn.Module, rows: int, length: int, device: torch.device, graph: bool, compile: bool = False
 ) -> StaticStepDecoder:
     """A `StaticStepDecoder` of `model` for `rows` rows (prompts × samples) and cache `length`
     (`cache_length`), reused across calls: its buffers and captured CUDA graph are kept, per model
     (weakly: a deleted model frees its decoders), for the last `GRAPH_CACHE_SIZE` distinct keys. The
     key holds everything the captured kernels depend on: rows, length, device, the model's dtype,
-    autocast's state and dtype, inference mode, deterministic algorithms, graph or eager. A decoder
+    autocast's state and dtype, inference mode, deterministic algorithms, graph or eager, compiled or
+    not (`StaticStepDecoder`'s `compile`). A decoder
     whose model had a parameter storage replaced since it was built is rebuilt (with every other
     decoder of that model); in-place updates (optimizer steps) are read live (see `StaticStepDecoder`).
     Counts of hits / misses / rebuilds: `decoder_cache_info`."""
@@ -771,6 +830,7 @@ def static_step_decoder(
         torch.is_inference_mode_enabled(),
         torch.are_deterministic_algorithms_enabled(),
         graph,
+        compile,
     )
     storages = _storages(model)
     kept = _decoders.get(model)
@@ -786,7 +846,7 @@ def static_step_decoder(
         kept.clear()
     else:
         _cache_counts["misses"] += 1
-    decoder = StaticStepDecoder(model, graph=graph)
+    decoder = StaticStepDecoder(model, graph=graph, compile=compile)
     decoder.storages = storages
     kept[key] = decoder
     while len(kept) > GRAPH_CACHE_SIZE:
