@@ -252,7 +252,12 @@ class _Proj:
     def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if len(self.weights) == 1:
             return _linear(x, self.weights[0], self.biases[0], residual)
-        return torch.cat([_linear(x, w, b) for w, b in zip(self.weights, self.biases)], -1)
+        return torch.cat(self.outputs(x), -1)
+
+    def outputs(self, x: Tensor) -> list[Tensor]:
+        """Each map's output, uncatenated: [x·Wᵀ + b] for a fused copy, one per linear otherwise
+        (callers that split the concatenation again skip copying it)."""
+        return [_linear(x, w, b) for w, b in zip(self.weights, self.biases)]
 
 
 @dataclass
@@ -365,17 +370,32 @@ class LeanDecoder:
 
         cos, sin: [..., 1, D] (sin with its first half negated, see `_rope_tables`).
         """
-        qk, v = layer.qkv(h).split([(self.n_q + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], -1)
-        qk = qk.unflatten(-1, (self.n_q + self.n_kv, self.head_dim))
-        if layer.qk_norm is not None:
-            qk = _rms(qk, layer.qk_norm, layer.qk_norm_eps)
-        qk = torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, -1), sin)
-        q, k = qk.split([self.n_q, self.n_kv], -2)
+        parts = layer.qkv.outputs(h)
+        if len(parts) == 1:  # fused: q and k normed and rotated together
+            qk, v = parts[0].split([(self.n_q + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], -1)
+            q, k = self._rotate(
+                layer, qk.unflatten(-1, (self.n_q + self.n_kv, self.head_dim)), cos, sin
+            ).split([self.n_q, self.n_kv], -2)
+        else:  # the model's matrices: each apart (concatenating them would only copy)
+            q, k, v = parts
+            norms = (None, None) if layer.qk_norm is None else layer.qk_norm.split([self.n_q, self.n_kv])
+            q = self._rotate(layer, q.unflatten(-1, (self.n_q, self.head_dim)), cos, sin, norms[0])
+            k = self._rotate(layer, k.unflatten(-1, (self.n_kv, self.head_dim)), cos, sin, norms[1])
         return q, k, v.unflatten(-1, (self.n_kv, self.head_dim))
+
+    def _rotate(
+        self, layer: _Layer, x: Tensor, cos: Tensor, sin: Tensor, norm: Tensor | None = None
+    ) -> Tensor:
+        """Per-head q/k norm (`layer.qk_norm`, or its rows `norm` for q or k alone), then rotary
+        embedding: x [..., heads, D]."""
+        if layer.qk_norm is not None:
+            x = _rms(x, layer.qk_norm if norm is None else norm, layer.qk_norm_eps)
+        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, -1), sin)
 
     def _mlp(self, layer: _Layer, x: Tensor) -> Tensor:
         h = _rms(x, layer.ln2, layer.ln2_eps)
-        gate, up = layer.gate_up(h).chunk(2, -1)
+        parts = layer.gate_up.outputs(h)
+        gate, up = parts[0].chunk(2, -1) if len(parts) == 1 else parts
         return layer.down(F.silu(gate).mul_(up), residual=x)
 
     def _logits(self, x: Tensor) -> Tensor:
