@@ -188,6 +188,22 @@ def test_graph_decode_samples_equal_the_dynamic_lean_path(device: str) -> None:
     assert not torch.equal(after[:, 0], free[:, 0])
 
 
+def test_the_fixed_shape_loop_stops_at_the_last_eos_off_cuda() -> None:
+    """Off CUDA, where asking whether every row ended costs no device wait, the whole-batch loop
+    asks at every step: no decode steps run past the step where the last row ended."""
+    fast_decode.clear_decoder_cache()
+    model = tiny("qwen3", num_key_value_heads=2, head_dim=12)
+    ids = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    free = sample_tokens(model, ids, mask, temperature=0, max_new_tokens=10, graph_decode=False)
+    eos = tuple(sorted(set(free[:, 1].tolist())))  # every row ends by its second token
+    kwargs = {"temperature": 0, "max_new_tokens": 10, "eos_token_ids": eos, "pad_token_id": 0}
+    tokens = sample_tokens(model, ids, mask, graph_decode=True, **kwargs)
+    assert torch.equal(tokens, sample_tokens(model, ids, mask, graph_decode=False, **kwargs))
+    (decoder,) = fast_decode._decoders[model].values()
+    assert decoder.step_index <= 2 < generation.EOS_CHECK_EVERY
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_failed_capture_decodes_eagerly_with_a_reason_logged_once(device: str, caplog, monkeypatch) -> None:
     """No graph (a CPU; on cuda a capture made to fail): the same fixed-shape step runs eagerly,
