@@ -67,8 +67,9 @@ def test_compiled_decoding_equals_eager_and_reads_live_weights() -> None:
 
 @pytest.mark.slow
 def test_compiled_samples_follow_the_exact_distribution() -> None:
-    """G samples of one prompt through the compiled draw and step (tokens 1 and 2; token 3 is drawn
-    eagerly after the last step): frequencies match softmax(logits / T) from the model's forward."""
+    """G samples of one prompt through the compiled prefill, draw and step (tokens 1 and 2; token 3
+    is drawn eagerly after the last step): frequencies match softmax(logits / T) from the model's
+    forward."""
     temperature = 0.7
     model = tiny("qwen3", seed=3, num_key_value_heads=2, head_dim=12)
     with torch.no_grad():
@@ -78,16 +79,20 @@ def test_compiled_samples_follow_the_exact_distribution() -> None:
         p1 = torch.softmax(model(prompt[None]).logits[0, -1].double() / temperature, -1)
         seqs = torch.cat([prompt.repeat(VOCAB, 1), torch.arange(VOCAB)[:, None]], 1)
         p2 = (p1[:, None] * torch.softmax(model(seqs).logits[:, -1].double() / temperature, -1)).sum(0)
-    torch.manual_seed(0)
-    tokens = sample_tokens(
-        model,
-        prompt[None],
-        torch.ones(1, 5, dtype=torch.long),
-        temperature=temperature,
-        max_new_tokens=3,
-        num_samples=4000,
-        compile_decode=True,
-    )
+    fast_decode.clear_decoder_cache()
+    for seed in (1, 0):  # the second call's prefill (shared by the 4000 rows) runs compiled too
+        torch.manual_seed(seed)
+        tokens = sample_tokens(
+            model,
+            prompt[None],
+            torch.ones(1, 5, dtype=torch.long),
+            temperature=temperature,
+            max_new_tokens=3,
+            num_samples=4000,
+            compile_decode=True,
+        )
+    (decoder,) = fast_decode._decoders[model].values()
+    assert decoder.prefills == 2 and decoder.compile_failed is None
     assert tokens.shape == (4000, 3)
     for column, probs in ((0, p1), (1, p2)):
         stat, dof = chi_square(torch.bincount(tokens[:, column], minlength=VOCAB), probs)

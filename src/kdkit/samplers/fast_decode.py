@@ -572,7 +572,8 @@ class StaticStepDecoder(LeanDecoder):
 
     compile=True: wherever the step runs eagerly (no graph: CPUs), it runs through `torch.compile`
     (`run_compiled`: inductor, `fullgraph`, static shapes; `sample_tokens` compiles the token draw
-    with it): the ~400 small ops of a step fused into a few dozen kernels. Compiling costs seconds
+    with it), and so does every prefill after the first (which allocates the buffers): the ~400
+    small ops of a step fused into a few dozen kernels. Compiling costs seconds
     to a minute per new decoder shape at the first step (torch's on-disk cache shortens it in
     later processes; decoders of the same shape share the compiled code, as its guards are on tensor
     shapes, not identities), so it pays on long runs of small models. Without a graph the cache is
@@ -620,7 +621,10 @@ class StaticStepDecoder(LeanDecoder):
         if self.prefills:  # built from the weights as they were then: refresh the copies
             self.refresh_copies()
         self.prefills += 1
-        logits = super().prefill(ids, mask, max_new_tokens, repeats)
+        if self.prefills > 1:  # the buffers exist (the first prefill allocates them): fixed shapes
+            logits = self.run_compiled(LeanDecoder.prefill, self, ids, mask, max_new_tokens, repeats)
+        else:
+            logits = super().prefill(ids, mask, max_new_tokens, repeats)
         self.next_pos = self.static_next_pos.copy_(self.next_pos)
         self.slot.fill_(self.width)
         self.rows = self.every_row  # the full-batch rows still wanted
