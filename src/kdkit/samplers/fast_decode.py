@@ -165,12 +165,37 @@ def _rms(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     return h if weight is None else weight * h
 
 
+# A CPU matmul of a few rows (decode steps) by a large weight is bound by reading the weight; there
+# W·xᵀ (the weight as stored, [out, in]) ran 1.2-2x faster than x·Wᵀ with MKL on this project's
+# CPUs (SmolLM2's head at 4 rows: 14 vs 28 ms; its layers: 23 vs 27 ms), and no slower at the small
+# widths where weights stay in cache, which are left as they are. Rows up to this many...
+WEIGHT_FIRST_MAX_ROWS = 32
+# ...for weights of at least this many elements (1 MB in float32).
+WEIGHT_FIRST_MIN_NUMEL = 1 << 18
+
+
 def _linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
     """residual + x·Wᵀ + b with W given transposed ([in, out]): one `addmm` per step for 2-D x.
 
     Under autocast the residual is added outside the matmul, as Hugging Face's layers do: autocast
     runs `addmm` in its 16-bit dtype, which would make the residual stream 16-bit where the
-    model's stays float32 (samples would then come from a slightly different function)."""
+    model's stays float32 (samples would then come from a slightly different function). A few rows
+    by a large weight on a CPU, without autograd, compute (W·xᵀ)ᵀ (`WEIGHT_FIRST_MAX_ROWS`): the
+    same sums."""
+    if (
+        x.dim() == 2
+        and x.shape[0] <= WEIGHT_FIRST_MAX_ROWS
+        and x.device.type == "cpu"
+        and weight_t.numel() >= WEIGHT_FIRST_MIN_NUMEL
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+    ):
+        # (x row-major: MKL's fast case is the weight times a transposed row-major x; the result
+        # made row-major again for the ops after it, a copy of rows x out elements)
+        out = torch.mm(weight_t.t(), x.contiguous().t()).t().contiguous()
+        if bias is not None:
+            out.add_(bias)
+        return out if residual is None else out.add_(residual)
     if x.dim() == 2:
         if residual is not None and not torch.is_autocast_enabled(x.device.type):
             out = torch.addmm(residual, x, weight_t)
