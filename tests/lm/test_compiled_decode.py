@@ -15,7 +15,13 @@ from kdkit.samplers import fast_decode
 from kdkit.samplers.base import GenerationParams
 from kdkit.samplers.fast_decode import StaticStepDecoder, cache_length
 from kdkit.samplers.generation import GenerationSettings, sample_tokens
-from tests.lm.test_fast_decode import VOCAB, chi_square, left_padded, tiny
+from tests.lm.test_fast_decode import (
+    VOCAB,
+    chi_square,
+    left_padded,
+    peaked_model_and_exact_probabilities,
+    tiny,
+)
 
 
 @pytest.mark.slow
@@ -71,14 +77,7 @@ def test_compiled_samples_follow_the_exact_distribution() -> None:
     is drawn eagerly after the last step): frequencies match softmax(logits / T) from the model's
     forward."""
     temperature = 0.7
-    model = tiny("qwen3", seed=3, num_key_value_heads=2, head_dim=12)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(4.0)  # peaked, far from uniform
-    prompt = torch.randint(3, VOCAB, (5,), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        p1 = torch.softmax(model(prompt[None]).logits[0, -1].double() / temperature, -1)
-        seqs = torch.cat([prompt.repeat(VOCAB, 1), torch.arange(VOCAB)[:, None]], 1)
-        p2 = (p1[:, None] * torch.softmax(model(seqs).logits[:, -1].double() / temperature, -1)).sum(0)
+    model, prompt, p1, p2 = peaked_model_and_exact_probabilities(temperature)
     fast_decode.clear_decoder_cache()
     for seed in (1, 0):  # the second call's prefill (shared by the 4000 rows) runs compiled too
         torch.manual_seed(seed)

@@ -282,19 +282,28 @@ def chi_square(counts: Tensor, probs: Tensor) -> tuple[float, int]:
     return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_fast_path_samples_follow_the_exact_distribution(temperature: float) -> None:
-    """G samples of one prompt (shared prefill, GQA + q/k norms, lean path): token frequencies at
-    steps 1 and 2 match softmax(logits / T) computed exactly from the model's forward."""
+def peaked_model_and_exact_probabilities(
+    temperature: float,
+) -> tuple[torch.nn.Module, Tensor, Tensor, Tensor]:
+    """A qwen3 model with a peaked head, a 5-token prompt, and the exact probabilities of the first
+    and second sampled tokens at `temperature` (float64, from the model's forward)."""
     model = tiny("qwen3", seed=3, num_key_value_heads=2, head_dim=12)
     with torch.no_grad():
         model.lm_head.weight.mul_(4.0)  # peaked, far from uniform
-    assert lean_decoder_support(model, 10) is None
     prompt = torch.randint(3, VOCAB, (5,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         p1 = torch.softmax(model(prompt[None]).logits[0, -1].double() / temperature, -1)
         seqs = torch.cat([prompt.repeat(VOCAB, 1), torch.arange(VOCAB)[:, None]], 1)
         p2 = (p1[:, None] * torch.softmax(model(seqs).logits[:, -1].double() / temperature, -1)).sum(0)
+    return model, prompt, p1, p2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fast_path_samples_follow_the_exact_distribution(temperature: float) -> None:
+    """G samples of one prompt (shared prefill, GQA + q/k norms, lean path): token frequencies at
+    steps 1 and 2 match softmax(logits / T) computed exactly from the model's forward."""
+    model, prompt, p1, p2 = peaked_model_and_exact_probabilities(temperature)
+    assert lean_decoder_support(model, 10) is None
     torch.manual_seed(0)
     n = 4000
     tokens = sample_tokens(
