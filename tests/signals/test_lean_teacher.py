@@ -41,9 +41,7 @@ def model_logits(model, batch) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "model-matrices"])
-def test_lean_teacher_logits_equal_the_model_forward_at_every_token(
-    name, padding, fuse, monkeypatch
-) -> None:
+def test_lean_teacher_logits_equal_the_model_forward_at_every_token(name, padding, fuse, monkeypatch) -> None:
     if not fuse:
         monkeypatch.setattr(fast_decode, "FUSE_MAX_WIDTH", 0)
     model_type, extra = CONFIGS[name]
@@ -85,3 +83,71 @@ def test_training_mode_and_autocast_use_the_model_forward() -> None:
         batch = padded_batch("right")
         target = LogitsSignal()(batch, teacher=model)
         assert torch.equal(target.logits, model_logits(model, batch)[:, target.start :])
+
+
+def shared_prefix_batch(prefix: list[int], tails: list[int], seed: int) -> dict[str, torch.Tensor]:
+    """Rows starting with the same `prefix` tokens, then `tails[i]` random tokens (the first one
+    different in every row), right-padded; the last 2 tokens of each row are labels."""
+    g = torch.Generator().manual_seed(seed)
+    width = len(prefix) + max(tails)
+    ids = torch.zeros(len(tails), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for row, tail in enumerate(tails):
+        length = len(prefix) + tail
+        ids[row, :length] = torch.cat([torch.tensor(prefix), torch.randint(3, VOCAB, (tail,), generator=g)])
+        ids[row, len(prefix)] = 3 + row  # the rows part right after the prefix
+        mask[row, :length] = 1
+        labels[row, length - 2 : length] = ids[row, length - 2 : length]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "model-matrices"])
+def test_a_shared_prompt_prefix_is_computed_once_with_the_same_outputs(name, fuse, monkeypatch) -> None:
+    """Rows sharing their first tokens (a system turn): the frozen decoder computes that prefix for one
+    row, keeps it, reuses it for a later batch sharing part of it, and every token's logits and
+    hidden states equal the model's forward (padding after the prefix, positions before and after
+    the first trained one)."""
+    if not fuse:
+        monkeypatch.setattr(fast_decode, "FUSE_MAX_WIDTH", 0)
+    model_type, extra = CONFIGS[name]
+    model = tiny(model_type, **extra)
+    lean = frozen_teacher_decoder(model, "cpu")
+    assert lean is not None
+    system = torch.randint(3, VOCAB, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    first = shared_prefix_batch(system, [6, 3, 5], seed=1)
+    second = shared_prefix_batch(system[:10], [8, 4], seed=2)  # shares 10 of the kept 12 tokens
+    third = shared_prefix_batch(system + [7, 8], [3, 3], seed=3)  # longer than any kept prefix
+    kept = []
+    for batch in (first, second, third):
+        expected = model_logits(model, batch)
+        every = batch["attention_mask"].bool()
+        target = LogitsSignal()(batch, teacher=model)
+        own = expected[:, target.start :]
+        tokens = every[:, target.start :]
+        torch.testing.assert_close(target.logits[tokens], own[tokens], rtol=0, atol=1e-5)
+        hidden = HiddenSignal()(batch, teacher=model)
+        torch.testing.assert_close(
+            hidden.head.logits(hidden.hidden)[every], expected[every], rtol=0, atol=1e-5
+        )
+        kept.append([len(key) for key in lean.prefixes])
+    assert kept == [[12], [12], [12, 14]]  # the second batch reused the first prefix's first 10
+
+
+def test_no_prefix_is_shared_where_rows_differ_or_gradients_flow() -> None:
+    model = tiny("llama", num_key_value_heads=2)
+    lean = frozen_teacher_decoder(model, "cpu")
+    assert lean is not None
+    system = list(range(3, 15))
+    batch = shared_prefix_batch(system, [4, 5], seed=4)
+    with torch.no_grad():
+        lean.hidden(batch["input_ids"][:1], batch["attention_mask"][:1])  # one row: nothing to share
+        lean.hidden(padded_batch("right")["input_ids"], padded_batch("right")["attention_mask"])
+    assert not lean.prefixes
+    trainable = fast_decode.LeanDecoder(model, trainable=True)
+    trainable.hidden(batch["input_ids"], batch["attention_mask"])
+    assert not trainable.prefixes
+    with torch.no_grad():
+        lean.hidden(batch["input_ids"], batch["attention_mask"])
+    assert [len(key) for key in lean.prefixes] == [12]

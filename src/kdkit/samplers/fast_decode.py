@@ -217,6 +217,10 @@ FUSE_MAX_WIDTH = 256
 # The same for a trainable decoder (the student's forward), whose fused matrices are differentiable
 # `torch.cat`s made at every forward, their backward a split of the gradient.
 TRAINABLE_FUSE_MAX_WIDTH = 256
+# A frozen decoder's `hidden` computes a prompt prefix shared by every row of a batch once, when it
+# is at least this many tokens, and keeps the last this many such prefixes.
+SHARED_PREFIX_MIN = 8
+SHARED_PREFIX_CACHE = 4
 
 
 @dataclass
@@ -365,6 +369,12 @@ class LeanDecoder:
         self.gqa = self.n_q != self.n_kv
         self.cos: Tensor | None = None
         self.sin: Tensor | None = None
+        # `hidden`'s shared prompt prefixes (frozen decoders only: the weights must not change):
+        # token ids -> each layer's keys and values [1, Hkv, P, D] and the final hidden states [1, P, H]
+        self.trainable = trainable
+        self.prefixes: OrderedDict[tuple[int, ...], tuple[list[tuple[Tensor, Tensor]], Tensor]] = (
+            OrderedDict()
+        )
 
     def _qk_norm(self, sources: tuple[Tensor, Tensor], out: Tensor | None = None) -> Tensor:
         q_norm, k_norm = sources
@@ -430,39 +440,119 @@ class LeanDecoder:
         """Final-normed hidden states [B, T - start, H] of whole sequences ids [B, T] (mask: 1 =
         token, any padding side), as the model's forward without a cache or position ids computes
         them at the tokens: positions 0..T-1, causal attention over the tokens. Rows are computed
-        from position 0 (the context), only positions start.. are normed and returned."""
-        width = ids.shape[1]
-        if self.cos is None or self.cos.shape[0] < width:
-            self._rope_tables(width)
+        from position 0 (the context), only positions start.. are normed and returned.
+
+        A frozen decoder on a CPU computes a prompt prefix that every row shares (the first columns
+        holding the same tokens in every row, all of them tokens, at least `SHARED_PREFIX_MIN`:
+        a chat template's system turn, a few-shot preamble) once, for one row, and keeps its keys,
+        values and hidden states (`SHARED_PREFIX_CACHE` prefixes, reused by later batches that
+        share a part of one: positions attend only backwards, so a prefix's first m positions are
+        those of any sequence starting with the same m tokens); the other positions attend to it.
+        (On a GPU, finding the prefix would read the batch back from the device: not done.)"""
+        shared = self._shared_prefix(ids, mask)
+        if shared is not None:
+            return self._hidden_after_prefix(ids, mask, start, *shared)
+        x, _ = self._layers_run(ids, mask, 0, None, keep_kv=False)
+        return _rms(x[:, start:], self.norm, self.norm_eps)
+
+    def _layers_run(
+        self,
+        ids: Tensor,
+        mask: Tensor | None,
+        offset: int,
+        past: list[tuple[Tensor, Tensor]] | None,
+        keep_kv: bool,
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """The layers over tokens ids [B, S] at positions offset.. offset + S - 1, attending to
+        `past` (each layer's keys / values [1, Hkv, offset, D] of the positions before, shared by
+        every row) and causally to each other; mask [B, offset + S] (1 = token) or None. Returns
+        the residual stream [B, S, H] (not normed) and, if keep_kv, each layer's keys / values of
+        these positions [B, Hkv, S, D]."""
+        batch, width = ids.shape
+        total = offset + width
+        if self.cos is None or self.cos.shape[0] < total:
+            self._rope_tables(total)
         assert self.cos is not None and self.sin is not None
-        cos, sin = self.cos[:width, None], self.sin[:width, None]  # [T, 1, D], broadcast over rows
+        cos, sin = self.cos[offset:total, None], self.sin[offset:total, None]  # [S, 1, D]
         dtype, device = self.embed.dtype, ids.device
-        allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        if mask is not None:  # keys that are tokens; a query that sees none sees itself (stays finite)
+        # query i (position offset + i) sees keys j <= offset + i that are tokens; a query that
+        # sees none sees itself (stays finite)
+        allowed = torch.ones(width, total, dtype=torch.bool, device=device).tril(offset)
+        if mask is not None:
             allowed = allowed & mask.to(torch.bool)[:, None, :]
-            alone = torch.eye(width, dtype=torch.bool, device=device) & ~allowed.any(-1, keepdim=True)
-            allowed = allowed | alone
+            itself = F.pad(torch.eye(width, dtype=torch.bool, device=device), (offset, 0))  # key offset + i
+            allowed = allowed | (itself & ~allowed.any(-1, keepdim=True))
         # additive float mask: SDPA on CPU runs about twice as fast with it as with a boolean one
         additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
         additive.masked_fill_(~allowed, float("-inf"))
         additive = additive[:, None] if mask is not None else additive
-        # the residual stream as [B·T, H]: every linear one `mm` / `addmm` (with its residual)
-        batch = ids.shape[0]
-        cos, sin = cos.repeat(batch, 1, 1), sin.repeat(batch, 1, 1)  # [B·T, 1, D]
+        # the residual stream as [B·S, H]: every linear one `mm` / `addmm` (with its residual)
+        cos, sin = cos.repeat(batch, 1, 1), sin.repeat(batch, 1, 1)  # [B·S, 1, D]
         x = F.embedding(ids.flatten(), self.embed, self.padding_idx)
-        for layer in self.layers:
+        kept: list[tuple[Tensor, Tensor]] = []
+        for index, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, _rms(x, layer.ln1, layer.ln1_eps), cos, sin)
+            q, k, v = (t.unflatten(0, (batch, width)).transpose(1, 2) for t in (q, k, v))
+            if keep_kv:
+                kept.append((k, v))
+            if past is not None:
+                past_k, past_v = past[index]
+                k = torch.cat([past_k.expand(batch, -1, -1, -1), k], 2)
+                v = torch.cat([past_v.expand(batch, -1, -1, -1), v], 2)
             out = F.scaled_dot_product_attention(
-                q.unflatten(0, (batch, width)).transpose(1, 2),
-                k.unflatten(0, (batch, width)).transpose(1, 2),
-                v.unflatten(0, (batch, width)).transpose(1, 2),
-                attn_mask=additive,
-                scale=self.scaling,
-                enable_gqa=self.gqa,
+                q, k, v, attn_mask=additive, scale=self.scaling, enable_gqa=self.gqa
             )
             x = layer.o(out.transpose(1, 2).reshape(batch * width, -1), residual=x)
             x = self._mlp(layer, x)
-        return _rms(x.unflatten(0, (batch, width))[:, start:], self.norm, self.norm_eps)
+        return x.unflatten(0, (batch, width)), kept
+
+    def _shared_prefix(
+        self, ids: Tensor, mask: Tensor | None
+    ) -> tuple[int, list[tuple[Tensor, Tensor]], Tensor] | None:
+        """(m, each layer's keys / values [1, Hkv, m, D], final hidden states [1, m, H]) of the
+        prompt prefix every row of ids shares, from the kept prefixes or computed now and kept;
+        None when it is not worth sharing (or not allowed: a trainable decoder, a GPU)."""
+        if self.trainable or ids.device.type != "cpu" or ids.shape[0] < 2 or torch.is_grad_enabled():
+            return None
+        same = (ids == ids[:1]).all(0)
+        if mask is not None:
+            same &= mask.to(torch.bool).all(0)
+        length = int(same.long().cumprod(0).sum())
+        length = min(length, ids.shape[1] - 1)  # at least one position of each row computed per row
+        if length < SHARED_PREFIX_MIN:
+            return None
+        tokens = tuple(ids[0, :length].tolist())
+        best, best_key = 0, None
+        for key in self.prefixes:  # the kept prefix sharing the most leading tokens
+            common = next((i for i, (a, b) in enumerate(zip(key, tokens)) if a != b), min(len(key), length))
+            if common > best:
+                best, best_key = common, key
+        if best_key is None or best < length:  # compute this prefix for one row and keep it
+            x, kv = self._layers_run(ids[:1, :length], None, 0, None, keep_kv=True)
+            best_key, best = tokens, length
+            self.prefixes[best_key] = (kv, _rms(x, self.norm, self.norm_eps))
+            while len(self.prefixes) > SHARED_PREFIX_CACHE:
+                self.prefixes.popitem(last=False)
+        self.prefixes.move_to_end(best_key)
+        kv, normed = self.prefixes[best_key]
+        return best, [(k[:, :, :best], v[:, :, :best]) for k, v in kv], normed[:, :best]
+
+    def _hidden_after_prefix(
+        self,
+        ids: Tensor,
+        mask: Tensor | None,
+        start: int,
+        length: int,
+        past: list[tuple[Tensor, Tensor]],
+        prefix_hidden: Tensor,
+    ) -> Tensor:
+        """`hidden` with the first `length` positions (shared by every row) given: their keys /
+        values `past` and final hidden states prefix_hidden [1, length, H]."""
+        x, _ = self._layers_run(ids[:, length:], mask, length, past, keep_kv=False)
+        if start >= length:
+            return _rms(x[:, start - length :], self.norm, self.norm_eps)
+        rest = _rms(x, self.norm, self.norm_eps)
+        return torch.cat([prefix_hidden.expand(ids.shape[0], -1, -1), rest], 1)[:, start:]
 
     def logits(self, hidden: Tensor) -> Tensor:
         """The LM head's logits of final-normed hidden states (`hidden`): [..., V]."""
