@@ -12,7 +12,7 @@ from kdkit.objectives.lm import StudentView
 from kdkit.samplers import fast_decode
 from kdkit.samplers.fast_decode import LEAN_STUDENT_ENV, trainable_student_decoder
 from tests.lm.test_fast_decode import CONFIGS, tiny
-from tests.signals.test_lean_teacher import padded_batch
+from tests.signals.test_lean_teacher import padded_batch, shared_prefix_batch
 
 
 def _views(model, batch, monkeypatch):
@@ -52,14 +52,19 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("padding", ["right", "left", "shared-prefix"])
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "model-matrices"])
 def test_lean_student_logits_and_every_gradient_equal_the_model_forward(name, padding, fuse, monkeypatch):
+    """shared-prefix: rows sharing their first 12 tokens (computed once for one row) right-padded."""
     if not fuse:
         monkeypatch.setattr(fast_decode, "TRAINABLE_FUSE_MAX_WIDTH", 0)
     model_type, extra = CONFIGS[name]
     model = tiny(model_type, **extra).train()
-    batch = padded_batch(padding)
+    if padding == "shared-prefix":
+        system = torch.randint(3, 40, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+        batch = shared_prefix_batch(system, [6, 3, 5], seed=1)
+    else:
+        batch = padded_batch(padding)
     tokens = batch["attention_mask"].bool()
     lean, own = _views(model, batch, monkeypatch)
     torch.testing.assert_close(lean.logits[tokens], own.logits[tokens], rtol=0, atol=1e-5)
@@ -87,8 +92,18 @@ def test_training_through_the_engine_gives_the_weights_of_the_model_forward(tmp_
     batches = [padded_batch("right") for _ in range(4)]
     records = [{k: v[i] for k, v in b.items()} for b in batches for i in range(3)]
     cfg = TrainConfig(
-        steps=3, batch_size=6, optimizer="adamw", lr=1e-2, schedule="constant", warmup_steps=0,
-        max_grad_norm=1.0, checkpoint_every=100, log_every=1, progress=False, mixed_precision="no", seed=3,
+        steps=3,
+        batch_size=6,
+        optimizer="adamw",
+        lr=1e-2,
+        schedule="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        checkpoint_every=100,
+        log_every=1,
+        progress=False,
+        mixed_precision="no",
+        seed=3,
     )
     trained_lean = []
     hidden = fast_decode.LeanDecoder.hidden

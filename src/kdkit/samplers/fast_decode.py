@@ -442,13 +442,14 @@ class LeanDecoder:
         them at the tokens: positions 0..T-1, causal attention over the tokens. Rows are computed
         from position 0 (the context), only positions start.. are normed and returned.
 
-        A frozen decoder on a CPU computes a prompt prefix that every row shares (the first columns
-        holding the same tokens in every row, all of them tokens, at least `SHARED_PREFIX_MIN`:
-        a chat template's system turn, a few-shot preamble) once, for one row, and keeps its keys,
-        values and hidden states (`SHARED_PREFIX_CACHE` prefixes, reused by later batches that
-        share a part of one: positions attend only backwards, so a prefix's first m positions are
-        those of any sequence starting with the same m tokens); the other positions attend to it.
-        (On a GPU, finding the prefix would read the batch back from the device: not done.)"""
+        On a CPU a prompt prefix that every row shares (the first columns holding the same tokens
+        in every row, all of them tokens, at least `SHARED_PREFIX_MIN`: a chat template's system
+        turn, a few-shot preamble) is computed once, for one row, and the other positions attend
+        to it. A frozen decoder keeps its keys, values and hidden states (`SHARED_PREFIX_CACHE`
+        prefixes, reused by later batches that share a part of one: positions attend only
+        backwards, so a prefix's first m positions are those of any sequence starting with the
+        same m tokens); a trainable one computes it per call, differentiably. (On a GPU, finding
+        the prefix would read the batch back from the device: not done.)"""
         shared = self._shared_prefix(ids, mask)
         if shared is not None:
             return self._hidden_after_prefix(ids, mask, start, *shared)
@@ -510,9 +511,10 @@ class LeanDecoder:
         self, ids: Tensor, mask: Tensor | None
     ) -> tuple[int, list[tuple[Tensor, Tensor]], Tensor] | None:
         """(m, each layer's keys / values [1, Hkv, m, D], final hidden states [1, m, H]) of the
-        prompt prefix every row of ids shares, from the kept prefixes or computed now and kept;
-        None when it is not worth sharing (or not allowed: a trainable decoder, a GPU)."""
-        if self.trainable or ids.device.type != "cpu" or ids.shape[0] < 2 or torch.is_grad_enabled():
+        prompt prefix every row of ids shares: a frozen decoder's from its kept prefixes or
+        computed now and kept; a trainable decoder's computed now (its gradients flow back through
+        every row's use of it). None when it is not worth sharing (or on a GPU)."""
+        if ids.device.type != "cpu" or ids.shape[0] < 2 or (torch.is_grad_enabled() and not self.trainable):
             return None
         same = (ids == ids[:1]).all(0)
         if mask is not None:
@@ -521,6 +523,9 @@ class LeanDecoder:
         length = min(length, ids.shape[1] - 1)  # at least one position of each row computed per row
         if length < SHARED_PREFIX_MIN:
             return None
+        if self.trainable:  # the weights change between calls: computed for one row, not kept
+            x, kv = self._layers_run(ids[:1, :length], None, 0, None, keep_kv=True)
+            return length, kv, _rms(x, self.norm, self.norm_eps)
         tokens = tuple(ids[0, :length].tolist())
         best, best_key = 0, None
         for key in self.prefixes:  # the kept prefix sharing the most leading tokens
