@@ -816,14 +816,17 @@ class StaticStepDecoder(LeanDecoder):
         """One decode step of the whole static batch: reads `tokens`, writes the cache at `slot`,
         advances `slot` and `next_pos` in place; logits [B, V].
 
-        Only elementwise, matmul, softmax and index_select kernels: `index_copy_` / `index_put_`
-        would run torch's deterministic variant under `torch.use_deterministic_algorithms` (kdkit's
-        GPU training default), which checks index bounds on the host, a sync that breaks capture.
+        The form a CUDA graph captures (`graph_wanted`) has only elementwise, matmul, softmax and
+        index_select kernels: `index_copy_` / `index_put_` would run torch's deterministic variant
+        under `torch.use_deterministic_algorithms` (kdkit's GPU training default), which checks
+        index bounds on the host, a sync that breaks capture. The eager / compiled form writes the
+        cache at the slot with `index_copy_` and attends with one SDPA call.
         """
         at_slot = self.cache_index == self.slot  # [L] bool: the cache slot this step writes
         self.visible.masked_fill_(at_slot, 0.0)
         visible = self.visible[:, None, None, :]  # [B, 1, 1, L]
-        write = at_slot.to(self.visible.dtype)[:, None]  # [L, 1]: 1 at the slot, 0 elsewhere
+        # [L, 1]: 1 at the slot, 0 elsewhere (the captured form's cache write)
+        write = at_slot.to(self.visible.dtype)[:, None] if self.graph_wanted else None
         cos = self.cos.index_select(0, self.next_pos).unsqueeze(-2)  # [B, 1, D]
         sin = self.sin.index_select(0, self.next_pos).unsqueeze(-2)
         x = F.embedding(self.tokens, self.embed)
